@@ -1,0 +1,47 @@
+"""One console for messages and progress bars, so `--quiet` silences them all in one place."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True, highlight=False)
+
+
+def set_quiet(quiet: bool) -> None:
+    """Silence (or restore) every message and progress bar."""
+    console.quiet = quiet
+
+
+def info(message: str) -> None:
+    console.print(message)
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {message}")
+
+
+def progress(*extra_columns) -> Progress:
+    """A progress bar with count, rate-friendly extra columns (e.g. a TextColumn for fps), ETA.
+
+    Use as `with progress() as bar: task = bar.add_task("frames", total=n); bar.advance(task)`.
+    """
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        *extra_columns,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )

@@ -1,0 +1,22 @@
+"""Shared pytest setup. Each area keeps its fixtures in its own module under tests/fixtures/."""
+
+import os
+
+import pytest
+
+# Tests never touch the network and never read the user's weights cache.
+os.environ.setdefault("DEID_OFFLINE", "1")
+
+pytest_plugins = [
+    "tests.fixtures.media",
+    "tests.fixtures.generator",
+    "tests.fixtures.model",
+]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_deid_home(tmp_path_factory, monkeypatch):
+    """Every test gets an empty weights cache unless it sets DEID_HOME itself."""
+    home = tmp_path_factory.mktemp("deid_home")
+    monkeypatch.setenv("DEID_HOME", str(home))
+    yield home
