@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -19,8 +19,9 @@ CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=110, show_d
 @click.group(context_settings=CONTEXT)
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors: no progress bars or summaries.")
 @click.option("--debug", is_flag=True, help="Show a full traceback for every error, user errors included.")
+@click.option("--offline", is_flag=True, help="Never touch the network (same as DEID_OFFLINE=1): missing weights are an error.")
 @click.version_option(__version__, prog_name="deid")
-def cli(quiet: bool, debug: bool) -> None:
+def cli(quiet: bool, debug: bool, offline: bool) -> None:
     """deid: replace the identity of faces in images and video, keeping pose, expression and lighting.
 
     \b
@@ -30,6 +31,8 @@ def cli(quiet: bool, debug: bool) -> None:
       deid reenact portrait.png driving.mp4 -o reenacted.mp4
     """
     set_quiet(quiet)
+    if offline:
+        os.environ["DEID_OFFLINE"] = "1"
 
 
 def device_option(func):
@@ -73,6 +76,112 @@ def weights_group() -> None:
       deid weights import stylegan2-ffhq-256 ~/Downloads/ffhq-res256-mirror-paper256-noaug.pkl
       deid weights verify
     """
+
+
+@weights_group.command("list")
+def weights_list() -> None:
+    """Show every pretrained network: what it is, its size, where it lives and whether it is here.
+
+    \b
+    Examples:
+      deid weights list
+      DEID_HOME=/data/deid deid weights list
+    """
+    from deid.weights import statuses
+
+    print_weights_table(list(statuses()), title=f"pretrained networks (cache: {weights_home_text()})")
+
+
+@weights_group.command("fetch")
+@click.argument("names", nargs=-1)
+@click.option("--all", "fetch_all", is_flag=True, help="Fetch every downloadable network.")
+@click.option("--force", is_flag=True, help="Download again even if the file is already cached.")
+def weights_fetch(names: tuple[str, ...], fetch_all: bool, force: bool) -> None:
+    """Download networks into the cache (resumable; checked against their sha256 before use).
+
+    \b
+    Examples:
+      deid weights fetch stylegan2-ffhq-256 facenet-vggface2 inception-v3-imagenet fan-2d
+      deid weights fetch --all
+    """
+    from deid.weights import REGISTRY, entry_for, fetch_with_progress
+
+    if fetch_all:
+        names = tuple(n for n, e in REGISTRY.items() if e.kind == "file")
+    if not names:
+        raise click.UsageError("name at least one network (see `deid weights list`), or use --all.")
+    for name in names:
+        entry_for(name)  # fail on a typo before downloading anything
+    for name in names:
+        path = fetch_with_progress(name, force=force)
+        console.print(f"{name}: {path}")
+
+
+@weights_group.command("import")
+@click.argument("name")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+def weights_import(name: str, path: Path) -> None:
+    """Register a file downloaded by hand (or, for deid-ffhq256, a training run directory).
+
+    \b
+    Examples:
+      deid weights import stylegan2-ffhq-256 ~/Downloads/ffhq-res256-mirror-paper256-noaug.pkl
+      deid weights import deid-ffhq256 runs/ffhq256          # its latest checkpoint
+    """
+    from deid.weights import import_file
+
+    dest = import_file(name, path)
+    console.print(f"{name}: imported {path} -> {dest}")
+
+
+@weights_group.command("verify")
+def weights_verify() -> None:
+    """Re-hash every cached file and compare with its published or recorded sha256 (exit 1 on a mismatch).
+
+    \b
+    Examples:
+      deid weights verify
+    """
+    from deid.errors import WeightsError
+    from deid.weights import statuses
+
+    results = list(statuses(rehash=True))
+    print_weights_table(results, title="verification")
+    bad = [s.name for s in results if s.state == "corrupt"]
+    if bad:
+        raise WeightsError(f"corrupt: {', '.join(bad)}. Fetch them again with `deid weights fetch --force {' '.join(bad)}`.")
+
+
+def weights_home_text() -> str:
+    from deid.weights import weights_home
+
+    return str(weights_home())
+
+
+def shorten_path(location: str) -> str:
+    from deid.weights import weights_home
+
+    home = str(weights_home())
+    return location[len(home) + 1:] if location.startswith(home + os.sep) else location
+
+
+def print_weights_table(rows, title: str) -> None:
+    from rich.table import Table
+
+    colours = {"missing": "red", "corrupt": "red", "present": "yellow", "verified": "green", "bundled": "green"}
+    table = Table(title=title, show_lines=False)
+    table.add_column("name", no_wrap=True)
+    table.add_column("what it is", overflow="fold", ratio=3)
+    table.add_column("size", no_wrap=True, justify="right")
+    table.add_column("where (under the cache)", overflow="fold", ratio=2)
+    table.add_column("state", overflow="fold", ratio=2)
+    for s in rows:
+        size = "?" if s.bytes is None else f"{s.bytes / (1 << 20):.1f} MiB"
+        if s.state == "missing" and s.bytes is not None:
+            size = "~" + size
+        state = f"[{colours[s.state]}]{s.state}[/]" + (f"\n{s.detail}" if s.detail else "")
+        table.add_row(s.name, s.description, size, shorten_path(s.location), state)
+    console.print(table)
 
 
 # ------------------------------------------------------------------------------------ make-dataset

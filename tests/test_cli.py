@@ -1,0 +1,77 @@
+"""CLI conventions: one-line user errors with the right exit codes, --debug tracebacks, devices."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from deid.errors import DeidError
+from deid.runtime import resolve_device, resolve_dtype
+
+
+def run_deid(*args, env_extra=None):
+    env = dict(os.environ, COLUMNS="200", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_runtime_error_is_one_line_exit_1_without_traceback():
+    result = run_deid("weights", "fetch", "no-such-network")
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith("error: 'no-such-network' is not a known network")
+    assert "Traceback" not in result.stderr
+
+
+def test_debug_shows_the_traceback():
+    result = run_deid("--debug", "weights", "fetch", "no-such-network")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "WeightsError" in result.stderr
+
+
+def test_usage_error_exits_2():
+    result = run_deid("weights", "fetch")
+    assert result.returncode == 2
+    assert "name at least one network" in result.stderr
+    assert run_deid("no-such-command").returncode == 2
+
+
+def test_fetch_fails_fast_when_the_network_is_unreachable(tmp_path):
+    # A name that cannot resolve stands in for "no internet": the error is one line, exit 1, quickly.
+    url = "http://deid-test.invalid/ffhq.pkl"
+    code = (
+        "import sys, cli; from deid import weights; "
+        f"weights.REGISTRY['stylegan2-ffhq-256'] = weights.WeightsEntry('stylegan2-ffhq-256', 'x', 'ffhq.pkl', ({url!r},)); "
+        "sys.argv = ['deid', 'weights', 'fetch', 'stylegan2-ffhq-256']; cli.main()"
+    )
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, DEID_OFFLINE="0", DEID_HOME=str(tmp_path), COLUMNS="400"))
+    assert result.returncode == 1
+    assert time.monotonic() - start < 30
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not download stylegan2-ffhq-256") and url in last
+    assert "network unreachable" in last
+    assert not any(tmp_path.rglob("*.pkl"))
+
+
+def test_help_lists_examples():
+    result = run_deid("weights", "fetch", "--help")
+    assert result.returncode == 0 and "Examples:" in result.stdout
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(DeidError, match="not a device|not supported"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeidError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+    with pytest.raises(DeidError, match="needs a GPU"):
+        resolve_dtype("fp16", torch.device("cpu"))
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
