@@ -8,13 +8,11 @@ exists, otherwise the sha256 recorded at first download, checked again by `deid 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import socket
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
+from deid.atomic import atomic_output, write_text_atomic
 from deid.errors import WeightsError
 
 RANDOM = "random"
@@ -160,19 +159,7 @@ def _record(name: str, record: dict) -> None:
     index[name] = record
     path = _index_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, json.dumps(index, indent=2, sort_keys=True))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(index, indent=2, sort_keys=True))
 
 
 def entry_for(name: str) -> WeightsEntry:
@@ -387,14 +374,8 @@ def import_file(name: str, path: str | Path) -> Path:
     published = _check_hash(entry, sha256, str(path))
     dest = cache_path(name)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(dest, overwrite=True) as tmp:
         shutil.copyfile(path, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     _record(name, _record_for(dest, sha256, published, origin=f"imported from {path.resolve()}"))
     return dest
 

@@ -1,0 +1,44 @@
+"""Outputs appear whole or not at all: write to a temporary file beside the target, rename at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from deid.errors import MediaError
+
+
+def check_output_path(path: Path, overwrite: bool) -> None:
+    """Refuse an output in a missing directory, or an existing one without `--overwrite`."""
+    if not path.parent.is_dir():
+        raise MediaError(f"{path}: the directory {path.parent} does not exist. Create it first or choose another output path.")
+    if path.exists() and not overwrite:
+        raise MediaError(f"{path} already exists. Pass --overwrite to replace it, or choose another output path.")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffix); on success rename it to `path`, else delete it.
+
+    Ctrl-C, errors and full disks leave no partial file behind.
+    """
+    path = Path(path)
+    check_output_path(path, overwrite)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` in one step (used for manifests, indexes and reports)."""
+    path = Path(path)
+    with atomic_output(path, overwrite=True) as tmp:
+        tmp.write_text(text)
