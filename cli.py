@@ -61,6 +61,36 @@ def model_options(func):
     return func
 
 
+def load_model_from_options(model: str, device: str, precision: str):
+    """The trained model named by `--model`, on `--device` in `--precision` (the `model_options` trio)."""
+    from deid.model import load_model
+    from deid.runtime import resolve_device, resolve_dtype
+
+    torch_device = resolve_device(device)
+    dtype = resolve_dtype(precision, torch_device)
+    return load_model(model, device=torch_device).to(dtype=dtype).eval()
+
+
+class GreedyOptionsCommand(click.Command):
+    """Lets options marked `multiple=True` take several values after one flag (`--identity a.png b.png`),
+    as well as the repeated form (`--identity a.png --identity b.png`)."""
+
+    def parse_args(self, ctx, args):
+        greedy = {name for p in self.params if isinstance(p, click.Option) and p.multiple for name in p.opts}
+        rewritten, current = [], None
+        for arg in args:
+            if arg in greedy:
+                current = arg
+                continue
+            if arg.startswith("-"):
+                current = None
+            if current is not None:
+                rewritten += [current, arg]
+            else:
+                rewritten.append(arg)
+        return super().parse_args(ctx, rewritten)
+
+
 # ----------------------------------------------------------------------------------------- weights
 
 
@@ -197,7 +227,62 @@ def print_weights_table(rows, title: str) -> None:
 # (evaluate issue: `deid evaluate pairs|video`)
 
 # -------------------------------------------------------------------------------- mix, interpolate
-# (figures issue: `deid mix`, `deid interpolate`)
+
+
+@cli.command("mix", cls=GreedyOptionsCommand)
+@click.option("--identity", "identities", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Photos whose identities run along the top (one flag, several paths).")
+@click.option("--attributes", "attributes", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Photos whose pose, expression and lighting run down the left.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The grid image (.png or .jpg).")
+@click.option("--cell-size", type=click.IntRange(16, 4096), default=None, help="Side of each cell in pixels [default: the generator's resolution].")
+@click.option("--labels/--no-labels", default=True, help="Write each input's file name under it.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@model_options
+def mix(identities, attributes, output, cell_size, labels, overwrite, **model_opts) -> None:
+    """An identity x attributes grid, as in the paper's Fig. 2 and 4.
+
+    Every cell is the generated head with the identity of its column and the attributes of its row.
+    Any photos work: the largest face of each is detected and aligned first.
+
+    \b
+    Examples:
+      deid mix --identity alice.jpg bob.jpg --attributes talk1.png talk2.png talk3.png -o grid.png
+      deid mix --identity a.png b.png c.png --attributes a.png b.png c.png -o grid.png --cell-size 128
+    """
+    from pipelines.figures import MixJob, run_mix
+
+    job = MixJob(tuple(identities), tuple(attributes), output, cell_size, labels, overwrite)
+    run_mix(job, load_model_from_options(**model_opts))
+    console.print(f"wrote {output}")
+
+
+@cli.command("interpolate")
+@click.option("--vary", type=click.Choice(["identity", "attributes"]), required=True, help="Which code changes from --from to --to.")
+@click.option("--space", type=click.Choice(["w", "z"]), default="w", help="Blend the mapped w's (Fig. 11/12) or the codes before mapping (Fig. 16/17).")
+@click.option("--from", "start", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Photo at the start.")
+@click.option("--to", "end", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Photo at the end.")
+@click.option("--fixed", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Photo that supplies the code that does not change.")
+@click.option("--steps", type=click.IntRange(2, 1000), default=9, help="Images in a .png/.jpg strip.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="A strip (.png/.jpg) or a video (.mp4/.gif).")
+@click.option("--fps", type=click.FloatRange(1, 120), default=25.0, help="Frame rate of a video output.")
+@click.option("--seconds", type=click.FloatRange(0.2, 600), default=3.0, help="Length of a video output (eased at both ends).")
+@click.option("--cell-size", type=click.IntRange(16, 4096), default=None, help="Side of each image [default: the generator's resolution].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@model_options
+def interpolate(vary, space, start, end, fixed, steps, output, fps, seconds, cell_size, overwrite, **model_opts) -> None:
+    """Interpolate identity or attributes between two photos, as in the paper's Fig. 11/12 (W) and 16/17 (Z).
+
+    \b
+    Examples:
+      deid interpolate --vary identity --space w --from alice.jpg --to bob.jpg --fixed talk.png --steps 9 -o strip.png
+      deid interpolate --vary attributes --space z --from smile.jpg --to frown.jpg --fixed alice.jpg -o morph.mp4
+    """
+    from pipelines.figures import InterpolateJob, run_interpolate
+
+    job = InterpolateJob(vary, space, start, end, fixed, steps, output, fps, seconds, cell_size, overwrite)
+    run_interpolate(job, load_model_from_options(**model_opts))
+    console.print(f"wrote {output}")
 
 
 def main(argv: list[str] | None = None) -> None:

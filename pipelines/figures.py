@@ -1,0 +1,245 @@
+"""The paper's figures from photos: identity x attribute grids (Fig. 2/4) and interpolations (Fig. 11/12/16/17).
+
+Both take any photos: each is detected and aligned with `deid.faces.align_photo`, the same code the video
+pipeline uses, and run through a trained `Disentangler`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from deid.atomic import atomic_output
+from deid.errors import DeidError
+
+GRID_GAP = 4  # pixels of white between cells
+
+
+@dataclass(frozen=True)
+class MixJob:
+    """`deid mix`: identities along the top, attribute sources down the left."""
+
+    identities: tuple[Path, ...]
+    attributes: tuple[Path, ...]
+    output: Path
+    cell_size: int | None = None  # None: the generator's resolution
+    labels: bool = True
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class InterpolateJob:
+    """`deid interpolate`: vary one code from `start` to `end` while `fixed` supplies the other."""
+
+    vary: Literal["identity", "attributes"]
+    space: Literal["w", "z"]
+    start: Path
+    end: Path
+    fixed: Path
+    steps: int
+    output: Path
+    fps: float = 25.0
+    seconds: float = 3.0  # video length for .mp4/.gif outputs
+    cell_size: int | None = None
+    overwrite: bool = False
+
+
+# ------------------------------------------------------------------------------------------ tensors
+
+
+def aligned_heads(paths: Sequence[Path], resolution: int) -> torch.Tensor:
+    """Detect and align the largest face of each photo. Returns [N, 3, R, R] float in [-1, 1]."""
+    from deid.faces import align_photo, load_image
+
+    return torch.stack([align_photo(load_image(p), resolution) for p in paths])
+
+
+@torch.no_grad()
+def mix_grid(model, identity_heads: torch.Tensor, attribute_heads: torch.Tensor) -> torch.Tensor:
+    """Every (attribute source, identity) pair through the model.
+
+    identity_heads: [C, 3, R, R], attribute_heads: [Rows, 3, R, R], both in [-1, 1].
+    Returns [Rows, C, 3, R, R]: cell (r, c) has identity c and the attributes of row r.
+    """
+    id_codes = model.encode_identity(identity_heads)
+    attr_codes = model.encode_attributes(attribute_heads)
+    rows, cols = attr_codes.shape[0], id_codes.shape[0]
+    w = model.map(id_codes.repeat(rows, 1), attr_codes.repeat_interleave(cols, dim=0))
+    images = model.generate(w)
+    return images.reshape(rows, cols, *images.shape[1:])
+
+
+def interpolation_weights(steps: int, ease: bool = False) -> torch.Tensor:
+    """`steps` points from 0 to 1 inclusive; with `ease`, slow at both ends (cosine ease-in-out)."""
+    if steps < 2:
+        raise DeidError(f"--steps {steps}: an interpolation needs at least 2 steps.")
+    t = torch.linspace(0.0, 1.0, steps)
+    return (1 - torch.cos(math.pi * t)) / 2 if ease else t
+
+
+@torch.no_grad()
+def interpolation_codes(model, vary: str, space: str, start: torch.Tensor, end: torch.Tensor, fixed: torch.Tensor,
+                        t: torch.Tensor) -> torch.Tensor:
+    """The w of every interpolation point.
+
+    start, end, fixed: aligned heads [3, R, R] in [-1, 1]; t: [K] in [0, 1]. Returns w [K, w_dim].
+    In W (Fig. 11/12) the endpoints are mapped once and their w's are blended; in Z (Fig. 16/17) the varied
+    code (identity or attributes) is blended and every point goes through the mapper, which is what shows
+    that M is not linear.
+    """
+    if vary not in ("identity", "attributes") or space not in ("w", "z"):
+        raise DeidError(f"--vary {vary} --space {space}: use --vary identity|attributes and --space w|z.")
+    heads = torch.stack([start, end, fixed])
+    if vary == "identity":
+        codes = model.encode_identity(heads[:2])
+        other = model.encode_attributes(heads[2:]).expand(2, -1)
+        endpoints = (codes, other)
+    else:
+        codes = model.encode_attributes(heads[:2])
+        other = model.encode_identity(heads[2:]).expand(2, -1)
+        endpoints = (other, codes)
+    t = t.to(codes.dtype).to(codes.device)[:, None]
+    if space == "w":
+        w_ends = model.map(*endpoints)
+        return torch.lerp(w_ends[0:1], w_ends[1:2], t)
+    blended = torch.lerp(codes[0:1], codes[1:2], t)
+    fixed_code = other[:1].expand(len(t), -1)
+    return model.map(blended, fixed_code) if vary == "identity" else model.map(fixed_code, blended)
+
+
+# ------------------------------------------------------------------------------------------ pictures
+
+
+def to_uint8(images: torch.Tensor, size: int | None = None) -> np.ndarray:
+    """[N, 3, R, R] in [-1, 1] -> [N, size, size, 3] uint8 RGB (resized with area filtering when smaller)."""
+    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    if size is None or size == array.shape[1]:
+        return array
+    interpolation = cv2.INTER_AREA if size < array.shape[1] else cv2.INTER_CUBIC
+    return np.stack([cv2.resize(a, (size, size), interpolation=interpolation) for a in array])
+
+
+def label_strip(text: str, width: int) -> np.ndarray:
+    """A white strip with `text` centred in black, [h, width, 3] uint8."""
+    scale = max(0.3, min(0.6, width / 260))
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    while tw > width - 4 and len(text) > 4:
+        text = text[:-4] + "..."
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    strip = np.full((th + base + 8, width, 3), 255, np.uint8)
+    cv2.putText(strip, text, (max(2, (width - tw) // 2), th + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return strip
+
+
+def compose_grid(cells: np.ndarray, top: np.ndarray, left: np.ndarray, top_labels: Sequence[str] | None = None,
+                 left_labels: Sequence[str] | None = None) -> np.ndarray:
+    """The paper's layout: identity inputs along the top, attribute inputs down the left, results inside.
+
+    cells: [Rows, C, S, S, 3], top: [C, S, S, 3], left: [Rows, S, S, 3], all uint8. With labels, each input
+    carries its name under it. Returns [H, W, 3] uint8 on white.
+    """
+    rows, cols, size = cells.shape[0], cells.shape[1], cells.shape[2]
+    label_h = label_strip("x", size).shape[0] if (top_labels or left_labels) else 0
+    pitch = size + GRID_GAP
+    height = (size + label_h + GRID_GAP) + rows * (pitch + label_h)
+    width = (cols + 1) * pitch - GRID_GAP
+    canvas = np.full((height, width, 3), 255, np.uint8)
+
+    def put(image, y, x, label=None):
+        canvas[y : y + size, x : x + size] = image
+        if label is not None:
+            canvas[y + size : y + size + label_h, x : x + size] = label_strip(label, size)
+
+    for c in range(cols):
+        put(top[c], 0, (c + 1) * pitch, top_labels[c] if top_labels else None)
+    y0 = size + label_h + GRID_GAP
+    for r in range(rows):
+        y = y0 + r * (pitch + label_h)
+        put(left[r], y, 0, left_labels[r] if left_labels else None)
+        for c in range(cols):
+            put(cells[r, c], y, (c + 1) * pitch)
+    return canvas
+
+
+def write_image(path: Path, rgb: np.ndarray, overwrite: bool) -> None:
+    with atomic_output(path, overwrite) as tmp:
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+            raise DeidError(f"{path}: could not write the image. Use a .png or .jpg output path.")
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+
+def run_mix(job: MixJob, model) -> Path:
+    """Write the identity x attribute grid of `job` and return its path."""
+    if not job.identities or not job.attributes:
+        raise DeidError("give at least one --identity and one --attributes photo.")
+    if job.output.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise DeidError(f"{job.output}: the grid is an image. Use a .png or .jpg output path.")
+    from deid.atomic import check_output_path
+
+    check_output_path(job.output, job.overwrite)
+    ids = aligned_heads(job.identities, model.resolution)
+    attrs = aligned_heads(job.attributes, model.resolution)
+    cells = mix_grid(model, ids, attrs)
+    size = job.cell_size or model.resolution
+    grid = compose_grid(
+        to_uint8(cells.flatten(0, 1), size).reshape(cells.shape[0], cells.shape[1], size, size, 3),
+        to_uint8(ids, size),
+        to_uint8(attrs, size),
+        [p.stem for p in job.identities] if job.labels else None,
+        [p.stem for p in job.attributes] if job.labels else None,
+    )
+    write_image(job.output, grid, job.overwrite)
+    return job.output
+
+
+def run_interpolate(job: InterpolateJob, model) -> Path:
+    """Write the interpolation of `job`: a strip (.png/.jpg), or a smooth eased video (.mp4/.gif)."""
+    suffix = job.output.suffix.lower()
+    if suffix not in (".png", ".jpg", ".jpeg", ".mp4", ".gif"):
+        raise DeidError(f"{job.output}: use a .png/.jpg (a strip of --steps images) or .mp4/.gif (a video) output path.")
+    from deid.atomic import check_output_path
+
+    check_output_path(job.output, job.overwrite)
+    start, end, fixed = aligned_heads([job.start, job.end, job.fixed], model.resolution)
+    size = job.cell_size or model.resolution
+    if suffix in (".png", ".jpg", ".jpeg"):
+        t = interpolation_weights(job.steps)
+        images = to_uint8(model.generate(interpolation_codes(model, job.vary, job.space, start, end, fixed, t)), size)
+        strip = np.concatenate([np.pad(im, ((0, 0), (0, GRID_GAP), (0, 0)), constant_values=255) for im in images], axis=1)
+        write_image(job.output, strip[:, :-GRID_GAP], job.overwrite)
+        return job.output
+    frames = max(2, round(job.fps * job.seconds))
+    t = interpolation_weights(frames, ease=True)
+    with atomic_output(job.output, job.overwrite) as tmp:
+        write_clip(tmp, job.fps, (to_uint8(model.generate(w[None]), size)[0] for w in
+                                  interpolation_codes(model, job.vary, job.space, start, end, fixed, t)))
+    return job.output
+
+
+def write_clip(path: Path, fps: float, frames) -> None:
+    """Encode RGB uint8 frames [S, S, 3] as H.264 MP4 or GIF (by suffix) with PyAV, one frame at a time."""
+    import av
+    from fractions import Fraction
+
+    rate = Fraction(fps).limit_denominator(1001)
+    gif = path.suffix.lower() == ".gif"
+    with av.open(str(path), "w", format="gif" if gif else "mp4") as container:
+        stream = None
+        for frame in frames:
+            if stream is None:
+                stream = container.add_stream("gif" if gif else "libx264", rate=rate)
+                stream.width, stream.height = frame.shape[1] - frame.shape[1] % 2, frame.shape[0] - frame.shape[0] % 2
+                stream.pix_fmt = "rgb8" if gif else "yuv420p"
+                if not gif:
+                    stream.options = {"crf": "18"}
+            image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[: stream.height, : stream.width]), format="rgb24")
+            container.mux(stream.encode(image))
+        container.mux(stream.encode(None))
