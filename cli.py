@@ -217,14 +217,250 @@ def print_weights_table(rows, title: str) -> None:
 # ------------------------------------------------------------------------------------ make-dataset
 # (generator issue: `deid make-dataset`)
 
+
+def _batch_size(value: str) -> int | None:
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter("a positive integer or 'auto'")
+    return int(value)
+
+
+@cli.command("make-dataset")
+@click.option("--n", "n", type=click.IntRange(min=1), help="Number of samples to generate (70000 in the paper).")
+@click.option("--out", type=click.Path(path_type=Path), help="Dataset folder: new or empty (or an interrupted run, with --resume).")
+@click.option("--generator", default="stylegan2-ffhq-256", help="Generator: registry name or file (.pkl, .pt, .safetensors).")
+@click.option("--seed", type=int, default=0, help="Sample i depends only on (seed, i).")
+@click.option("--truncation", type=float, default=1.0, help="Truncation psi (1.0 = none).")
+@click.option("--batch-size", default="auto", help="Samples per batch, or auto (from device and resolution).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out; the result equals an uninterrupted run.")
+@click.option("--verify", "verify_dir", type=click.Path(path_type=Path), help="Check that a dataset is complete and intact (hashes every image), then exit.")
+@device_option
+def make_dataset_command(n, out, generator, seed, truncation, batch_size, resume, verify_dir, device):
+    """Sample the pretrained generator: images (PNG) and their w, the training data of the mapper.
+
+    \b
+    Examples:
+      deid make-dataset --n 70000 --out generated/
+      deid make-dataset --n 70000 --out generated/ --resume          # after an interruption
+      torchrun --nproc-per-node 8 -m cli make-dataset --n 70000 --out generated/
+      deid make-dataset --verify generated/
+    """
+    from train.make_dataset import MakeDatasetConfig, make_dataset, verify_with_progress
+
+    if verify_dir is not None:
+        verify_with_progress(verify_dir)
+        return
+    if n is None or out is None:
+        raise click.UsageError("give --n and --out (or --verify DIR).")
+    make_dataset(MakeDatasetConfig(out=out, n=n, generator=generator, seed=seed, truncation=truncation,
+                                   batch_size=_batch_size(batch_size), device=device, resume=resume))
+
 # ------------------------------------------------------------------------------------------- train
 # (model issue: `deid train`)
+
+
+@cli.command("train")
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Dataset made by `deid make-dataset`.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory: checkpoints/, samples/, tensorboard/, losses.jsonl.")
+@click.option("--generator", default="stylegan2-ffhq-256", help="Frozen StyleGAN2 (the dataset's): registry name, file, or random.")
+@click.option("--identity-encoder", default="facenet-vggface2", help="E_id weights (frozen): registry name, file, or random.")
+@click.option("--attribute-encoder", default="inception-v3-imagenet", help="E_attr initial weights: registry name, file, or random.")
+@click.option("--landmark-encoder", default="fan-2d", help="E_lnd weights (frozen 2D FAN): registry name, file, or random.")
+@click.option("--steps", type=click.IntRange(min=1), default=200_000, help="Total optimisation steps (a resumed run continues up to this).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=6, help="Images per step and process (the paper: 6).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint (same loss curve as an uninterrupted run).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", help="Network precision (bf16 autocast; losses stay fp32).")
+@click.option("--gpus", type=click.IntRange(min=1), default=1, help="Processes (GPUs) to train on: >1 relaunches under torchrun.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=2000, help="Steps between checkpoints (one is also written at the end and on Ctrl-C).")
+@click.option("--sample-every", type=click.IntRange(min=0), default=500, help="Steps between identity x attribute sample grids (0 = none).")
+@click.option("--seed", type=int, default=0, help="Seed of the data order.")
+@device_option
+def train_command(data, out, generator, identity_encoder, attribute_encoder, landmark_encoder, steps, batch_size, resume,
+                  precision, gpus, checkpoint_every, sample_every, seed, device):
+    """Train the attribute encoder and latent mapper (the paper's schedule and losses) against a frozen generator.
+
+    \b
+    Examples:
+      deid train --data generated/ --out runs/ffhq256
+      deid train --data generated/ --out runs/ffhq256 --resume          # after Ctrl-C or a crash
+      deid train --data generated/ --out runs/ffhq256 --gpus 4          # torchrun, 4 processes
+      tensorboard --logdir runs/ffhq256/tensorboard
+    """
+    from deid.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoderConfig
+    from deid.model import ModelConfig
+    from train.config import TrainConfig
+    from train.launch import launch
+
+    model = ModelConfig(generator=generator, identity=IdentityEncoderConfig(source=identity_encoder),
+                        attributes=AttributeEncoderConfig(source=attribute_encoder),
+                        landmarks=LandmarkEncoderConfig(source=landmark_encoder))
+    config = TrainConfig(data=data, out=out, model=model, steps=steps, batch_size=batch_size, resume=resume,
+                         precision=precision, device=device, seed=seed, checkpoint_every=checkpoint_every,
+                         sample_every=sample_every, gpus=gpus)
+    launch(config)
 
 # --------------------------------------------------------------------------- anonymize and reenact
 # (video issue: `deid anonymize`, `deid reenact`)
 
+
+def encode_options(func):
+    """`--crf` and `--codec`: how output video is encoded."""
+    func = click.option("--codec", default="libx264", help="Video encoder (libx264, libx265, libvpx-vp9, ...).")(func)
+    func = click.option("--crf", type=click.IntRange(0, 63), default=18, help="Encoder quality (lower is better; x264: 0-51).")(func)
+    return func
+
+
+def _load_for_inference(model: str, device: str, precision: str):
+    """The trained model on its device, and the dtype to run it in."""
+    from deid.model import load_model
+    from deid.runtime import resolve_device, resolve_dtype
+
+    torch_device = resolve_device(device)
+    dtype = resolve_dtype(precision, torch_device)
+    return load_model(model, device=torch_device), torch_device, dtype
+
+
+@cli.command("anonymize")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Output file (one input) or directory (mirrors the inputs' tree).")
+@click.option("--identity", type=click.Path(path_type=Path),
+              help="Photo whose identity every face takes (its largest face); omit for a random identity per person.")
+@click.option("--seed", type=int, default=0, help="Seed of the random identities (without --identity).")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise: error for one file, skip in a batch).")
+@click.option("--batch-size", type=click.IntRange(1), default=8, help="Frames per detection batch and faces per generation batch.")
+@encode_options
+@click.option("--preview", is_flag=True, help="Also write OUTPUT.preview.mp4 with input and output side by side.")
+@click.option("--save-crops", is_flag=True, help="Also save the aligned input and generated heads to OUTPUT_crops/.")
+@click.option("--shard", metavar="K/N", help="Process only share K (0-based) of N of the inputs (default: torchrun's RANK/WORLD_SIZE).")
+@model_options
+def anonymize(inputs, output, identity, seed, overwrite, batch_size, crf, codec, preview, save_crops, shard, model, device, precision):
+    """Replace the identity of every face in videos or images.
+
+    \b
+    Examples:
+      deid anonymize talk.mp4 --identity target.png -o talk_anon.mp4
+      deid anonymize recordings/ -o anonymized/                 # a random identity per person
+      deid anonymize 'clips/*.mov' -o out/ --model runs/ffhq256 --preview
+      deid anonymize videos/ -o out/ --shard 3/8                # array job 3 of 8; re-runs skip finished files
+    """
+    from deid.video import EncodeOptions
+    from pipelines.anonymize import AnonymizeJob, run_anonymize
+
+    job = AnonymizeJob(inputs=tuple(inputs), output=output, identity=identity, seed=seed, overwrite=overwrite,
+                       batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf), preview=preview,
+                       save_crops=save_crops, shard=shard)
+    job.check()  # bad paths fail before the model loads
+    run_anonymize(job, *_load_for_inference(model, device, precision))
+
+
+@cli.command("reenact")
+@click.argument("portrait", type=click.Path(path_type=Path))
+@click.argument("driving", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output video file.")
+@click.option("--paste", is_flag=True, help="Paste the heads into the portrait's frame instead of writing the heads alone.")
+@click.option("--preview", is_flag=True, help="Also write OUTPUT.preview.mp4: aligned driving head | generated head.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, help="Frames per detection and generation batch.")
+@encode_options
+@model_options
+def reenact(portrait, driving, output, paste, preview, overwrite, batch_size, crf, codec, model, device, precision):
+    """Make the portrait's person perform a driving video (its pose, expression, timing and audio).
+
+    \b
+    Examples:
+      deid reenact portrait.png driving.mp4 -o reenacted.mp4
+      deid reenact portrait.png driving.mp4 -o reenacted.mp4 --paste --preview --model runs/ffhq256
+    """
+    from deid.video import EncodeOptions
+    from pipelines.reenact import ReenactJob, run_reenact
+
+    job = ReenactJob(portrait=portrait, driving=driving, output=output, overwrite=overwrite, paste=paste,
+                     preview=preview, batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf))
+    job.check()  # bad paths fail before the model loads
+    run_reenact(job, *_load_for_inference(model, device, precision))
+
 # ---------------------------------------------------------------------------------------- evaluate
 # (evaluate issue: `deid evaluate pairs|video`)
+
+
+@cli.group("evaluate")
+def evaluate_group() -> None:
+    """Measure a model with networks it never trained with (the paper's Tables 1 and 2), or audit an
+    anonymized video for faces that are still recognisable. Each writes DIR/metrics.json and DIR/index.html.
+
+    \b
+    Examples:
+      deid evaluate pairs --model runs/ffhq256 --images photos/ --n 10000 -o report/
+      deid evaluate video talk.mp4 talk_anon.mp4 -o audit/
+    """
+
+
+@evaluate_group.command("pairs")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A folder of face photos (each is detected and aligned).")
+@click.option("--dataset", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Or a generated dataset (from `deid make-dataset`) as the real images.")
+@click.option("--n", "n", type=click.IntRange(1), default=10000,
+              help="Random (I_id, I_attr) pairs for Table 1; Table 2 reconstructs up to this many images.")
+@click.option("--max-items", type=click.IntRange(2), default=None, help="Use only the first K source images.")
+@click.option("--seed", type=int, default=0, help="Seed of the random pairs.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, help="Pairs per model call.")
+@click.option("--reconstruction/--no-reconstruction", default=True, help="Also compute Table 2 (I_id = I_attr).")
+@click.option("--fid/--no-fid", default=True, help="Compute FID (needs the `inception-v3-fid` weights).")
+@click.option("--fid-weights", default="inception-v3-fid", show_default=True,
+              help="FID Inception weights: registry name or file (pytorch-fid's pt_inception-2015-12-05-6726825d.pth).")
+@click.option("--fid-dims", type=click.Choice(["2048", "768", "192", "64"]), default="2048",
+              help="Inception features for FID: 2048 is the standard (comparable) FID; fewer are cheaper previews.")
+@click.option("--samples", type=click.IntRange(0), default=8, help="Sample rows shown in index.html per table.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Report directory to create.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing report (or discard an interrupted run).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command from its last checkpoint.")
+@model_options
+def evaluate_pairs(images, dataset, n, max_items, seed, batch_size, reconstruction, fid, fid_weights, fid_dims, samples,
+                   output, overwrite, resume, model, device, precision):
+    """Table 1 (identity, expression, pose, FID on random pairs) and Table 2 (reconstruction).
+
+    \b
+    Examples:
+      deid evaluate pairs --model runs/ffhq256 --images photos/ --n 10000 -o report/
+      deid evaluate pairs --model runs/ffhq256 --dataset generated/ --n 10000 -o report/ --resume
+      deid evaluate pairs --model runs/ffhq256 --images photos/ --n 200 --no-fid -o quick/
+    """
+    from pipelines.evaluate import PairsJob, run_pairs
+
+    job = PairsJob(output=output, images=images, dataset=dataset, n=n, max_items=max_items, seed=seed, batch_size=batch_size,
+                   reconstruction=reconstruction, fid=fid, fid_weights=fid_weights, fid_dims=int(fid_dims), samples=samples,
+                   overwrite=overwrite, resume=resume)
+    run_pairs(job, load_model_from_options(model, device, precision), model_source=model)
+
+
+@evaluate_group.command("video")
+@click.argument("original", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("anonymized", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Report directory to create.")
+@click.option("--max-items", type=click.IntRange(1), default=None, help="Audit only the first K frames.")
+@click.option("--unchanged-psnr", type=float, default=35.0,
+              help="A face region at least this close (dB) to the original counts as missed (not anonymized).")
+@click.option("--samples", type=click.IntRange(0), default=6, help="Sample frame pairs shown in index.html.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing report.")
+@device_option
+def evaluate_video(original, anonymized, output, max_items, unchanged_psnr, samples, overwrite, device):
+    """Re-identification audit: how many anonymized faces dlib's recognizer still matches to the original person,
+    identity consistency per tracked face, expression and pose preservation, and frames where a face was missed.
+
+    \b
+    Examples:
+      deid evaluate video talk.mp4 talk_anon.mp4 -o audit/
+      deid evaluate video talk.mp4 talk_anon.mp4 -o audit/ --max-items 300
+    """
+    from deid.runtime import resolve_device
+    from pipelines.evaluate import VideoAuditJob, run_video_audit
+
+    job = VideoAuditJob(original=original, anonymized=anonymized, output=output, max_items=max_items,
+                        unchanged_psnr=unchanged_psnr, samples=samples, overwrite=overwrite)
+    run_video_audit(job, device=resolve_device(device))
 
 # -------------------------------------------------------------------------------- mix, interpolate
 

@@ -31,7 +31,7 @@ def load_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
-            return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+            return np.array(image.convert("RGB"))  # a writable copy
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise MediaError(f"{path}: not a readable image ({exc.__class__.__name__}). Use a PNG or JPEG photo.") from None
 

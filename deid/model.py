@@ -1,0 +1,327 @@
+"""The disentanglement model: E_id + E_attr -> M -> frozen StyleGAN2 synthesis, its config, save and load.
+
+A checkpoint is ONE `.safetensors` file: the trainable parts (E_attr, M, and D_W in training checkpoints)
+as tensors, and a JSON header in the metadata (key `deid`) with the config (component sources, dims),
+the step, and the fingerprints of the frozen parts (G, E_id), which are rebuilt from their sources and
+checked on load. Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from deid.encoders import (
+    AttributeEncoder,
+    AttributeEncoderConfig,
+    IdentityEncoder,
+    IdentityEncoderConfig,
+    LandmarkEncoderConfig,
+    seeded,
+    weights_fingerprint,
+)
+from deid.errors import DeidError, WeightsError
+from deid.mapper import DiscriminatorConfig, LatentDiscriminator, LatentMapper, MapperConfig
+
+FORMAT = "deid-model"
+FORMAT_VERSION = 1
+DEFAULT_MODEL = "deid-ffhq256"
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_RE = re.compile(r"^step-(\d+)\.safetensors$")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where each component comes from, and the widths of the trained parts."""
+
+    generator: str = "stylegan2-ffhq-256"  # registry name, file, or "random"
+    generator_seed: int = 0  # only for a "random" generator
+    generator_config: dict | None = None  # GeneratorConfig fields, only for a "random" generator
+    identity: IdentityEncoderConfig = IdentityEncoderConfig()
+    attributes: AttributeEncoderConfig = AttributeEncoderConfig()
+    landmarks: LandmarkEncoderConfig = LandmarkEncoderConfig()  # training only; recorded for provenance
+    mapper_hidden: tuple[int, ...] = (2048, 1024, 512)
+    discriminator_hidden: tuple[int, ...] = (256, 128, 64)
+    init_seed: int = 0  # initial weights of M and D_W (PyTorch's default initialisers, seeded)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        def sub(kind, values):
+            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+        data = dict(data)
+        return cls(
+            generator=data["generator"],
+            generator_seed=int(data.get("generator_seed", 0)),
+            generator_config=data.get("generator_config"),
+            identity=sub(IdentityEncoderConfig, data["identity"]),
+            attributes=sub(AttributeEncoderConfig, data["attributes"]),
+            landmarks=sub(LandmarkEncoderConfig, data["landmarks"]),
+            mapper_hidden=tuple(data["mapper_hidden"]),
+            discriminator_hidden=tuple(data["discriminator_hidden"]),
+            init_seed=int(data.get("init_seed", 0)),
+        )
+
+    def for_generator(self, generator) -> "ModelConfig":
+        """This config with the generator fields taken from a loaded generator (its source; for a random
+        one its config and seed, so it can be rebuilt identically)."""
+        source = str(getattr(generator, "source", self.generator))
+        if source != "random":
+            return dataclasses.replace(self, generator=source, generator_config=None)
+        gen_config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(generator.config).items()}
+        return dataclasses.replace(
+            self, generator="random", generator_config=gen_config, generator_seed=int(getattr(generator, "seed", self.generator_seed))
+        )
+
+
+def build_generator(config: ModelConfig, device: str | torch.device = "cpu"):
+    """The frozen generator a config names."""
+    from deid.stylegan import GeneratorConfig, load_generator
+
+    if config.generator == "random":
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in (config.generator_config or {}).items()}
+        return load_generator("random", device=device, config=GeneratorConfig(**fields), seed=config.generator_seed)
+    return load_generator(config.generator, device=device)
+
+
+class Disentangler(nn.Module):
+    """I_out = G(M([E_id(I_id), E_attr(I_attr)])).
+
+    Images are [N, 3, R, R] in [-1, 1] with R = `.resolution` (the generator's). E_id and G are frozen;
+    E_attr and M train. Build with `Disentangler(config, generator)`; `load_model` for saved models.
+    """
+
+    def __init__(self, config: ModelConfig, generator: nn.Module, *, initialise_attributes: bool = True):
+        super().__init__()
+        self.config = config.for_generator(generator)
+        self.generator = generator
+        for p in self.generator.parameters():
+            p.requires_grad_(False)
+        self.generator.eval()
+        self.identity_encoder = IdentityEncoder(config.identity)
+        self.attribute_encoder = AttributeEncoder(config.attributes, initialise=initialise_attributes)
+        mapper_config = MapperConfig(
+            id_dim=IdentityEncoder.dim, attr_dim=AttributeEncoder.dim, w_dim=generator.w_dim, hidden=config.mapper_hidden)
+        self.mapper = seeded(lambda: LatentMapper(mapper_config), config.init_seed)
+        self.step = 0  # training step the weights come from
+
+    @property
+    def resolution(self) -> int:
+        return int(self.generator.resolution)
+
+    @property
+    def w_dim(self) -> int:
+        return int(self.generator.w_dim)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.generator.eval()  # frozen: never in training mode
+        return self
+
+    def encode_identity(self, img: Tensor) -> Tensor:
+        """[N, 3, R, R] in [-1, 1] -> identity codes [N, 512], L2-normalised."""
+        return self.identity_encoder(img)
+
+    def encode_attributes(self, img: Tensor) -> Tensor:
+        """[N, 3, R, R] in [-1, 1] -> attribute codes [N, 2048]."""
+        return self.attribute_encoder(img)
+
+    def map(self, id_code: Tensor, attr_code: Tensor) -> Tensor:
+        """[N, 512], [N, 2048] -> w [N, w_dim] (one w for every synthesis layer)."""
+        return self.mapper(torch.cat([id_code, attr_code], dim=1))
+
+    def generate(self, w: Tensor) -> Tensor:
+        """w [N, w_dim] -> images [N, 3, R, R] in about [-1, 1] (constant noise: deterministic)."""
+        return self.generator.synthesis(w, noise_mode="const")
+
+    def forward(self, I_id: Tensor, I_attr: Tensor) -> Tensor:  # noqa: N803 - the paper's names
+        """The identity of I_id with everything else of I_attr. [N, 3, R, R] x2 -> [N, 3, R, R]."""
+        return self.generate(self.map(self.encode_identity(I_id), self.encode_attributes(I_attr)))
+
+    # -------------------------------------------------------------------------------- save / load
+
+    def header(self, step: int | None = None) -> dict:
+        """The JSON header of a checkpoint of this model."""
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "step": int(self.step if step is None else step),
+            "resolution": self.resolution,
+            "w_dim": self.w_dim,
+            "generator_fingerprint": str(self.generator.fingerprint),
+            "generator_sha256": self._generator_file_sha256(),
+            "identity_fingerprint": weights_fingerprint(self.identity_encoder),
+        }
+
+    def _generator_file_sha256(self) -> str | None:
+        """sha256 of the generator's weights file (None for seeded random weights), hashed once."""
+        if not hasattr(self, "_generator_sha256"):
+            from deid.weights import file_sha256, resolve
+
+            path = None if self.config.generator == "random" else resolve(self.config.generator)
+            self._generator_sha256 = file_sha256(path) if path is not None else None
+        return self._generator_sha256
+
+    def save(self, path: str | Path, step: int | None = None, discriminator: LatentDiscriminator | None = None) -> Path:
+        """Write a checkpoint atomically (temp file beside it, then rename). D_W is included when given."""
+        tensors = _prefixed("attribute_encoder.", self.attribute_encoder.state_dict())
+        tensors.update(_prefixed("mapper.", self.mapper.state_dict()))
+        header = self.header(step)
+        if discriminator is not None:
+            tensors.update(_prefixed("discriminator.", discriminator.state_dict()))
+            header["discriminator_hidden"] = list(discriminator.config.hidden)
+        return write_safetensors(path, tensors, {"deid": json.dumps(header)})
+
+
+def _prefixed(prefix: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {prefix + k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def _unprefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
+    """Save tensors + str metadata to `path` atomically: no half-written file is ever visible there."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
+    """(header, tensors) of a deid checkpoint file; WeightsError if it is not one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for foreign or truncated files
+        raise WeightsError(f"{path}: not a readable deid checkpoint ({type(exc).__name__}). "
+                           "Give a checkpoint written by `deid train` (RUN/checkpoints/step-*.safetensors).") from exc
+    try:
+        header = json.loads(metadata["deid"])
+        if header.get("format") != FORMAT:
+            raise KeyError("format")
+    except (KeyError, json.JSONDecodeError):
+        raise WeightsError(f"{path}: a safetensors file but not a deid model checkpoint. "
+                           "Give a checkpoint written by `deid train`.") from None
+    if header.get("version", 0) > FORMAT_VERSION:
+        raise WeightsError(f"{path}: checkpoint format version {header['version']} is newer than this deid "
+                           f"understands ({FORMAT_VERSION}). Upgrade deid.")
+    return header, tensors
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The highest-step checkpoint of a training run directory."""
+    run_dir = Path(run_dir)
+    found = []
+    for p in (run_dir / CHECKPOINT_DIR).glob("step-*.safetensors"):
+        m = CHECKPOINT_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    if not found:
+        raise WeightsError(f"{run_dir}: no checkpoint in {run_dir / CHECKPOINT_DIR}. "
+                           f"Train one with `deid train --data DIR --out {run_dir}`.")
+    return max(found)[1]
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}.safetensors"
+
+
+def _resolve_model_file(source: str | os.PathLike) -> Path:
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return latest_checkpoint(path)
+    if path.is_file():
+        return path
+    from deid.weights import REGISTRY, resolve
+
+    if text in REGISTRY:
+        try:
+            return resolve(text)
+        except WeightsError:
+            if text != DEFAULT_MODEL:
+                raise
+            raise WeightsError(
+                f"no trained deid model {DEFAULT_MODEL!r} yet (none is published). Make one: "
+                "`deid make-dataset --n 70000 --out generated/`, then `deid train --data generated/ --out runs/ffhq256`, "
+                f"then `deid weights import {DEFAULT_MODEL} runs/ffhq256` (or pass --model runs/ffhq256)."
+            ) from None
+    raise WeightsError(f"{text}: no such model. Give a run directory, a checkpoint file, or {DEFAULT_MODEL!r}.")
+
+
+def load_model(source: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu",
+               generator: nn.Module | None = None) -> Disentangler:
+    """A trained Disentangler from a run directory (its latest checkpoint), a checkpoint file, or the
+    registry name "deid-ffhq256". The frozen parts are rebuilt from their recorded sources (or `generator`
+    is used when given) and must match the fingerprints recorded at training time."""
+    path = _resolve_model_file(source)
+    header, tensors = read_checkpoint(path)
+    config = ModelConfig.from_dict(header["config"])
+    if generator is None:
+        generator = build_generator(config, device)
+    if str(generator.fingerprint) != header["generator_fingerprint"]:
+        raise WeightsError(
+            f"{path}: this model was trained for generator {config.generator!r} (fingerprint "
+            f"{header['generator_fingerprint'][:12]}...) but the generator given has {str(generator.fingerprint)[:12]}.... "
+            "Use the generator the model was trained with.")
+    model = Disentangler(config, generator, initialise_attributes=False)
+    if weights_fingerprint(model.identity_encoder) != header["identity_fingerprint"]:
+        raise WeightsError(f"{path}: the identity encoder {config.identity.source!r} differs from the one this model was "
+                           "trained with. Use the same facenet weights file (`deid weights verify`).")
+    try:
+        model.attribute_encoder.load_state_dict(_unprefixed("attribute_encoder.", tensors))
+        model.mapper.load_state_dict(_unprefixed("mapper.", tensors))
+    except RuntimeError as exc:
+        raise WeightsError(f"{path}: checkpoint tensors do not fit its config ({str(exc).splitlines()[0][:160]}). "
+                           "The file is damaged; use another checkpoint.") from None
+    model.step = int(header["step"])
+    return model.to(device).eval()
+
+
+def build_discriminator(config: ModelConfig, w_dim: int) -> LatentDiscriminator:
+    """D_W with the config's widths and seeded initial weights."""
+    return seeded(lambda: LatentDiscriminator(DiscriminatorConfig(w_dim=w_dim, hidden=config.discriminator_hidden)),
+                  config.init_seed + 1)
+
+
+def load_discriminator(path: str | Path) -> LatentDiscriminator:
+    """D_W from a training checkpoint (DeidError if the checkpoint has none)."""
+    header, tensors = read_checkpoint(path)
+    if "discriminator_hidden" not in header:
+        raise DeidError(f"{path}: holds no latent discriminator (an inference-only checkpoint).")
+    d = build_discriminator(ModelConfig.from_dict(header["config"]), int(header["w_dim"]))
+    d.load_state_dict(_unprefixed("discriminator.", tensors))
+    return d
+
+
+__all__ = [
+    "ModelConfig", "Disentangler", "load_model", "latest_checkpoint", "checkpoint_path", "read_checkpoint",
+    "write_safetensors", "build_generator", "build_discriminator", "load_discriminator", "DEFAULT_MODEL",
+]

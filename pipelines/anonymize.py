@@ -1,0 +1,249 @@
+"""`deid anonymize`: every face in videos and images takes another identity; everything else stays.
+
+Per video: decode (thread) -> detect (batched, on the upright view) -> track + smooth -> align -> E_attr with the
+person's fixed identity code -> M -> G -> paste back -> encode with the source's timestamps, audio and rotation
+(thread). Queues are bounded and the tracker's delay is fixed, so memory does not grow with the video's length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deid.atomic import atomic_output, check_output_path
+from deid.console import console, info, progress
+from deid.errors import MediaError
+from deid.faces import (
+    AlignConfig,
+    DetectConfig,
+    FaceDetector,
+    align_photo_file,
+    ffhq_affine,
+    load_image,
+    save_image,
+    warp_crop,
+)
+from deid.paste import PasteConfig, paste_head
+from deid.tracking import Face, TrackConfig, track
+from deid.video import EncodeOptions, Frame, VideoWriter, probe, read_frames, to_display
+from pipelines.common import (
+    BackgroundSink,
+    HeadSynthesizer,
+    Task,
+    batched,
+    detect_frames,
+    expand_inputs,
+    parse_shard,
+    prefetch,
+    shard,
+)
+
+
+@dataclass(frozen=True)
+class AnonymizeJob:
+    inputs: tuple[Path, ...]  # videos, images, directories or globs
+    output: Path  # a file (one input) or a directory mirroring the inputs
+    identity: Path | None = None  # photo whose identity every face takes; None: a random identity per person
+    seed: int = 0  # seeds the random identities
+    overwrite: bool = False
+    batch_size: int = 8  # frames per detection batch, faces per generation batch
+    encode: EncodeOptions = EncodeOptions()
+    preview: bool = False  # also write TARGET.preview.mp4: input | output side by side
+    save_crops: bool = False  # also write the aligned input and output heads to TARGET_crops/
+    shard: str | None = None  # "K/N": this process's share of the inputs (default: torchrun's RANK/WORLD_SIZE)
+    detect: DetectConfig = DetectConfig()
+    tracking: TrackConfig = TrackConfig()
+    align: AlignConfig = AlignConfig()  # its size is replaced by the model's resolution
+    paste: PasteConfig = PasteConfig()
+
+    def check(self) -> list[Task]:
+        """Validate the paths before any model is loaded; returns all tasks (every shard's). Raises DeidError."""
+        tasks = expand_inputs(self.inputs, self.output)
+        if len(tasks) == 1 and tasks[0].target == self.output:
+            check_output_path(self.output, self.overwrite)
+        elif not self.output.parent.is_dir():
+            raise MediaError(f"{self.output}: the directory {self.output.parent} does not exist. Create it first.")
+        if self.identity is not None:
+            load_image(self.identity)
+        return tasks
+
+
+@dataclass
+class FileReport:
+    source: Path
+    target: Path
+    frames: int = 0
+    faces: int = 0  # faces replaced, summed over frames
+    frames_without_faces: int = 0
+    persons: set[int] = field(default_factory=set)  # track ids seen
+    seconds: float = 0.0
+    skipped: bool = False
+
+
+def run_anonymize(job: AnonymizeJob, model, device: torch.device | str | None = None,
+                  dtype: torch.dtype = torch.float32) -> list[FileReport]:
+    """Anonymize every input of the job (this shard's share); returns one report per input file."""
+    tasks = shard(job.check(), *parse_shard(job.shard))
+    synth = HeadSynthesizer(model, device, dtype)
+    detector = FaceDetector(job.detect, synth.device)
+    identity = None
+    if job.identity is not None:
+        identity = synth.identity_of(align_photo_file(job.identity, synth.resolution, detector=detector, scale=job.align.scale))
+    reports = []
+    with progress() as bar:
+        for task in tasks:
+            if task.target.exists() and not job.overwrite:
+                reports.append(FileReport(task.source, task.target, skipped=True))
+                continue
+            task.target.parent.mkdir(parents=True, exist_ok=True)
+            swapper = _FaceSwapper(job, synth, identity)
+            reports.append(_run_task(task, job, detector, swapper, bar))
+    _print_summary(reports)
+    return reports
+
+
+def _run_task(task: Task, job: AnonymizeJob, detector: FaceDetector, swapper: "_FaceSwapper", bar) -> FileReport:
+    report = FileReport(task.source, task.target)
+    start = time.perf_counter()
+    try:
+        if task.is_image:
+            _anonymize_image(task, job, detector, swapper, report)
+        else:
+            _anonymize_video(task, job, detector, swapper, report, bar)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise MediaError(f"{task.target}: the disk is full. Free space or write elsewhere; no partial file was left.") from None
+        raise
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+class _FaceSwapper:
+    """Replaces the faces of a few frames at a time, one fixed identity per tracked person."""
+
+    def __init__(self, job: AnonymizeJob, synth: HeadSynthesizer, identity: torch.Tensor | None):
+        self.job = job
+        self.synth = synth
+        self.identity = identity
+        self.codes: dict[int, torch.Tensor] = {}  # track id -> identity code (the random ones)
+        self.crops_dir = None
+
+    def code(self, track_id: int) -> torch.Tensor:
+        if self.identity is not None:
+            return self.identity
+        if track_id not in self.codes:
+            self.codes[track_id] = self.synth.random_identity(self.job.seed, track_id)
+        return self.codes[track_id]
+
+    def __call__(self, group: list[tuple[Frame, list[Face]]], report: FileReport) -> list[np.ndarray]:
+        """group: frames with their tracked faces (stored-frame pixels). Returns the output images, same order."""
+        size, scale = self.synth.resolution, self.job.align.scale
+        crops, affines, owners, tracks = [], [], [], []
+        for i, (frame, faces) in enumerate(group):
+            for face in faces:
+                affine = ffhq_affine(face.landmarks, size, scale)
+                crops.append(warp_crop(frame.image, affine, size))
+                affines.append(affine)
+                owners.append(i)
+                tracks.append(face.track_id)
+        heads = self.synth(np.stack(crops), torch.stack([self.code(t) for t in tracks])) if crops else []
+        outputs = [frame.image.copy() if self.job.preview else frame.image for frame, _ in group]
+        for crop, head, affine, owner, tid in zip(crops, heads, affines, owners, tracks):
+            paste_head(outputs[owner], head, affine, original=crop, config=self.job.paste)
+            if self.crops_dir is not None:
+                stem = f"{group[owner][0].index:06d}_p{tid}"
+                save_image(crop, self.crops_dir / f"{stem}_in.png")
+                save_image(head, self.crops_dir / f"{stem}_out.png")
+        for frame, faces in group:
+            report.frames += 1
+            report.faces += len(faces)
+            report.frames_without_faces += not faces
+            report.persons.update(face.track_id for face in faces)
+        return outputs
+
+
+def _crops_dir(task: Task, job: AnonymizeJob) -> Path | None:
+    if not job.save_crops:
+        return None
+    folder = task.target.parent / f"{task.target.stem}_crops"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def _anonymize_image(task: Task, job: AnonymizeJob, detector: FaceDetector, swapper: _FaceSwapper, report: FileReport) -> None:
+    image = load_image(task.source)
+    detections = detector([image])[0]
+    faces = [Face(i, detections.boxes[i], detections.landmarks[i], False) for i in range(len(detections))]
+    swapper.crops_dir = _crops_dir(task, job)
+    (output,) = swapper([(Frame(0, 0, 0, image), faces)], report)
+    with atomic_output(task.target, overwrite=job.overwrite) as tmp:
+        save_image(output, tmp)
+    if job.preview:
+        with atomic_output(_preview_path(task.target, task.target.suffix), overwrite=True) as tmp:
+            save_image(np.concatenate([image, output], axis=1), tmp)
+
+
+def _preview_path(target: Path, suffix: str = ".mp4") -> Path:
+    return target.with_name(f"{target.stem}.preview{suffix}")
+
+
+def _anonymize_video(task: Task, job: AnonymizeJob, detector: FaceDetector, swapper: _FaceSwapper,
+                     report: FileReport, bar) -> None:
+    info = probe(task.source)
+    stored_size = (info.width, info.height)
+    swapper.crops_dir = _crops_dir(task, job)
+    batch = max(1, job.batch_size)
+    bar_task = bar.add_task(task.source.name, total=info.frame_count)
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_output(task.target, overwrite=job.overwrite))
+        writer = stack.enter_context(VideoWriter(tmp, info, job.encode))
+        preview = None
+        if job.preview:
+            preview_tmp = stack.enter_context(atomic_output(_preview_path(task.target), overwrite=True))
+            width, height = info.display_size
+            preview = stack.enter_context(VideoWriter(preview_tmp, info, job.encode, size=(2 * width, height), keep_audio=True, rotation=0))
+
+        def encode(item) -> None:
+            frame, output = item
+            writer.write(output, frame.pts, frame.duration)
+            if preview is not None:
+                side = np.concatenate([to_display(frame.image, info.rotation), to_display(output, info.rotation)], axis=1)
+                preview.write(side, frame.pts, frame.duration)
+
+        sink = BackgroundSink(encode, maxsize=2 * batch)
+        frames = prefetch(read_frames(task.source), maxsize=2 * batch)
+        try:
+            for group in batched(track(detect_frames(frames, detector, info.rotation, stored_size, batch), job.tracking), batch):
+                for (frame, _), output in zip(group, swapper(group, report)):
+                    sink.put((frame, output))
+                bar.update(bar_task, completed=report.frames)
+            sink.close()
+        except BaseException:
+            sink.abandon()
+            frames.close()
+            raise
+    if report.frames != info.frame_count:
+        console.print(f"[yellow]warning:[/yellow] {task.source}: decoded {report.frames} frames, the index lists {info.frame_count}.")
+
+
+def _print_summary(reports: list[FileReport]) -> None:
+    from rich.table import Table
+
+    if not reports:
+        info("nothing to do: this shard holds no inputs.")
+        return
+    table = Table(title="deid anonymize", show_edge=False)
+    for column in ("file", "frames", "faces replaced", "frames without faces", "persons", "time"):
+        table.add_column(column, justify="left" if column == "file" else "right")
+    for r in reports:
+        if r.skipped:
+            table.add_row(str(r.target), "-", "-", "-", "-", "skipped (exists; --overwrite to redo)")
+        else:
+            table.add_row(str(r.target), str(r.frames), str(r.faces), str(r.frames_without_faces), str(len(r.persons)), f"{r.seconds:.1f} s")
+    console.print(table)

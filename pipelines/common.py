@@ -1,0 +1,254 @@
+"""Job plumbing shared by the media commands: input expansion, output mirroring, sharding, background stages."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+import torch
+
+from deid.errors import DeidError, MediaError
+from deid.faces import IMAGE_EXTENSIONS, Detections, FaceDetector, to_tensor, to_uint8
+from deid.video import VIDEO_EXTENSIONS, points_to_stored, to_display
+
+T = TypeVar("T")
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class Task:
+    source: Path
+    target: Path
+
+    @property
+    def is_image(self) -> bool:
+        return self.source.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def expand_inputs(inputs: Iterable[str | Path], output: Path) -> list[Task]:
+    """Files, directories (searched recursively for videos and images) and globs -> (source, target) tasks.
+
+    One file with an output that has a suffix: the output is that file. Otherwise the output is a directory
+    that mirrors each input's tree (a directory input's relative paths; a file's own name).
+    """
+    items: list[tuple[Path, Path]] = []  # (file, path relative to the output directory)
+    for raw in inputs:
+        raw = str(raw)
+        matches = sorted(glob.glob(raw, recursive=True)) if glob.has_magic(raw) else [raw]
+        if not matches:
+            raise MediaError(f"{raw}: no file matches. Check the pattern.")
+        for match in map(Path, matches):
+            if match.is_dir():
+                found = sorted(p for p in match.rglob("*") if p.is_file() and p.suffix.lower() in MEDIA_EXTENSIONS)
+                if not found:
+                    raise MediaError(f"{match}: holds no videos or images. Check the directory.")
+                items += [(p, match.name / p.relative_to(match)) for p in found]
+            elif match.is_file():
+                items.append((match, Path(match.name)))
+            else:
+                raise MediaError(f"{match}: no such file or directory. Check the path.")
+    if len(items) == 1 and output.suffix and not output.is_dir():
+        return [Task(items[0][0], output)]
+    if output.exists() and not output.is_dir():
+        raise MediaError(f"{output}: several inputs need an output directory, not a file. Pass a directory with -o.")
+    tasks = [Task(source, output / relative) for source, relative in items]
+    targets = [t.target for t in tasks]
+    if len(set(targets)) != len(targets):
+        raise DeidError("two inputs map to the same output name. Rename one or run them separately.")
+    return tasks
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """`K/N` (0-based K) -> (K, N); without a spec, torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    if spec:
+        try:
+            k, n = (int(part) for part in spec.split("/"))
+        except ValueError:
+            raise DeidError(f"--shard {spec!r} is not K/N. Use e.g. --shard 0/4 for the first of four shards.") from None
+        if not (n >= 1 and 0 <= k < n):
+            raise DeidError(f"--shard {spec}: K must be in 0..N-1. Use e.g. --shard 0/4.")
+        return k, n
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shard(tasks: list[Task], index: int, count: int) -> list[Task]:
+    """This rank's share: every count-th task of the list sorted by source, so all ranks agree without talking."""
+    ordered = sorted(tasks, key=lambda t: str(t.source))
+    return ordered[index::count]
+
+
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def prefetch(items: Iterator[T], maxsize: int) -> Iterator[T]:
+    """Run an iterator in a background thread, `maxsize` items ahead (bounded memory); errors re-raise here."""
+    slots: queue.Queue = queue.Queue(maxsize=maxsize)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            slots.put(_Failure(exc))
+
+    thread = threading.Thread(target=produce, daemon=True, name="deid-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+class BackgroundSink:
+    """Consume items in a background thread (e.g. the encoder) through a bounded queue; errors re-raise on put/close."""
+
+    def __init__(self, consume: Callable[[T], None], maxsize: int):
+        self.consume = consume
+        self.slots: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="deid-sink")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.slots.get()
+            if item is _DONE:
+                return
+            if self.error is None:
+                try:
+                    self.consume(item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the producer
+                    self.error = exc
+
+    def put(self, item: T) -> None:
+        if self.error is not None:
+            raise self.error
+        self.slots.put(item)
+
+    def close(self) -> None:
+        self.slots.put(_DONE)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abandon(self) -> None:
+        """Stop without raising (the caller is already handling an error)."""
+        self.error = self.error or RuntimeError("abandoned")
+        self.slots.put(_DONE)
+        self.thread.join(timeout=10)
+
+
+# ------------------------------------------------------------------------------------------- synthesis
+
+
+class HeadSynthesizer:
+    """The model's side of the media commands: identity codes, and heads from (identity, aligned crop) pairs.
+
+    model: a Disentangler-like object (encode_identity, encode_attributes, map, generate, resolution; and
+    `.generator` with `.mapping`/`z_dim` for random identities). Crops and heads are [N, R, R, 3] uint8 RGB.
+    """
+
+    def __init__(self, model, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        self.model = model.eval()
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.dtype = dtype
+        self.resolution = int(model.resolution)
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def identity_of(self, crop: torch.Tensor) -> torch.Tensor:
+        """crop: [3, R, R] in [-1, 1] (an aligned head) -> identity code [512] (float32, on the device)."""
+        with self._autocast():
+            return self.model.encode_identity(crop[None].to(self.device)).float()[0]
+
+    @torch.inference_mode()
+    def random_identity(self, seed: int, person: int) -> torch.Tensor:
+        """The identity of a random person the generator imagines, fixed by (seed, person) -> [512].
+
+        Sampling the generator (z -> w -> image -> E_id) keeps the code on the manifold of real identities,
+        unlike a random unit vector in E_id's space.
+        """
+        rng = torch.Generator().manual_seed(seed * 1_000_003 + person)
+        generator = self.model.generator
+        z = torch.randn(1, generator.z_dim, generator=rng).to(self.device)
+        with self._autocast():
+            image = self.model.generate(generator.mapping(z, truncation_psi=0.7))
+            return self.model.encode_identity(image.float().clamp(-1, 1)).float()[0]
+
+    @torch.inference_mode()
+    def __call__(self, crops: np.ndarray, identities: torch.Tensor) -> np.ndarray:
+        """crops: [N, R, R, 3] uint8 aligned heads; identities: [N, 512]. Returns heads [N, R, R, 3] uint8."""
+        if not len(crops):
+            return np.zeros_like(crops)
+        images = to_tensor(crops).to(self.device)
+        with self._autocast():
+            w = self.model.map(identities.to(self.device), self.model.encode_attributes(images))
+            heads = self.model.generate(w)
+        return to_uint8(heads)
+
+
+def batched(items: Iterator[T], size: int) -> Iterator[list[T]]:
+    """Group an iterator into lists of `size` (the last may be shorter)."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ------------------------------------------------------------------------------------------- detection
+
+
+def stored_detections(detections: Detections, rotation: int, stored_size: tuple[int, int]) -> Detections:
+    """Detections on the upright view, mapped back to the stored frame."""
+    if not rotation or not len(detections):
+        return detections
+    b = detections.boxes
+    corners = np.stack([b[:, [0, 1]], b[:, [2, 1]], b[:, [0, 3]], b[:, [2, 3]]], axis=1)
+    corners = points_to_stored(corners, rotation, stored_size)
+    boxes = np.concatenate([corners.min(1), corners.max(1)], axis=1)
+    landmarks = points_to_stored(detections.landmarks, rotation, stored_size)
+    return Detections(boxes.astype(np.float32), detections.scores, landmarks)
+
+
+def detect_frames(frames, detector: FaceDetector, rotation: int, stored_size: tuple[int, int], batch: int):
+    """(frame, detections in stored pixels) per frame; detection runs batched on the upright views."""
+    for chunk in batched(frames, batch):
+        views = [to_display(frame.image, rotation) for frame in chunk] if rotation else [frame.image for frame in chunk]
+        for frame, detections in zip(chunk, detector(views)):
+            yield frame, stored_detections(detections, rotation, stored_size)

@@ -1,0 +1,706 @@
+"""`deid evaluate`: the paper's Table 1 (random identity/attribute pairs) and Table 2 (reconstruction), and a
+re-identification audit of an anonymized video against its original.
+
+Every number comes from networks independent of deid's training (deid.metrics: dlib landmarks and ResNet
+recognizer, solvePnP pose, pytorch-fid's Inception). Reports are built in `.NAME.partial/` beside the target
+directory and renamed into place when complete; `--resume` continues an interrupted pairs run from its last
+checkpoint (per-item records in JSONL, FID statistics in an .npz).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from deid import __version__
+from deid.atomic import write_text_atomic
+from deid.console import info, progress, warn
+from deid.errors import DatasetError, DeidError, MediaError, NoFaceError
+from deid.metrics import (
+    FID_CROP,
+    FID_FEATURES,
+    FeatureStats,
+    FaceMeter,
+    FIDInception,
+    MeasuredFace,
+    box_iou,
+    box_side,
+    compare_faces,
+    cosine_similarity,
+    frechet_distance,
+    psnr,
+    rmse,
+    square_crop,
+)
+from deid.recognizers import DLIB_SAME_PERSON_DISTANCE
+from pipelines.report import Report, Table, draw_boxes, fmt, image_row, mean_std, plot_histograms, plot_series, write_html, write_metrics
+
+# Detection and dlib's landmarks need faces of roughly 80+ pixels; smaller crops (tiny test models) are
+# measured upscaled. Landmark errors are divided by the image side and the pose camera scales with the
+# image, so the numbers do not depend on this size.
+MIN_MEASURE_SIZE = 160
+CHECKPOINT_EVERY = 256  # items between resumable checkpoints of a pairs run
+PSNR_PLOT_CAP = 60.0  # dB; higher (and infinite) PSNRs plot here
+SAMPLE_HEIGHT = 240  # video sample rows are scaled up to at least this height to be legible
+
+
+@dataclass(frozen=True)
+class PairsJob:
+    """`deid evaluate pairs`: Table 1 on `n` random (I_id, I_attr) pairs, Table 2 on up to `n` images."""
+
+    output: Path
+    images: Path | None = None  # a folder of photos (aligned with deid.faces)
+    dataset: Path | None = None  # or a generated dataset (train/make_dataset.py)
+    n: int = 10000
+    max_items: int | None = None  # use only the first K source images
+    seed: int = 0
+    batch_size: int = 8
+    reconstruction: bool = True
+    fid: bool = True
+    fid_weights: str = "inception-v3-fid"  # registry name, file, or "random" (plumbing tests only)
+    fid_dims: int = FID_FEATURES  # 2048: the standard FID; 64/192/768: pytorch-fid's cheaper, non-comparable variants
+    samples: int = 8  # sample rows shown in index.html per table
+    overwrite: bool = False
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class VideoAuditJob:
+    """`deid evaluate video`: per-frame comparison of an anonymized video with its original."""
+
+    original: Path
+    anonymized: Path
+    output: Path
+    max_items: int | None = None  # evaluate only the first K frames
+    match_iou: float = 0.3  # an output face belongs to an original face when their boxes overlap this much
+    unchanged_psnr: float = 35.0  # dB; a face region this close to the original was not anonymized (missed)
+    samples: int = 6  # sample frame pairs shown in index.html
+    overwrite: bool = False
+
+
+# ------------------------------------------------------------------------------------ report folders
+
+
+def _work_dir(output: Path, overwrite: bool, resume: bool = False, resumable: bool = True) -> Path:
+    """The hidden folder a report is built in; refuses to clobber anything without --overwrite/--resume.
+    A non-resumable job simply starts its folder afresh."""
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise MediaError(f"{output}: the directory {output.parent} does not exist. Create it first or choose another -o.")
+    if output.exists():
+        if not overwrite:
+            raise MediaError(f"{output} already exists. Pass --overwrite to replace it, or choose another -o.")
+        if not output.is_dir() or (any(output.iterdir()) and not (output / "metrics.json").is_file()):
+            raise MediaError(f"{output} exists and is not a deid report; --overwrite only replaces reports. Choose another -o.")
+    work = output.parent / f".{output.name}.partial"
+    if work.exists() and not resume:
+        if resumable and not overwrite:
+            raise MediaError(f"{work} holds an interrupted run. Pass --resume to continue it, or --overwrite to start over.")
+        shutil.rmtree(work)
+    work.mkdir(exist_ok=True)
+    (work / "samples").mkdir(exist_ok=True)
+    return work
+
+
+def _publish(work: Path, output: Path) -> None:
+    """Move the finished report into place (replacing an old report only after the new one is complete)."""
+    trash = None
+    if output.exists():
+        trash = output.parent / f".{output.name}.old"
+        shutil.rmtree(trash, ignore_errors=True)
+        output.rename(trash)
+    work.rename(output)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"deid": __version__, "python": sys.version.split()[0]}
+    for name in ("torch", "torchvision", "numpy", "opencv-python", "facenet-pytorch", "dlib-bin", "pytorch-fid", "scipy", "av"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def _model_identity(model, source: str | None) -> dict:
+    """What identifies the model under test: its checkpoint header (config, step, generator fingerprint)
+    and the fingerprints of its trained parts."""
+    from deid.encoders import weights_fingerprint
+
+    identity = {"source": source}
+    if hasattr(model, "header"):
+        identity.update(model.header())
+    for part in ("attribute_encoder", "mapper"):
+        if isinstance(getattr(model, part, None), torch.nn.Module):
+            identity[f"{part}_fingerprint"] = weights_fingerprint(getattr(model, part))
+    generator = getattr(model, "generator", None)
+    if generator is not None:
+        identity["generator"] = {"source": str(getattr(generator, "source", "")), "fingerprint": str(getattr(generator, "fingerprint", ""))}
+    return identity
+
+
+# ---------------------------------------------------------------------------------------- real faces
+
+
+class FaceSource:
+    """Real aligned heads by index, from a folder of photos or a generated dataset; [R, R, 3] uint8 RGB.
+
+    Photos are aligned on demand (a small cache; memory does not grow with the folder), so a photo
+    without a detectable face only costs the pairs that use it."""
+
+    def __init__(self, job: PairsJob, resolution: int):
+        self.resolution = resolution
+        if (job.images is None) == (job.dataset is None):
+            raise DeidError("give exactly one of --images DIR or --dataset DIR.")
+        if job.images is not None:
+            from deid.faces import IMAGE_EXTENSIONS, FaceDetector
+
+            folder = Path(job.images)
+            if not folder.is_dir():
+                raise MediaError(f"{folder}: not a directory. --images takes a folder of face photos.")
+            self.files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            self.dataset = None
+            self.detector = FaceDetector()
+            count = len(self.files)
+            self.description = f"photos in {folder}"
+        else:
+            from train.dataset import GeneratedDataset, verify_dataset
+
+            verify_dataset(job.dataset)
+            self.dataset = GeneratedDataset(job.dataset)
+            if int(self.dataset.manifest["resolution"]) != resolution:
+                raise DatasetError(f"{job.dataset}: images are {self.dataset.manifest['resolution']} px but the model makes "
+                                   f"{resolution} px. Use a dataset made with the model's generator.")
+            count = len(self.dataset)
+            self.description = f"generated dataset {job.dataset}"
+        self.count = min(count, job.max_items) if job.max_items else count
+        if self.count < 2:
+            raise MediaError(f"{job.images or job.dataset}: needs at least two face images, found {self.count}.")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def name(self, index: int) -> str:
+        return self.files[index].name if self.dataset is None else f"#{index}"
+
+    @functools.lru_cache(maxsize=64)
+    def head(self, index: int) -> np.ndarray | None:
+        """The aligned head [R, R, 3] uint8, or None for a photo without a face."""
+        from deid.faces import align_photo, load_image, to_uint8
+
+        if self.dataset is not None:
+            return to_uint8(self.dataset[index][0])
+        try:
+            return to_uint8(align_photo(load_image(self.files[index]), self.resolution, detector=self.detector))
+        except NoFaceError:
+            return None
+
+
+def _measure_size(resolution: int) -> int:
+    return max(resolution, MIN_MEASURE_SIZE)
+
+
+def _for_measuring(image: np.ndarray) -> np.ndarray:
+    import cv2
+
+    size = _measure_size(image.shape[0])
+    return image if image.shape[0] == size else cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+# ----------------------------------------------------------------------------------- pairs / tables
+
+
+@dataclass
+class _Pass:
+    """One table's loop: its item records (JSONL), checkpoint (.npz) and FID statistics."""
+
+    kind: str  # "pairs" (Table 1) or "reconstruction" (Table 2)
+    work: Path
+    pairs: np.ndarray  # [N, 2] source indices (I_id, I_attr)
+    fid: FIDInception | None = None
+
+    def __post_init__(self):
+        self.records = self.work / f"{self.kind}.jsonl"
+        self.checkpoint = self.work / f"{self.kind}.state.npz"
+        dims = self.fid.dims if self.fid is not None else 1
+        self.real = FeatureStats(dims)
+        self.fake = FeatureStats(dims)
+        self.done = 0
+
+    def restore(self) -> None:
+        """Continue after the last checkpoint: drop records written after it."""
+        if not self.checkpoint.is_file():
+            self.records.unlink(missing_ok=True)
+            return
+        with np.load(self.checkpoint) as state:
+            self.done = int(state["done"])
+            if self.fid is not None:
+                self.real = FeatureStats.from_state({k[5:]: state[k] for k in state.files if k.startswith("real_")})
+                self.fake = FeatureStats.from_state({k[5:]: state[k] for k in state.files if k.startswith("fake_")})
+        kept = [line for line in _read_lines(self.records) if json.loads(line)["index"] < self.done]
+        write_text_atomic(self.records, "".join(line + "\n" for line in kept))
+
+    def save_checkpoint(self) -> None:
+        state = {"done": np.array(self.done)}
+        if self.fid is not None:
+            state.update({f"real_{k}": v for k, v in self.real.state().items()})
+            state.update({f"fake_{k}": v for k, v in self.fake.state().items()})
+        tmp = self.checkpoint.with_suffix(".tmp.npz")
+        np.savez(tmp, **state)
+        tmp.replace(self.checkpoint)
+
+    def items(self) -> Iterator[dict]:
+        for line in _read_lines(self.records):
+            yield json.loads(line)
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+class _Measurer:
+    """Cached measurements of the real heads (the same head recurs across pairs)."""
+
+    def __init__(self, meter: FaceMeter, source: FaceSource):
+        self.meter, self.source = meter, source
+
+    @functools.lru_cache(maxsize=4096)
+    def real(self, index: int) -> MeasuredFace | None:
+        head = self.source.head(index)
+        return None if head is None else self.meter.measure(_for_measuring(head))
+
+
+def _run_model(model, id_heads: list[np.ndarray], attr_heads: list[np.ndarray]) -> list[np.ndarray]:
+    """I_out [R, R, 3] uint8 for each (I_id, I_attr) head pair, on the model's device and precision."""
+    from deid.faces import to_tensor, to_uint8
+
+    weight = next(model.parameters())
+    id_t = to_tensor(np.stack(id_heads)).to(weight.device, weight.dtype)
+    attr_t = to_tensor(np.stack(attr_heads)).to(weight.device, weight.dtype)
+    with torch.inference_mode():
+        out = model(id_t, attr_t)
+    return list(to_uint8(out.float()))
+
+
+def _evaluate_batch(p: _Pass, batch: list[int], source: FaceSource, measurer: _Measurer, model, samples: int) -> None:
+    from deid.faces import save_image
+
+    usable, records = [], {}
+    for k in batch:
+        i, j = (int(v) for v in p.pairs[k])
+        missing = [source.name(x) for x in (i, j) if measurer.real(x) is None]
+        if missing:
+            records[k] = {"index": k, "id": i, "attr": j, "skipped": f"no face found in {', '.join(sorted(set(missing)))}"}
+        else:
+            usable.append(k)
+    if usable:
+        outputs = _run_model(model, [source.head(int(p.pairs[k][0])) for k in usable],
+                             [source.head(int(p.pairs[k][1])) for k in usable])
+        real_crops, fake_crops = [], []
+        for k, out in zip(usable, outputs):
+            i, j = (int(v) for v in p.pairs[k])
+            face_id, face_attr = measurer.real(i), measurer.real(j)
+            big_out = _for_measuring(out)
+            face_out = measurer.meter.measure(big_out, fallback_box=face_attr.box)
+            size = big_out.shape[0]
+            record = {"index": k, "id": i, "attr": j, "output_face_detected": face_out.detected}
+            identity = compare_faces(face_id, face_out, size)
+            attributes = compare_faces(face_attr, face_out, size)
+            record.update(identity=identity["identity"], identity_distance=identity["identity_distance"],
+                          same_person=identity["same_person"], expression=attributes["expression"], pose=attributes["pose"])
+            if p.kind == "reconstruction":
+                record.update(rmse=rmse(source.head(j), out), psnr=psnr(source.head(j), out))
+            records[k] = record
+            if p.fid is not None:
+                real_crops.append(square_crop(_for_measuring(source.head(j)), face_attr.box, FID_CROP))
+                fake_crops.append(square_crop(big_out, face_out.box, FID_CROP))
+            if k < samples:
+                heads = [source.head(i), source.head(j), out] if p.kind == "pairs" else [source.head(j), out]
+                save_image(image_row(heads), p.work / "samples" / f"{p.kind}_{k:03d}.png")
+        if p.fid is not None:
+            p.real.update(p.fid.features(np.stack(real_crops)))
+            p.fake.update(p.fid.features(np.stack(fake_crops)))
+    with p.records.open("a") as f:
+        for k in batch:
+            f.write(json.dumps(records[k]) + "\n")
+
+
+def _run_pass(p: _Pass, source: FaceSource, measurer: _Measurer, model, job: PairsJob) -> None:
+    total = len(p.pairs)
+    with progress() as bar:
+        task = bar.add_task(p.kind, total=total, completed=p.done)
+        since_checkpoint = 0
+        while p.done < total:
+            batch = list(range(p.done, min(total, p.done + job.batch_size)))
+            _evaluate_batch(p, batch, source, measurer, model, job.samples)
+            p.done += len(batch)
+            since_checkpoint += len(batch)
+            bar.advance(task, len(batch))
+            if since_checkpoint >= CHECKPOINT_EVERY or p.done == total:
+                p.save_checkpoint()
+                since_checkpoint = 0
+
+
+def _summarise(p: _Pass) -> tuple[dict, dict[str, list[float]]]:
+    fields = ["identity", "identity_distance", "expression", "pose"] + (["rmse", "psnr"] if p.kind == "reconstruction" else [])
+    values: dict[str, list[float]] = {f: [] for f in fields}
+    counts = {"items": 0, "evaluated": 0, "skipped_no_face": 0, "output_face_not_detected": 0, "same_person": 0}
+    for item in p.items():
+        counts["items"] += 1
+        if "skipped" in item:
+            counts["skipped_no_face"] += 1
+            continue
+        counts["evaluated"] += 1
+        counts["output_face_not_detected"] += int(not item["output_face_detected"])
+        counts["same_person"] += int(item["same_person"])
+        for f in fields:
+            values[f].append(item[f])
+    summary = {f: mean_std(v) for f, v in values.items()}
+    summary["same_person_rate"] = counts["same_person"] / counts["evaluated"] if counts["evaluated"] else None
+    summary["counts"] = counts
+    if p.fid is not None:
+        summary["fid"] = frechet_distance(p.real, p.fake) if p.real.count >= 2 else None
+        summary["fid_samples"] = p.real.count
+    return summary, values
+
+
+def _pairs_report(work: Path, job: PairsJob, passes: dict[str, tuple[dict, dict]], metrics: dict) -> Report:
+    report = Report(title="deid evaluate pairs")
+    report.summary = [
+        f"model: {metrics['model'].get('source')} (step {metrics['model'].get('step', '?')})",
+        f"source: {metrics['source']['description']}, {metrics['source']['images']} images; seed {job.seed}",
+        "identity: cosine similarity of dlib ResNet descriptors (↑ for pairs: I_out vs I_id); "
+        "expression: mean dlib landmark distance / image side (I_out vs I_attr); pose: |Δ(yaw, pitch, roll)| in degrees; "
+        "FID on MTCNN face crops of I_out vs I_attr (pytorch-fid Inception).",
+    ]
+    if "pairs" in passes:
+        s, values = passes["pairs"]
+        fid = s.get("fid")
+        report.tables.append(Table(
+            "Table 1: disentanglement on random (I_id, I_attr) pairs",
+            ("Method", "Identity ↑", "Expression ↓", "Pose ↓", "FID ↓"),
+            (("deid", fmt(s["identity"]), fmt(s["expression"], 4), fmt(s["pose"], 2), fmt(fid, 2) if fid is not None else "–"),),
+            note=f"{s['counts']['evaluated']} pairs evaluated, {s['counts']['skipped_no_face']} skipped (no face in a source), "
+                 f"{s['counts']['output_face_not_detected']} outputs without a detectable face (measured at I_attr's face box); "
+                 f"dlib judges I_out to be I_id's person in {fmt(s['same_person_rate'], 3)} of pairs.",
+        ))
+        plot_histograms(work / "pairs_hist.png", [("identity (cos)", values["identity"]), ("expression", values["expression"]),
+                                                  ("pose (deg)", values["pose"])])
+        report.figures.append(("Table 1 distributions over pairs", "pairs_hist.png"))
+    if "reconstruction" in passes:
+        s, values = passes["reconstruction"]
+        report.tables.append(Table(
+            "Table 2: reconstruction (I_id = I_attr)",
+            ("Method", "RMSE ↓", "PSNR ↑", "Identity ↑", "Expression ↓", "Pose ↓"),
+            (("deid", fmt(s["rmse"], 4), fmt(s["psnr"], 2), fmt(s["identity"]), fmt(s["expression"], 4), fmt(s["pose"], 2)),),
+            note=f"{s['counts']['evaluated']} images; RMSE and PSNR on pixel values in [0, 1].",
+        ))
+        plot_histograms(work / "reconstruction_hist.png", [("RMSE", values["rmse"]), ("PSNR (dB)", values["psnr"]),
+                                                           ("identity (cos)", values["identity"])])
+        report.figures.append(("Table 2 distributions over images", "reconstruction_hist.png"))
+    for file in sorted((work / "samples").glob("*.png")):
+        label = "I_id | I_attr | I_out" if file.name.startswith("pairs") else "input | reconstruction"
+        report.samples.append((f"{file.stem}: {label}", f"samples/{file.name}"))
+    return report
+
+
+def run_pairs(job: PairsJob, model, model_source: str | None = None) -> dict:
+    """Evaluate `model` (a Disentangler, or any module with forward(I_id, I_attr) and `.resolution`) on its
+    device; write the report to job.output and return metrics.json's content."""
+    device = next(model.parameters()).device
+    fid = FIDInception(job.fid_weights, job.fid_dims).to(device) if job.fid else None  # fails fast when the weights are missing
+    source = FaceSource(job, int(model.resolution))
+    work = _work_dir(job.output, job.overwrite, job.resume)
+    identity = {"job": {k: str(v) for k, v in asdict(job).items() if k not in ("output", "overwrite", "resume", "samples")},
+                "model": _model_identity(model, model_source)}
+    _check_resume(work, identity)
+    meter = FaceMeter(device=device)
+    measurer = _Measurer(meter, source)
+    rng = np.random.default_rng(job.seed)
+    pair_indices = np.stack([rng.choice(len(source), size=2, replace=False) for _ in range(job.n)])
+    plan = {"pairs": pair_indices}
+    if job.reconstruction:
+        same = np.arange(min(job.n, len(source)))
+        plan["reconstruction"] = np.stack([same, same], axis=1)
+    passes = {}
+    for kind, pairs in plan.items():
+        p = _Pass(kind, work, pairs, fid if kind == "pairs" else None)
+        if job.resume:
+            p.restore()
+        _run_pass(p, source, measurer, model, job)
+        passes[kind] = _summarise(p)
+    metrics = {
+        "kind": "pairs",
+        "versions": _versions(),
+        "model": identity["model"],
+        "seed": job.seed,
+        "source": {"description": source.description, "images": len(source)},
+        "networks": {"faces": meter.analyzer.identity, "detector": "MTCNN (facenet-pytorch)",
+                     "fid_inception": {"source": fid.source, "fingerprint": fid.fingerprint, "dims": fid.dims} if fid is not None else None},
+        "measure_size": _measure_size(source.resolution),
+        **{kind: summary for kind, (summary, _) in passes.items()},
+    }
+    if fid is not None and passes["pairs"][0].get("fid_samples", 0) < fid.dims:
+        warn(f"FID from {passes['pairs'][0]['fid_samples']} samples (< {fid.dims} feature dimensions) is unreliable and "
+             "biased high; use --n 10000 for the paper's number.")
+    write_metrics(work, metrics)
+    write_html(work, _pairs_report(work, job, passes, metrics))
+    _publish(work, Path(job.output))
+    info(f"report written to {job.output}/index.html")
+    return metrics
+
+
+def _check_resume(work: Path, identity: dict) -> None:
+    """A resumed run must be the same job on the same model; record what this run is."""
+    path = work / "job.json"
+    text = json.dumps(identity, indent=2, sort_keys=True, default=str)
+    if path.is_file() and json.loads(path.read_text()) != json.loads(text):
+        raise DeidError(f"{work} holds a run of a different job or model. Pass --overwrite to start over, "
+                        "or repeat the original command with --resume.")
+    write_text_atomic(path, text)
+
+
+# -------------------------------------------------------------------------------------- video audit
+
+
+@dataclass
+class _Track:
+    """A face followed through the original video, with running sums of its anonymized descriptors
+    (so consistency over time needs no per-frame storage)."""
+
+    id: int
+    box: np.ndarray
+    last_frame: int
+    frames: int = 0
+    unit_sum: np.ndarray | None = None  # sum of unit-length output descriptors
+    sum: np.ndarray | None = None  # sum of output descriptors
+    squares: float = 0.0  # sum of squared descriptor norms
+    previous: np.ndarray | None = None
+    adjacent: list[float] | None = None
+
+    def add(self, descriptor: np.ndarray, frame: int) -> None:
+        unit = descriptor / max(np.linalg.norm(descriptor), 1e-12)
+        if self.unit_sum is None:
+            self.unit_sum, self.sum, self.adjacent = np.zeros_like(descriptor), np.zeros_like(descriptor), []
+        if self.previous is not None and frame == self.last_frame + 1:
+            self.adjacent.append(cosine_similarity(self.previous, descriptor))
+        self.unit_sum += unit
+        self.sum += descriptor
+        self.squares += float(descriptor @ descriptor)
+        self.previous, self.last_frame = descriptor, frame
+        self.frames += 1
+
+    def summary(self) -> dict:
+        n = max(self.frames, 1)
+        mean = self.sum / n
+        return {
+            "track": self.id,
+            "frames": self.frames,
+            # mean cosine similarity of each frame's descriptor to the track's mean direction = |sum of units| / n
+            "consistency": float(np.linalg.norm(self.unit_sum) / n),
+            # root mean square dlib distance to the track's mean descriptor (< 0.6: one pseudo-identity)
+            "rms_distance_to_mean": float(np.sqrt(max(self.squares / n - mean @ mean, 0.0))),
+            "adjacent_similarity": mean_std(self.adjacent or []),
+        }
+
+
+class _Tracker:
+    """Links original-video faces across frames by box overlap with the previous frame."""
+
+    def __init__(self, iou: float = 0.3, patience: int = 5):
+        self.iou, self.patience = iou, patience
+        self.tracks: list[_Track] = []
+        self.active: list[_Track] = []
+
+    def assign(self, boxes: np.ndarray, frame: int) -> list[_Track]:
+        self.active = [t for t in self.active if frame - t.last_frame <= self.patience]
+        assigned: list[_Track | None] = [None] * len(boxes)
+        if self.active and len(boxes):
+            overlap = box_iou(boxes, np.stack([t.box for t in self.active]))
+            for _ in range(min(overlap.shape)):
+                a, b = np.unravel_index(np.argmax(overlap), overlap.shape)
+                if overlap[a, b] < self.iou:
+                    break
+                assigned[a] = self.active[b]
+                overlap[a, :], overlap[:, b] = -1, -1
+        for k, box in enumerate(boxes):
+            if assigned[k] is None:
+                assigned[k] = _Track(len(self.tracks), box, frame)
+                self.tracks.append(assigned[k])
+                self.active.append(assigned[k])
+            assigned[k].box = box
+        return assigned
+
+
+def _frames(path: Path) -> Iterator[np.ndarray]:
+    """Upright frames [H, W, 3] uint8 RGB, one at a time."""
+    from deid.video import probe, read_frames, to_display
+
+    rotation = probe(path).rotation
+    for frame in read_frames(path):
+        yield to_display(frame.image, rotation)
+
+
+def _audit_frame(index: int, original: np.ndarray, anonymized: np.ndarray, meter: FaceMeter, tracker: _Tracker,
+                 job: VideoAuditJob) -> tuple[list[dict], list[tuple[np.ndarray, np.ndarray]]]:
+    """Every original face of one frame against the output face at the same place. Returns the per-face
+    records and the (original box, output box) pairs for drawing."""
+    boxes = meter.detect(original)
+    out_boxes = meter.detect(anonymized)
+    records, drawn = [], []
+    for box, track in zip(boxes, tracker.assign(boxes, index)):
+        ref = meter.measure_at(original, box)
+        out_box, detected = box, False
+        if len(out_boxes):
+            overlap = box_iou(box[None], out_boxes)[0]
+            if overlap.max() >= job.match_iou:
+                out_box, detected = out_boxes[int(np.argmax(overlap))], True
+        # An undetected output face is still measured where the original face was: a re-identifier would look there.
+        out = meter.measure_at(anonymized, out_box, detected)
+        numbers = compare_faces(ref, out, box_side(box))
+        x0, y0, x1, y1 = np.clip(np.round(box).astype(int), 0, [original.shape[1], original.shape[0]] * 2)
+        region_psnr = psnr(original[y0:y1, x0:x1], anonymized[y0:y1, x0:x1]) if x1 > x0 and y1 > y0 else float("nan")
+        track.add(out.face.descriptor, index)
+        records.append({
+            "frame": index, "track": track.id, "box": [round(float(v), 1) for v in box],
+            "output_face_detected": detected, "reidentified": numbers["same_person"],
+            "identity": numbers["identity"], "identity_distance": numbers["identity_distance"],
+            "expression": numbers["expression"], "pose": numbers["pose"],
+            "face_psnr": region_psnr, "unchanged": bool(region_psnr >= job.unchanged_psnr),
+        })
+        drawn.append((box, out_box))
+    return records, drawn
+
+
+def _video_summary(frames_file: Path, frames: int, tracker: _Tracker, job: VideoAuditJob) -> tuple[dict, dict]:
+    faces = [json.loads(line) for line in _read_lines(frames_file)]
+    per_frame = {"frame": np.arange(frames)}
+    for key in ("identity_distance", "identity", "expression", "pose", "face_psnr"):
+        series = np.full(frames, np.nan)
+        for face in faces:  # several faces in a frame: plot the worst case for privacy (the closest identity)
+            v = face[key]
+            if key == "identity_distance":
+                series[face["frame"]] = np.nanmin([series[face["frame"]], v])
+            elif np.isnan(series[face["frame"]]):
+                series[face["frame"]] = v
+        per_frame[key] = series
+    reidentified = sum(f["reidentified"] for f in faces)
+    missed_frames = sorted({f["frame"] for f in faces if f["unchanged"]})
+    summary = {
+        "frames": frames,
+        "frames_with_faces": len({f["frame"] for f in faces}),
+        "faces": len(faces),
+        "reidentification_rate": reidentified / len(faces) if faces else None,
+        "reidentified_faces": reidentified,
+        "identity": mean_std([f["identity"] for f in faces]),
+        "identity_distance": mean_std([f["identity_distance"] for f in faces]),
+        "expression": mean_std([f["expression"] for f in faces]),
+        "pose": mean_std([f["pose"] for f in faces]),
+        "output_faces_not_detected": sum(not f["output_face_detected"] for f in faces),
+        "missed_faces": sum(f["unchanged"] for f in faces),
+        "missed_frames": missed_frames,
+        "tracks": [t.summary() for t in tracker.tracks if t.frames],
+        "thresholds": {"same_person_distance": DLIB_SAME_PERSON_DISTANCE, "match_iou": job.match_iou,
+                       "unchanged_psnr_db": job.unchanged_psnr},
+    }
+    return summary, per_frame
+
+
+def run_video_audit(job: VideoAuditJob, device: torch.device | str = "cpu") -> dict:
+    """Compare an anonymized video with its original frame by frame; write the report; return metrics.json's content."""
+    from deid.faces import save_image
+    from deid.video import probe
+
+    src, out = probe(job.original), probe(job.anonymized)
+    if src.display_size != out.display_size:
+        raise MediaError(f"{job.anonymized}: frames are {out.display_size[0]}x{out.display_size[1]} but the original's are "
+                         f"{src.display_size[0]}x{src.display_size[1]}. Audit the output made from this original.")
+    if src.frame_count != out.frame_count:
+        warn(f"the videos have {src.frame_count} and {out.frame_count} frames; comparing the first "
+             f"{min(src.frame_count, out.frame_count)} in order.")
+    total = min(src.frame_count, out.frame_count, job.max_items or sys.maxsize)
+    sample_at = set(np.linspace(0, max(total - 1, 0), job.samples).round().astype(int).tolist()) if job.samples else set()
+    work = _work_dir(job.output, job.overwrite, resumable=False)
+    meter, tracker = FaceMeter(device=device), _Tracker(job.match_iou)
+    frames_file = work / "frames.jsonl"
+    count = 0
+    with progress() as bar, frames_file.open("w") as records:
+        task = bar.add_task("frames", total=total)
+        for index, (original, anonymized) in enumerate(zip(_frames(job.original), _frames(job.anonymized))):
+            if index >= total:
+                break
+            faces, drawn = _audit_frame(index, original, anonymized, meter, tracker, job)
+            for face in faces:
+                records.write(json.dumps(face) + "\n")
+            if index in sample_at:
+                boxes = [b for pair in drawn for b in pair]
+                colours = [(255, 0, 0) if f["reidentified"] else (0, 200, 0) for f in faces for _ in (0, 1)]
+                row = image_row([draw_boxes(original, boxes[0::2], colours[0::2]), draw_boxes(anonymized, boxes[1::2], colours[1::2])],
+                                height=max(SAMPLE_HEIGHT, original.shape[0]))
+                save_image(row, work / "samples" / f"frame_{index:06d}.png")
+            count += 1
+            bar.advance(task)
+    summary, per_frame = _video_summary(frames_file, count, tracker, job)
+    metrics = {
+        "kind": "video",
+        "versions": _versions(),
+        "original": {"path": str(job.original), "frames": src.frame_count, "frame_rate": str(src.frame_rate)},
+        "anonymized": {"path": str(job.anonymized), "frames": out.frame_count, "frame_rate": str(out.frame_rate)},
+        "networks": {"faces": meter.analyzer.identity, "detector": "MTCNN (facenet-pytorch)"},
+        **summary,
+    }
+    write_metrics(work, metrics)
+    write_html(work, _video_report(work, metrics, per_frame))
+    _publish(work, Path(job.output))
+    info(f"re-identification rate {fmt(summary['reidentification_rate'])} over {summary['faces']} faces; "
+         f"report written to {job.output}/index.html")
+    return metrics
+
+
+def _video_report(work: Path, metrics: dict, per_frame: dict) -> Report:
+    rate = metrics["reidentification_rate"]
+    report = Report(title="deid evaluate video: re-identification audit")
+    report.summary = [
+        f"original: {metrics['original']['path']}; anonymized: {metrics['anonymized']['path']}",
+        f"{metrics['faces']} faces in {metrics['frames_with_faces']} of {metrics['frames']} frames; "
+        f"re-identification rate {'–' if rate is None else f'{100 * rate:.1f}%'} (dlib ResNet, distance < {DLIB_SAME_PERSON_DISTANCE})",
+        f"missed (face left unchanged) in {len(metrics['missed_frames'])} frames: "
+        + (", ".join(map(str, metrics["missed_frames"][:40])) + (" ..." if len(metrics["missed_frames"]) > 40 else "") or "none"),
+    ]
+    report.tables.append(Table(
+        "Audit (original face vs the output face at the same place)",
+        ("Re-identification rate ↓", "Identity (cos) ↓", "Expression ↓", "Pose ↓", "Missed faces ↓"),
+        ((fmt(rate), fmt(metrics["identity"]), fmt(metrics["expression"], 4), fmt(metrics["pose"], 2), str(metrics["missed_faces"])),),
+        note="Expression: mean dlib landmark distance divided by the face box side; pose: |Δ(yaw, pitch, roll)| in degrees.",
+    ))
+    report.tables.append(Table(
+        "Identity consistency of each tracked face over time (output video)",
+        ("Track", "Frames", "Consistency (cos to mean) ↑", "RMS distance to mean ↓", "Frame-to-frame cos ↑"),
+        tuple((str(t["track"]), str(t["frames"]), fmt(t["consistency"]), fmt(t["rms_distance_to_mean"]), fmt(t["adjacent_similarity"]))
+              for t in metrics["tracks"]),
+    ))
+    if metrics["frames"]:
+        plot_series(work / "per_frame.png", per_frame["frame"], [
+            ("dlib distance\n(< 0.6: same person)", per_frame["identity_distance"], DLIB_SAME_PERSON_DISTANCE),
+            ("expression error", per_frame["expression"], None),
+            ("pose error (deg)", per_frame["pose"], None),
+            # identical regions have infinite PSNR: show them at the top of the plot
+            (f"face PSNR (dB)\n({PSNR_PLOT_CAP:.0f}: identical)", np.minimum(per_frame["face_psnr"], PSNR_PLOT_CAP), None),
+        ], "frame")
+        report.figures.append(("Per frame: identity distance (red line: dlib's same-person threshold), expression, pose, "
+                               "and how much the face region changed", "per_frame.png"))
+    for file in sorted((work / "samples").glob("*.png")):
+        report.samples.append((f"{file.stem}: original | anonymized (red box: re-identified, green: not)", f"samples/{file.name}"))
+    return report

@@ -1,0 +1,144 @@
+"""`deid reenact`: the portrait's person performs the driving video.
+
+Each driving frame's main face is aligned and encoded by E_attr; with the portrait's fixed identity code, M and G
+give a head at the generator's resolution. The output keeps the driving video's timing and audio; with `paste`
+the heads go back into the portrait's own frame instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deid.atomic import atomic_output, check_output_path
+from deid.console import info, progress
+from deid.errors import MediaError, NoFaceError
+from deid.faces import AlignConfig, DetectConfig, FaceDetector, ffhq_affine, load_image, to_tensor, warp_crop
+from deid.paste import PasteConfig, paste_head
+from deid.tracking import Face, TrackConfig, track
+from deid.video import EncodeOptions, VideoWriter, probe, read_frames
+from pipelines.common import BackgroundSink, HeadSynthesizer, batched, detect_frames, prefetch
+
+
+@dataclass(frozen=True)
+class ReenactJob:
+    portrait: Path  # photo of the person who performs
+    driving: Path  # video whose pose, expression and timing are performed
+    output: Path
+    overwrite: bool = False
+    paste: bool = False  # paste the heads into the portrait's frame (else: the heads alone)
+    preview: bool = False  # also write OUTPUT.preview.mp4: aligned driving head | generated head
+    batch_size: int = 8
+    encode: EncodeOptions = EncodeOptions()
+    detect: DetectConfig = DetectConfig()
+    tracking: TrackConfig = TrackConfig()
+    align: AlignConfig = AlignConfig()  # its size is replaced by the model's resolution
+    paste_config: PasteConfig = PasteConfig()
+
+    def check(self) -> None:
+        """Validate the paths before any model is loaded. Raises DeidError."""
+        load_image(self.portrait)
+        probe(self.driving)
+        check_output_path(self.output, self.overwrite)
+
+
+@dataclass
+class ReenactReport:
+    frames: int = 0
+    frames_without_face: int = 0  # these repeat the previous head (the portrait's own before the first face)
+    seconds: float = 0.0
+
+
+class _MainFace:
+    """Picks the driving frame's performer: the followed track while it lasts, else the largest face."""
+
+    def __init__(self):
+        self.track_id: int | None = None
+
+    def __call__(self, faces: list[Face]) -> Face | None:
+        if not faces:
+            return None
+        for face in faces:
+            if face.track_id == self.track_id:
+                return face
+        face = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+        self.track_id = face.track_id
+        return face
+
+
+def run_reenact(job: ReenactJob, model, device: torch.device | str | None = None,
+                dtype: torch.dtype = torch.float32) -> ReenactReport:
+    job.check()
+    start = time.perf_counter()
+    synth = HeadSynthesizer(model, device, dtype)
+    size, scale = synth.resolution, job.align.scale
+    detector = FaceDetector(job.detect, synth.device)
+    portrait = load_image(job.portrait)
+    found = detector([portrait])[0]
+    if not len(found):
+        raise NoFaceError(f"{job.portrait}: no face found. Use a photo where one face is clearly visible.")
+    portrait_affine = ffhq_affine(found.landmarks[found.largest()], size, scale)
+    portrait_crop = warp_crop(portrait, portrait_affine, size)
+    identity = synth.identity_of(to_tensor(portrait_crop))
+    source = probe(job.driving)
+    report = ReenactReport()
+
+    def render(head: np.ndarray) -> np.ndarray:
+        if not job.paste:
+            return head
+        return paste_head(portrait.copy(), head, portrait_affine, original=portrait_crop, config=job.paste_config)
+
+    # Before the first driving face: the portrait performing its own attributes.
+    last_head = synth(portrait_crop[None], identity[None])[0]
+    last_crop = portrait_crop
+    out_size = (portrait.shape[1], portrait.shape[0]) if job.paste else (size, size)
+    with contextlib.ExitStack() as stack, progress() as bar:
+        tmp = stack.enter_context(atomic_output(job.output, overwrite=job.overwrite))
+        writer = stack.enter_context(VideoWriter(tmp, source, job.encode, size=out_size, rotation=0))
+        preview = None
+        if job.preview:
+            preview_tmp = stack.enter_context(atomic_output(job.output.with_name(f"{job.output.stem}.preview.mp4"), overwrite=True))
+            preview = stack.enter_context(VideoWriter(preview_tmp, source, job.encode, size=(2 * size, size), rotation=0))
+
+        def encode(item) -> None:
+            frame, crop, head = item
+            writer.write(render(head), frame.pts, frame.duration)
+            if preview is not None:
+                preview.write(np.concatenate([crop, head], axis=1), frame.pts, frame.duration)
+
+        sink = BackgroundSink(encode, maxsize=2 * job.batch_size)
+        frames = prefetch(read_frames(job.driving), maxsize=2 * job.batch_size)
+        bar_task = bar.add_task(job.driving.name, total=source.frame_count)
+        main_face = _MainFace()
+        try:
+            tracked = track(detect_frames(frames, detector, source.rotation, (source.width, source.height), job.batch_size), job.tracking)
+            for group in batched(tracked, job.batch_size):
+                chosen = [main_face(faces) for _, faces in group]
+                crops = [warp_crop(frame.image, ffhq_affine(face.landmarks, size, scale), size)
+                         for (frame, _), face in zip(group, chosen) if face is not None]
+                heads = iter(synth(np.stack(crops), identity.expand(len(crops), -1)) if crops else [])
+                crops = iter(crops)
+                for (frame, _), face in zip(group, chosen):
+                    if face is not None:
+                        last_head, last_crop = next(heads), next(crops)
+                    else:
+                        report.frames_without_face += 1
+                    sink.put((frame, last_crop, last_head))
+                    report.frames += 1
+                bar.update(bar_task, completed=report.frames)
+            sink.close()
+        except BaseException:
+            sink.abandon()
+            frames.close()
+            raise
+        if report.frames == report.frames_without_face:
+            # Nothing was performed: raising here, inside atomic_output, leaves no file that pretends otherwise.
+            raise MediaError(f"{job.driving}: no face found in any frame. Use a driving video that shows a face.")
+    report.seconds = time.perf_counter() - start
+    info(f"reenact: {report.frames} frames, {report.frames_without_face} without a face, {report.seconds:.1f} s -> {job.output}")
+    return report

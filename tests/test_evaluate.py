@@ -1,0 +1,197 @@
+"""`deid evaluate`: the pairs tables and the video re-identification audit, end to end on real faces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from deid.errors import DeidError, MediaError
+from pipelines.evaluate import PairsJob, VideoAuditJob, run_pairs, run_video_audit
+
+AUDIT_FRAMES = 20  # enough frames for the rates to mean something, few enough to stay fast
+
+
+class Passthrough(torch.nn.Module):
+    """A stand-in 'model' that returns I_attr unchanged: the known answers are exact (expression, pose and
+    reconstruction errors 0; the output's identity is I_attr's)."""
+
+    resolution = 128
+
+    def __init__(self, fail_after_calls: int | None = None):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the pipeline a device and dtype
+        self.calls, self.fail_after_calls = 0, fail_after_calls
+
+    def forward(self, I_id, I_attr):  # noqa: N803 - the paper's names
+        self.calls += 1
+        if self.fail_after_calls is not None and self.calls > self.fail_after_calls:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-run
+        return I_attr
+
+
+@pytest.fixture(scope="module")
+def faces_dir(tmp_path_factory, carphone, astronaut_png, no_face_png):
+    """Three carphone frames (one man), the astronaut (a woman) and an image without a face."""
+    import shutil
+
+    from deid.faces import save_image
+    from deid.video import read_frames
+
+    folder = tmp_path_factory.mktemp("faces")
+    for frame in read_frames(carphone):
+        if frame.index in (0, 60, 119):
+            save_image(frame.image, folder / f"carphone_{frame.index:03d}.png")
+    shutil.copy(astronaut_png, folder / "astronaut.png")
+    shutil.copy(no_face_png, folder / "zz_gradient.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def blurred_clip(ntsc_clip, tmp_path_factory):
+    """ntsc_clip with every face blurred heavily (Gaussian, sigma = 15% of the face box), audio kept."""
+    from deid.metrics import FaceMeter
+    from deid.video import VideoWriter, probe, read_frames
+
+    out = tmp_path_factory.mktemp("blurred") / "blurred.mp4"
+    meter = FaceMeter()
+    with VideoWriter(out, probe(ntsc_clip)) as writer:
+        for frame in read_frames(ntsc_clip):
+            image = frame.image.copy()
+            for x0, y0, x1, y1 in np.round(meter.detect(image)).astype(int):
+                side, pad = x1 - x0, (x1 - x0) // 5
+                ya, xa = max(0, y0 - pad), max(0, x0 - pad)
+                image[ya:y1 + pad, xa:x1 + pad] = cv2.GaussianBlur(image[ya:y1 + pad, xa:x1 + pad], (0, 0), sigmaX=0.15 * side)
+            writer.write(image, frame.pts, frame.duration)
+    return out
+
+
+# --------------------------------------------------------------------------------------- video audit
+
+
+def test_audit_of_a_clip_against_itself_reidentifies_every_face(ntsc_clip, tmp_path):
+    report = tmp_path / "self"
+    metrics = run_video_audit(VideoAuditJob(ntsc_clip, ntsc_clip, report, max_items=AUDIT_FRAMES, samples=2))
+    assert metrics["frames"] == AUDIT_FRAMES and metrics["faces"] == AUDIT_FRAMES  # one face per carphone frame
+    assert metrics["reidentification_rate"] == 1.0
+    assert metrics["identity_distance"]["mean"] == 0.0 and metrics["expression"]["mean"] == 0.0 and metrics["pose"]["mean"] == 0.0
+    # nothing was anonymized: every frame is a miss
+    assert metrics["missed_frames"] == list(range(AUDIT_FRAMES)) and metrics["missed_faces"] == AUDIT_FRAMES
+    assert len(metrics["tracks"]) == 1 and metrics["tracks"][0]["frames"] == AUDIT_FRAMES
+    assert metrics["tracks"][0]["consistency"] > 0.99
+    on_disk = json.loads((report / "metrics.json").read_text())
+    assert on_disk["reidentification_rate"] == 1.0 and on_disk["versions"]["dlib-bin"]
+    html = (report / "index.html").read_text()
+    assert "Re-identification rate" in html and "per_frame.png" in html
+    assert (report / "per_frame.png").stat().st_size > 1000
+    assert len(list((report / "samples").glob("*.png"))) == 2
+    assert not list(tmp_path.glob(".*partial"))  # the work folder became the report
+
+
+def test_audit_of_heavily_blurred_faces_reidentifies_few(ntsc_clip, blurred_clip, tmp_path):
+    metrics = run_video_audit(VideoAuditJob(ntsc_clip, blurred_clip, tmp_path / "blur", max_items=AUDIT_FRAMES, samples=0))
+    assert metrics["faces"] == AUDIT_FRAMES
+    assert metrics["reidentification_rate"] <= 0.1
+    assert metrics["identity_distance"]["mean"] > 0.6
+    assert metrics["missed_faces"] == 0 and metrics["missed_frames"] == []
+    # the blurred faces are mostly not even detected; they are measured where the original face was
+    assert metrics["output_faces_not_detected"] > AUDIT_FRAMES // 2
+
+
+def test_audit_refuses_existing_report_and_mismatched_frames(ntsc_clip, odd_clip, tmp_path):
+    existing = tmp_path / "report"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    with pytest.raises(MediaError, match="--overwrite"):
+        run_video_audit(VideoAuditJob(ntsc_clip, ntsc_clip, existing, max_items=2))
+    with pytest.raises(MediaError, match="not a deid report"):
+        run_video_audit(VideoAuditJob(ntsc_clip, ntsc_clip, existing, max_items=2, overwrite=True))
+    assert (existing / "notes.txt").read_text() == "mine"
+    with pytest.raises(MediaError, match="175x143"):
+        run_video_audit(VideoAuditJob(ntsc_clip, odd_clip, tmp_path / "other", max_items=2))
+
+
+# --------------------------------------------------------------------------------------------- pairs
+
+
+def _pairs_job(faces_dir: Path, output: Path, **kwargs) -> PairsJob:
+    return PairsJob(output=output, images=faces_dir, n=kwargs.pop("n", 6), seed=3, batch_size=2, fid_weights="random",
+                    fid_dims=64, samples=2, **kwargs)
+
+
+def test_pairs_with_a_passthrough_model_give_the_known_answers(faces_dir, tmp_path):
+    metrics = run_pairs(_pairs_job(faces_dir, tmp_path / "report"), Passthrough(), model_source="passthrough")
+    table1, table2 = metrics["pairs"], metrics["reconstruction"]
+    # I_out = I_attr: its expression and pose are I_attr's exactly
+    assert table1["expression"]["mean"] == 0.0 and table1["pose"]["mean"] == 0.0
+    assert table1["fid"] == pytest.approx(0.0, abs=1e-3) and table1["fid_samples"] == table1["counts"]["evaluated"]
+    assert table1["counts"]["items"] == 6
+    assert table1["counts"]["evaluated"] + table1["counts"]["skipped_no_face"] == 6
+    # I_id = I_attr: a perfect reconstruction
+    assert table2["rmse"]["mean"] == 0.0 and table2["psnr"]["mean"] is None  # infinite PSNR is stored as null
+    assert table2["identity"]["mean"] == pytest.approx(1.0) and table2["expression"]["mean"] == 0.0
+    assert table2["counts"]["items"] == 5 and table2["counts"]["skipped_no_face"] == 1  # the gradient image
+    # per pair: the output is I_attr, so dlib matches I_id exactly when both show the carphone man
+    names = sorted(p.name for p in faces_dir.iterdir())
+    for line in (tmp_path / "report" / "pairs.jsonl").read_text().splitlines():
+        item = json.loads(line)
+        if "skipped" in item:
+            assert names[item["id"]] == "zz_gradient.png" or names[item["attr"]] == "zz_gradient.png"
+            continue
+        both_carphone = names[item["id"]].startswith("carphone") and names[item["attr"]].startswith("carphone")
+        assert item["same_person"] == both_carphone
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "Table 1" in html and "Table 2" in html and "FID" in html and "samples/pairs_000.png" in html
+
+
+def test_pairs_resume_after_an_interruption_matches_an_uninterrupted_run(faces_dir, tmp_path, monkeypatch):
+    import pipelines.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "CHECKPOINT_EVERY", 1)
+    uninterrupted = Passthrough()
+    fresh = run_pairs(_pairs_job(faces_dir, tmp_path / "fresh", reconstruction=False), uninterrupted, "passthrough")
+    target = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        run_pairs(_pairs_job(faces_dir, target, reconstruction=False), Passthrough(fail_after_calls=1), "passthrough")
+    assert not target.exists() and (tmp_path / ".resumed.partial" / "pairs.state.npz").is_file()
+    with pytest.raises(MediaError, match="--resume"):
+        run_pairs(_pairs_job(faces_dir, target, reconstruction=False), Passthrough(), "passthrough")
+    with pytest.raises(DeidError, match="different job"):
+        run_pairs(_pairs_job(faces_dir, target, reconstruction=False, resume=True, n=5), Passthrough(), "passthrough")
+    model = Passthrough()
+    resumed = run_pairs(_pairs_job(faces_dir, target, reconstruction=False, resume=True), model, "passthrough")
+    assert model.calls == uninterrupted.calls - 1  # the batch finished before the interruption was not run again
+    assert (target / "pairs.jsonl").read_text() == (tmp_path / "fresh" / "pairs.jsonl").read_text()
+    assert resumed["pairs"]["fid"] == pytest.approx(fresh["pairs"]["fid"], abs=1e-6)
+
+
+def test_pairs_cli_with_a_tiny_trained_model_checkpoint(faces_dir, tiny_model_path, tmp_path):
+    import cli
+
+    out = tmp_path / "tiny"
+    cli.main(["evaluate", "pairs", "--model", str(tiny_model_path), "--images", str(faces_dir), "--n", "3",
+              "--no-reconstruction", "--fid-weights", "random", "--fid-dims", "64", "--samples", "1", "-o", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"]["source"] == str(tiny_model_path) and metrics["model"]["step"] == 0
+    assert len(metrics["model"]["generator_fingerprint"]) == 64
+    table1 = metrics["pairs"]
+    assert table1["counts"]["items"] == 3
+    # an untrained 32x32 model draws no face: measured at I_attr's face box instead, and counted
+    assert table1["counts"]["output_face_not_detected"] == table1["counts"]["evaluated"]
+    assert table1["expression"]["mean"] > 0 and table1["identity"]["n"] == table1["counts"]["evaluated"]
+    assert (out / "samples" / "pairs_000.png").is_file()
+
+
+def test_pairs_cli_without_fid_weights_is_a_one_line_error(faces_dir, tiny_model_path, tmp_path, capsys):
+    import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["evaluate", "pairs", "--model", str(tiny_model_path), "--images", str(faces_dir), "--n", "2",
+                  "-o", str(tmp_path / "r")])
+    assert exit_info.value.code == 1
+    assert "inception-v3-fid" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".*partial"))

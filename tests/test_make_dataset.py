@@ -1,0 +1,138 @@
+"""`deid make-dataset`: reproducibility, resume, refusals, verification, and the training reader."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import train.make_dataset as md
+from deid.errors import DatasetError
+from train.dataset import GeneratedDataset, image_relpath, verify_dataset
+from train.make_dataset import MakeDatasetConfig, make_dataset, sample_z
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_samples_are_the_generator_output_for_their_own_z(tiny_dataset, tiny_generator):
+    ds = GeneratedDataset(tiny_dataset)
+    assert len(ds) == 24 and ds.manifest["generator_fingerprint"] == tiny_generator.fingerprint
+    assert ds.manifest["resolution"] == 32 and ds.manifest["w_dim"] == 64 and ds.manifest["count"] == 24
+    for i in (0, 13, 23):
+        image, w = ds[i]
+        z = sample_z(0, i, tiny_generator.z_dim)[None]
+        expect_w = tiny_generator.mapping(z)
+        assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and w.dtype == torch.float32
+        assert torch.allclose(w, expect_w[0], atol=1e-6)
+        expect = tiny_generator.synthesis(expect_w).clamp(-1, 1)[0]
+        assert (image - expect).abs().max() <= 1 / 127.5 + 1e-6  # 8-bit quantisation only
+        assert np.array_equal(ds.image_uint8(i), md.to_uint8(tiny_generator.synthesis(expect_w))[0])
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_generator, monkeypatch):
+    config = MakeDatasetConfig(out=tmp_path / "a", n=17, generator="random", seed=3, truncation=0.7, batch_size=4,
+                               device="cpu")
+    make_dataset(config, generator=tiny_generator)
+
+    interrupted = MakeDatasetConfig(**{**config.__dict__, "out": tmp_path / "b"})
+    real_write = md.DatasetWriter.write_batch
+    calls = []
+
+    def write_then_die(self, start, blobs, ws):
+        if len(calls) == 2:
+            # half-written batch: one image lands, then the process dies (no part file)
+            (self.root / image_relpath(start)).parent.mkdir(parents=True, exist_ok=True)
+            (self.root / image_relpath(start)).write_bytes(blobs[0][:10])
+            raise KeyboardInterrupt
+        calls.append(start)
+        real_write(self, start, blobs, ws)
+
+    monkeypatch.setattr(md.DatasetWriter, "write_batch", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        make_dataset(interrupted, generator=tiny_generator)
+    monkeypatch.setattr(md.DatasetWriter, "write_batch", real_write)
+    assert not (tmp_path / "b" / "manifest.json").exists()
+    with pytest.raises(DatasetError, match="--resume"):
+        make_dataset(interrupted, generator=tiny_generator)
+    with pytest.raises(DatasetError, match="interrupted run"):
+        GeneratedDataset(tmp_path / "b")
+    resumed = MakeDatasetConfig(**{**interrupted.__dict__, "resume": True, "batch_size": 6})  # run's size wins
+    make_dataset(resumed, generator=tiny_generator)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    verify_dataset(tmp_path / "b", deep=True)
+
+
+def test_refuses_foreign_or_different_output(tmp_path, tiny_generator, tiny_dataset):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    with pytest.raises(DatasetError, match="not empty"):
+        make_dataset(MakeDatasetConfig(out=tmp_path / "x", n=4, generator="random", device="cpu"), generator=tiny_generator)
+    assert (tmp_path / "x" / "notes.txt").read_text() == "mine"
+    with pytest.raises(DatasetError, match="different dataset.*seed"):
+        make_dataset(MakeDatasetConfig(out=tiny_dataset, n=24, seed=1, generator="random", device="cpu"),
+                     generator=tiny_generator)
+    before = _files(tiny_dataset)
+    make_dataset(MakeDatasetConfig(out=tiny_dataset, n=24, generator="random", device="cpu"), generator=tiny_generator)
+    assert _files(tiny_dataset) == before  # complete already: nothing rewritten
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_verify_catches_truncated_missing_and_corrupted(tmp_path, tiny_dataset):
+    verify_dataset(tiny_dataset, deep=True)
+    cut = _copy(tiny_dataset, tmp_path / "cut")
+    png = cut / image_relpath(7)
+    png.write_bytes(png.read_bytes()[:-20])
+    with pytest.raises(DatasetError, match="00000007.png has .* bytes.*truncated"):
+        verify_dataset(cut)
+    gone = _copy(tiny_dataset, tmp_path / "gone")
+    (gone / image_relpath(23)).unlink()
+    with pytest.raises(DatasetError, match="00000023.png is missing"):
+        verify_dataset(gone)
+    flipped = _copy(tiny_dataset, tmp_path / "flipped")
+    data = bytearray((flipped / image_relpath(2)).read_bytes())
+    data[60] ^= 0xFF
+    (flipped / image_relpath(2)).write_bytes(bytes(data))
+    verify_dataset(flipped)  # same size: only the deep check can see it
+    with pytest.raises(DatasetError, match="00000002.png is corrupted"):
+        verify_dataset(flipped, deep=True)
+    ws = _copy(tiny_dataset, tmp_path / "ws")
+    arr = np.load(ws / "ws.npy")
+    arr[0, 0] += 1
+    np.save(ws / "ws.npy", arr)
+    with pytest.raises(DatasetError, match="ws.npy"):
+        verify_dataset(ws)
+
+
+def test_cli_make_dataset_and_verify(tmp_path, monkeypatch, tiny_generator):
+    import cli
+
+    real = md.load_generator
+    monkeypatch.setattr(md, "load_generator", lambda source, device="cpu": tiny_generator if source == "tiny" else real(source, device))
+    out = tmp_path / "cli_ds"
+    runner = CliRunner()
+    result = runner.invoke(cli.cli, ["make-dataset", "--n", "5", "--out", str(out), "--generator", "tiny",
+                                     "--seed", "2", "--batch-size", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == 5 and manifest["seed"] == 2 and manifest["generator"] == "random"
+    result = runner.invoke(cli.cli, ["make-dataset", "--verify", str(out)])
+    assert result.exit_code == 0, result.output
+    (out / image_relpath(4)).unlink()
+    result = runner.invoke(cli.cli, ["make-dataset", "--verify", str(out)])
+    assert result.exit_code != 0 and "00000004.png is missing" in str(result.exception)
+
+
+def test_dataloader_workers_read_pairs(tiny_dataset):
+    loader = torch.utils.data.DataLoader(GeneratedDataset(tiny_dataset), batch_size=8, num_workers=2)
+    batches = list(loader)
+    assert [b[0].shape for b in batches] == [(8, 3, 32, 32)] * 3 and batches[0][1].shape == (8, 64)
+    assert -1 <= float(batches[0][0].min()) and float(batches[0][0].max()) <= 1

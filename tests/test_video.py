@@ -1,0 +1,145 @@
+"""Video I/O: probe facts, streaming decode, encode with exact timing, rotation, audio passthrough, errors."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from deid.errors import MediaError
+from deid.video import (
+    VideoWriter,
+    audio_duration,
+    ffmpeg_exe,
+    frame_times,
+    points_to_stored,
+    probe,
+    read_frames,
+    to_display,
+)
+
+
+def _roundtrip(source, target):
+    info = probe(source)
+    with VideoWriter(target, info) as writer:
+        for frame in read_frames(source):
+            writer.write(frame.image, frame.pts, frame.duration)
+    return info, probe(target)
+
+
+def test_probe_carphone(carphone):
+    info = probe(carphone)
+    assert (info.width, info.height) == (176, 144)
+    assert info.frame_rate == Fraction(30000, 1001) and info.frame_count == 120
+    assert info.sar == Fraction(128, 117) and info.rotation == 0 and info.constant_rate
+    assert info.duration == pytest.approx(120 * 1001 / 30000)
+    assert info.audio == ()
+
+
+def test_probe_clips(ntsc_clip, two_audio_clip, vfr_clip, rotated_clip, odd_clip):
+    ntsc = probe(ntsc_clip)
+    assert ntsc.frame_rate == Fraction(30000, 1001) and ntsc.frame_count == 36 and len(ntsc.audio) == 1
+    assert len(probe(two_audio_clip).audio) == 2
+    vfr = probe(vfr_clip)
+    assert not vfr.constant_rate and vfr.frame_count == 36
+    rotated = probe(rotated_clip)
+    assert rotated.rotation == 90 and (rotated.width, rotated.height) == (144, 176) and rotated.display_size == (176, 144)
+    assert (probe(odd_clip).width, probe(odd_clip).height) == (175, 143)
+
+
+def test_decode_streams_every_frame(carphone):
+    frames = read_frames(carphone)
+    first = next(frames)
+    assert first.index == 0 and first.pts == 0 and first.image.shape == (144, 176, 3) and first.image.dtype == np.uint8
+    rest = [(f.index, f.pts) for f in frames]
+    assert len(rest) == 119 and rest[-1] == (119, 119 * 1001)
+
+
+@pytest.mark.parametrize("rotation", [0, 90, 180, 270])
+def test_display_points_map_back_to_stored(rotation):
+    rng = np.random.default_rng(rotation)
+    stored = rng.integers(0, 255, (7, 11, 3), dtype=np.uint8)
+    view = to_display(stored, rotation)
+    assert view.shape[:2] == ((11, 7) if rotation % 180 else (7, 11))
+    ys, xs = np.mgrid[0 : view.shape[0], 0 : view.shape[1]]
+    points = np.stack([xs.ravel(), ys.ravel()], -1).astype(np.float64)
+    back = points_to_stored(points, rotation, (11, 7)).astype(int)
+    np.testing.assert_array_equal(stored[back[:, 1], back[:, 0]], view[ys.ravel(), xs.ravel()])
+
+
+def test_roundtrip_keeps_ntsc_timing_and_audio(tmp_path, ntsc_clip):
+    src, dst = _roundtrip(ntsc_clip, tmp_path / "out.mp4")
+    assert dst.frame_rate == Fraction(30000, 1001) and dst.frame_count == src.frame_count
+    assert dst.duration == pytest.approx(src.duration, abs=1e-6)
+    np.testing.assert_allclose(frame_times(tmp_path / "out.mp4"), frame_times(ntsc_clip), atol=1e-6)
+    assert dst.sar == src.sar
+    assert [a.codec for a in dst.audio] == ["aac"]
+    assert audio_duration(tmp_path / "out.mp4", dst.audio[0].index) == pytest.approx(audio_duration(ntsc_clip, src.audio[0].index), abs=1e-6)
+
+
+def test_roundtrip_keeps_vfr_timestamps(tmp_path, vfr_clip):
+    src, dst = _roundtrip(vfr_clip, tmp_path / "out.mp4")
+    np.testing.assert_allclose(frame_times(tmp_path / "out.mp4"), frame_times(vfr_clip), atol=1e-6)
+    assert dst.duration == pytest.approx(src.duration, abs=1e-6)
+
+
+def test_roundtrip_keeps_rotation_odd_size_and_two_audio_streams(tmp_path, rotated_clip, odd_clip, two_audio_clip):
+    _, rotated = _roundtrip(rotated_clip, tmp_path / "rotated.mp4")
+    assert rotated.rotation == 90 and (rotated.width, rotated.height) == (144, 176)
+    src, odd = _roundtrip(odd_clip, tmp_path / "odd.mp4")
+    assert (odd.width, odd.height) == (175, 143) and odd.frame_count == 36
+    assert odd.frame_rate == Fraction(30000, 1001)  # the MKV's millisecond timestamps snap back to the exact grid
+    src, two = _roundtrip(two_audio_clip, tmp_path / "two.mkv")
+    assert [(a.sample_rate, a.codec) for a in two.audio] == [(44100, "aac"), (22050, "aac")]
+    for a, b in zip(src.audio, two.audio):
+        # Stream copy: the same packets; MKV rounds the last one's duration to its millisecond clock.
+        assert _packet_sizes(tmp_path / "two.mkv", b.index) == _packet_sizes(two_audio_clip, a.index)
+        assert audio_duration(tmp_path / "two.mkv", b.index) == pytest.approx(audio_duration(two_audio_clip, a.index), abs=0.01)
+
+
+def _packet_sizes(path, index):
+    import av
+
+    with av.open(str(path)) as container:
+        return [p.size for p in container.demux(container.streams[index]) if p.size]
+
+
+def test_roundtrip_pixels_close(tmp_path, ntsc_clip):
+    _roundtrip(ntsc_clip, tmp_path / "out.mp4")
+    src = np.stack([f.image for f in read_frames(ntsc_clip)]).astype(int)
+    dst = np.stack([f.image for f in read_frames(tmp_path / "out.mp4")]).astype(int)
+    error = np.abs(src[:, None] - dst[None]).mean(axis=(2, 3, 4))  # [source frame, output frame]
+    assert np.all(np.diag(error) < 4)
+    assert np.all(np.argmin(error, axis=0) == np.arange(len(src)))  # each output frame is its own source frame
+
+
+def test_audio_codec_mp4_refuses_is_reencoded(tmp_path, carphone):
+    import ffmpeg
+
+    src = tmp_path / "ulaw.mov"  # G.711 mu-law: MOV takes it, MP4 does not
+    video = ffmpeg.input(str(carphone)).video.trim(end_frame=10).setpts("PTS-STARTPTS")
+    audio = ffmpeg.input("sine=frequency=300:sample_rate=16000", f="lavfi", t=10 * 1001 / 30000).audio
+    ffmpeg.output(video, audio, str(src), vcodec="libx264", acodec="pcm_mulaw").overwrite_output().global_args(
+        "-loglevel", "error").run(cmd=ffmpeg_exe())
+    _, dst = _roundtrip(src, tmp_path / "out.mp4")
+    assert [a.codec for a in dst.audio] == ["aac"]
+    assert audio_duration(tmp_path / "out.mp4", dst.audio[0].index) == pytest.approx(10 * 1001 / 30000, abs=0.07)
+
+
+def test_bad_inputs_raise_media_error(tmp_path, not_a_video, truncated_clip, astronaut_png):
+    with pytest.raises(MediaError, match="no such file"):
+        probe(tmp_path / "missing.mp4")
+    with pytest.raises(MediaError, match="not a readable video"):
+        probe(not_a_video)
+    with pytest.raises(MediaError, match="not a readable video|corrupt"):
+        probe(truncated_clip)
+    with pytest.raises(MediaError, match="still image"):
+        probe(astronaut_png)
+
+
+def test_ffmpeg_exe_prefers_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEID_FFMPEG", str(tmp_path / "my-ffmpeg"))
+    assert ffmpeg_exe() == str(tmp_path / "my-ffmpeg")
+    monkeypatch.delenv("DEID_FFMPEG")
+    assert ffmpeg_exe()  # PATH or the bundled binary

@@ -1,0 +1,579 @@
+"""`deid train`: the paper's training of E_attr, M and D_W against a frozen generator (DESIGN.md §3).
+
+One step (global step s, counted from 0):
+  * s % 3 == 0 ("cross"): I_id and I_attr are different images; otherwise the same image, and only then
+    the reconstruction loss is on.
+  * every step: the non-adversarial loss λ_id L_id + λ_lnd L_lnd (+ λ_rec L_rec) updates E_attr and M;
+  * s % 2 == 0 ("adversarial"): λ_adv times the non-saturating loss of D_W on M's w updates E_attr and M
+    with its own Adam, and D_W is updated with the logistic loss plus R1 on the dataset's w's.
+  All gradients of a step are taken at the same parameters (one forward pass), then the three Adam
+  optimisers step in turn, as in the official code.
+
+Multi-process (torchrun): every rank holds full replicas, draws its own shard of the same global batch
+order, and gradients are averaged across ranks (all-reduce) before every optimiser step, which is what
+DistributedDataParallel does; it is done by hand because three optimisers with separate backward passes
+over overlapping parameter sets do not fit DDP's one-backward-per-forward hooks. R1 is computed per rank
+on its own real w's and averaged with the rest, so it equals R1 over the global batch; the step number,
+hence the cross/adversarial schedule, is the same on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+from torch import Tensor
+
+from deid.console import info, progress
+from deid.encoders import LandmarkEncoder
+from deid.errors import DatasetError, DeidError
+from deid.losses import (
+    discriminator_loss,
+    generator_adversarial_loss,
+    identity_loss,
+    landmark_loss,
+    r1_penalty,
+    reconstruction_loss,
+)
+from deid.mapper import LatentDiscriminator
+from deid.model import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_RE,
+    Disentangler,
+    ModelConfig,
+    build_discriminator,
+    build_generator,
+    checkpoint_path,
+    latest_checkpoint,
+    read_checkpoint,
+    write_safetensors,
+)
+from deid.runtime import resolve_device, resolve_dtype
+from train.config import TrainConfig
+
+STATE_FORMAT = "deid-train-state"
+OPTIMIZERS = ("non_adversarial", "adversarial", "discriminator")
+
+
+class TrainingInterrupted(DeidError):
+    """Ctrl-C (or SIGTERM) stopped training after a checkpoint was written."""
+
+
+# ------------------------------------------------------------------------------------ distribution
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun job described by the environment, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(rank=tdist.get_rank(), world=tdist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def average_across_ranks(tensors: list[Tensor], dist: Dist) -> None:
+    """In-place mean of each tensor over all ranks (one flat all-reduce)."""
+    if dist.world == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    tdist.all_reduce(flat)
+    flat /= dist.world
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+class DataOrder:
+    """Seeded shuffled epochs over the dataset; each global batch is split into per-rank shards.
+
+    Its whole state is (epoch, position), so a resumed run draws exactly the batches it would have."""
+
+    def __init__(self, count: int, batch_size: int, seed: int, dist: Dist):
+        self.count, self.batch_size, self.seed, self.dist = count, batch_size, seed, dist
+        self.epoch, self.position = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> Tensor:
+        return torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def next_indices(self) -> list[int]:
+        """This rank's indices of the next global batch (the remainder of an epoch is dropped)."""
+        global_batch = self.batch_size * self.dist.world
+        if self.position + global_batch > self.count:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._perm = self._permutation(self.epoch)
+        start = self.position + self.dist.rank * self.batch_size
+        self.position += global_batch
+        return self._perm[start:start + self.batch_size].tolist()
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._perm = self._permutation(self.epoch)
+
+
+def load_batch(dataset, indices: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """images [B, 3, R, R] in [-1, 1] and their w [B, w_dim] on `device`."""
+    images, ws = zip(*(dataset[i] for i in indices))
+    return torch.stack(images).to(device), torch.stack(ws).to(device)
+
+
+def check_dataset(root: Path, generator, min_count: int):
+    """Open the dataset and refuse one that is incomplete or was not made by `generator` at its resolution.
+    Runs on the CPU before any network touches a GPU."""
+    from train.dataset import GeneratedDataset, verify_dataset
+
+    verify_dataset(root)
+    dataset = GeneratedDataset(root)
+    manifest = dataset.manifest
+    resolution, w_dim = int(manifest["resolution"]), int(manifest["w_dim"])
+    if resolution != generator.resolution or w_dim != generator.w_dim:
+        raise DatasetError(f"{root}: images are {resolution}x{resolution} with {w_dim}-d w, but the generator makes "
+                           f"{generator.resolution}x{generator.resolution} with {generator.w_dim}-d w. "
+                           "Use the generator the dataset was made with.")
+    fingerprint = str(manifest["generator_fingerprint"])
+    if fingerprint != str(generator.fingerprint):
+        raise DatasetError(
+            f"{root}: made by generator {manifest.get('generator', '?')!r} (fingerprint {fingerprint[:12]}...), not by the "
+            f"one being trained against ({generator.source!r}, {str(generator.fingerprint)[:12]}...). Pass the dataset's "
+            "generator with --generator, or make a dataset with this one (`deid make-dataset --generator ...`).")
+    if len(dataset) < min_count:
+        raise DatasetError(f"{root}: {len(dataset)} samples, fewer than the {min_count} that two batches need. "
+                           "Make a larger dataset or lower --batch-size.")
+    return dataset
+
+
+# ------------------------------------------------------------------------------------------- steps
+
+
+class Trainer:
+    """The optimisation of one process: losses of a step and the three Adam updates."""
+
+    def __init__(self, config: TrainConfig, model: Disentangler, landmarks: LandmarkEncoder,
+                 discriminator: LatentDiscriminator, dist: Dist = Dist(), dtype: torch.dtype = torch.float32):
+        self.config, self.model, self.landmarks, self.discriminator = config, model, landmarks, discriminator
+        self.dist, self.dtype = dist, dtype
+        self.g_params = [p for m in (model.attribute_encoder, model.mapper) for p in m.parameters()]
+        self.d_params = list(discriminator.parameters())
+        lr_na, lr_adv, lr_d = config.schedule.learning_rates(model.resolution)
+        betas = tuple(config.schedule.betas)
+        self.optimizers = {
+            "non_adversarial": torch.optim.Adam(self.g_params, lr=lr_na, betas=betas),
+            "adversarial": torch.optim.Adam(self.g_params, lr=lr_adv, betas=betas),
+            "discriminator": torch.optim.Adam(self.d_params, lr=lr_d, betas=betas),
+        }
+        model.train()
+        discriminator.train()
+
+    def is_cross(self, step: int) -> bool:
+        return step % self.config.schedule.cross_every == 0
+
+    def is_adversarial(self, step: int) -> bool:
+        return step % self.config.schedule.adversarial_every == 0
+
+    def _autocast(self, device: torch.device):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+    def compute_losses(self, step: int, I_id: Tensor, I_attr: Tensor, w_real: Tensor) -> dict[str, Tensor]:  # noqa: N803
+        """The losses of step `step` on one batch (images [B, 3, R, R] in [-1, 1], w_real [B, w_dim]).
+
+        Keys: identity, landmarks, reconstruction (same-image steps only), non_adversarial (the weighted
+        sum that updates E_attr and M), and on adversarial steps: adversarial (M's non-saturating loss,
+        unweighted), discriminator (D_W's logistic loss) and r1."""
+        weights, m = self.config.losses, self.model
+        with self._autocast(I_id.device):
+            with torch.no_grad():
+                id_ref = m.encode_identity(I_id).float()
+                lnd_ref = self.landmarks(I_attr).float()
+            w = m.map(id_ref, m.encode_attributes(I_attr)).float()
+            I_out = m.generate(w)
+            id_out = m.encode_identity(I_out).float()
+            lnd_out = self.landmarks(I_out).float()
+        I_out = I_out.float()
+        losses = {"identity": identity_loss(id_ref, id_out), "landmarks": landmark_loss(lnd_ref, lnd_out)}
+        total = weights.identity * losses["identity"] + weights.landmarks * losses["landmarks"]
+        if not self.is_cross(step):
+            losses["reconstruction"] = reconstruction_loss(I_attr.float(), I_out)
+            total = total + weights.reconstruction * losses["reconstruction"]
+        losses["non_adversarial"] = total
+        if self.is_adversarial(step):
+            d = self.discriminator
+            losses["adversarial"] = generator_adversarial_loss(d(w))
+            losses["discriminator"] = discriminator_loss(d(w_real), d(w.detach()))
+            losses["r1"] = r1_penalty(d, w_real, weights.r1_gamma)
+        return losses
+
+    def step(self, step: int, I_id: Tensor, I_attr: Tensor, w_real: Tensor) -> dict[str, float]:  # noqa: N803
+        """One optimisation step; returns the losses (averaged over ranks) as floats."""
+        losses = self.compute_losses(step, I_id, I_attr, w_real)
+        adversarial = "adversarial" in losses
+        updates = [("non_adversarial", self.g_params,
+                    torch.autograd.grad(losses["non_adversarial"], self.g_params, retain_graph=adversarial))]
+        if adversarial:
+            updates.append(("adversarial", self.g_params,
+                            torch.autograd.grad(self.config.losses.adversarial * losses["adversarial"], self.g_params)))
+            updates.append(("discriminator", self.d_params,
+                            torch.autograd.grad(losses["discriminator"] + losses["r1"], self.d_params)))
+        for name, params, grads in updates:
+            grads = list(grads)
+            average_across_ranks(grads, self.dist)
+            for p, g in zip(params, grads):
+                p.grad = g
+            self.optimizers[name].step()
+            self.optimizers[name].zero_grad(set_to_none=True)
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        average_across_ranks([values], self.dist)
+        return dict(zip(losses, values.tolist()))
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+
+def state_path_for(checkpoint: Path) -> Path:
+    """The training-state file that sits beside a model checkpoint."""
+    return checkpoint.with_name(checkpoint.name.replace(".safetensors", ".state.safetensors"))
+
+
+def save_checkpoint(out: Path, step: int, trainer: Trainer, order: DataOrder) -> Path:
+    """Training state first, then the model checkpoint: a checkpoint file that exists is always complete."""
+    path = checkpoint_path(out, step)
+    tensors: dict[str, Tensor] = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    groups = {}
+    for name, opt in trainer.optimizers.items():
+        sd = opt.state_dict()
+        groups[name] = sd["param_groups"]
+        for idx, slots in sd["state"].items():
+            for key, value in slots.items():
+                tensors[f"optimizer.{name}.{idx}.{key}"] = value.detach().to("cpu").contiguous().clone()
+    header = {"format": STATE_FORMAT, "step": step, "order": order.state(), "param_groups": groups}
+    write_safetensors(state_path_for(path), tensors, {"deid": json.dumps(header)})
+    trainer.model.save(path, step=step, discriminator=trainer.discriminator)
+    return path
+
+
+def restore_training_state(checkpoint: Path, trainer: Trainer, order: DataOrder) -> int:
+    """Load optimisers, RNG and data order of `checkpoint` (its model weights are loaded already)."""
+    from safetensors import safe_open
+
+    state_path = state_path_for(checkpoint)
+    if not state_path.is_file():
+        raise DeidError(f"{checkpoint}: its training state {state_path.name} is missing, so the run cannot resume "
+                        "exactly. Start a new run (another --out) from scratch.")
+    with safe_open(str(state_path), framework="pt", device="cpu") as f:
+        header = json.loads((f.metadata() or {})["deid"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for name, opt in trainer.optimizers.items():
+        state: dict[int, dict[str, Tensor]] = {}
+        prefix = f"optimizer.{name}."
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                idx, slot = key[len(prefix):].split(".", 1)
+                state.setdefault(int(idx), {})[slot] = value
+        opt.load_state_dict({"state": state, "param_groups": header["param_groups"][name]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    order.restore(header["order"])
+    return int(header["step"])
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (and their training states); keep=0 keeps all."""
+    if keep <= 0:
+        return
+    found = sorted((int(m.group(1)), p) for p in (out / CHECKPOINT_DIR).glob("step-*.safetensors")
+                   if (m := CHECKPOINT_RE.match(p.name)))
+    for _, p in found[:-keep]:
+        state_path_for(p).unlink(missing_ok=True)
+        p.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------- logging
+
+
+class RunLog:
+    """Per-step losses to `losses.jsonl` and TensorBoard (rank 0 only). A resumed run first drops the
+    entries of steps it will redo, so the curve has no duplicates."""
+
+    def __init__(self, out: Path, start_step: int, tensorboard: bool):
+        self.path = out / "losses.jsonl"
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] < start_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step)
+
+    def write(self, step: int, losses: dict[str, float], steps_per_second: float) -> None:
+        self.file.write(json.dumps({"step": step, **losses, "steps_per_second": steps_per_second}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in losses.items():
+                self.writer.add_scalar(f"loss/{key}", value, step)
+            self.writer.add_scalar("speed/steps_per_second", steps_per_second, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+@torch.no_grad()
+def save_sample_grid(model: Disentangler, identities: Tensor, attributes: Tensor, path: Path) -> Path:
+    """The paper's Fig. 4 layout: attribute images along the top row, identity images down the first column,
+    and cell (i, j) = model(identity i, attributes j). identities/attributes: [K, 3, R, R] in [-1, 1]."""
+    from PIL import Image
+
+    was_training = model.training
+    model.eval()
+    k = identities.shape[0]
+    id_codes = model.encode_identity(identities)
+    attr_codes = model.encode_attributes(attributes)
+    cells = model.generate(model.map(id_codes.repeat_interleave(k, 0), attr_codes.repeat(k, 1))).float().cpu()
+    model.train(was_training)
+    r = model.resolution
+    grid = torch.ones(3, (k + 1) * r, (k + 1) * r)
+    for j in range(k):
+        grid[:, :r, (j + 1) * r:(j + 2) * r] = attributes[j].float().cpu()
+    for i in range(k):
+        grid[:, (i + 1) * r:(i + 2) * r, :r] = identities[i].float().cpu()
+        for j in range(k):
+            grid[:, (i + 1) * r:(i + 2) * r, (j + 1) * r:(j + 2) * r] = cells[i * k + j]
+    pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(pixels).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------- the run
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM ask training to stop at the next step boundary (after which a checkpoint is written);
+    a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    @contextmanager
+    def installed(self):
+        if not _in_main_thread():
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):  # noqa: ARG001
+            if self.requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def agreed(self, dist: Dist, device: torch.device) -> bool:
+        """True on every rank when any rank was asked to stop."""
+        if dist.world == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        tdist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _prepare_out(config: TrainConfig) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuses to overwrite an existing run."""
+    existing = list((config.out / CHECKPOINT_DIR).glob("step-*.safetensors"))
+    if config.resume:
+        if not existing:
+            raise DeidError(f"{config.out}: nothing to resume (no checkpoint). Drop --resume to start this run.")
+        return latest_checkpoint(config.out)
+    if existing:
+        raise DeidError(f"{config.out}: already holds a training run. Continue it with --resume, or choose another --out.")
+    return None
+
+
+def _describe(config: TrainConfig, model_config: ModelConfig, lrs: tuple[float, float, float], dist: Dist) -> None:
+    s, w = config.schedule, config.losses
+    info(f"[bold]deid train[/bold] -> {config.out}  ({dist.world} process(es), batch {config.batch_size} each)")
+    info(f"  generator {model_config.generator}; E_id {model_config.identity.source}; "
+         f"E_attr init {model_config.attributes.source}; E_lnd {model_config.landmarks.source}")
+    info(f"  losses: λ_id={w.identity} λ_lnd={w.landmarks} λ_rec={w.reconstruction} (same-image steps) "
+         f"λ_adv={w.adversarial} R1 γ={w.r1_gamma}")
+    info(f"  schedule: cross pairs when step % {s.cross_every} == 0; adversarial when step % {s.adversarial_every} == 0; "
+         f"Adam betas {tuple(s.betas)}, lr non-adversarial {lrs[0]:g}, adversarial {lrs[1]:g}, D_W {lrs[2]:g}")
+    info(f"  steps {config.steps}, checkpoint every {config.checkpoint_every}, samples every {config.sample_every}, "
+         f"precision {config.precision}, seed {config.seed}")
+
+
+def train(config: TrainConfig, on_step=None) -> Path:
+    """Run (or resume) training; returns the last checkpoint written.
+
+    on_step(step, losses) is called after every step (scripts use it to collect the loss curve)."""
+    dist = init_distributed()
+    device = resolve_device(config.device)
+    if dist.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    dtype = resolve_dtype(config.precision, device)
+    if dtype == torch.float16:
+        raise DeidError("--precision fp16 is not supported for training (its range is too small for these losses). "
+                        "Use bf16 or fp32.")
+    resume_from = _prepare_out(config)
+    model_config = config.model
+    if resume_from is not None:
+        header, tensors = read_checkpoint(resume_from)
+        model_config = ModelConfig.from_dict(header["config"])
+
+    # Everything that can refuse the run happens on the CPU, before any GPU work.
+    generator = build_generator(model_config, "cpu")
+    dataset = check_dataset(config.data, generator, min_count=2 * config.batch_size * dist.world)
+    model = Disentangler(model_config, generator, initialise_attributes=resume_from is None)
+    landmarks = LandmarkEncoder(model_config.landmarks)
+    discriminator = build_discriminator(model_config, generator.w_dim)
+    if resume_from is not None:
+        _load_trained(model, discriminator, tensors, resume_from)
+    model.to(device)
+    landmarks.to(device)
+    discriminator.to(device)
+
+    trainer = Trainer(config, model, landmarks, discriminator, dist, dtype)
+    order = DataOrder(len(dataset), config.batch_size, config.seed, dist)
+    start = restore_training_state(resume_from, trainer, order) if resume_from is not None else 0
+    if dist.main:
+        config.out.mkdir(parents=True, exist_ok=True)
+        (config.out / "config.json").write_text(config.to_json())
+        _describe(config, model.config, config.schedule.learning_rates(model.resolution), dist)
+        if resume_from is not None:
+            info(f"  resuming from {resume_from} (step {start})")
+    log = RunLog(config.out, start, config.tensorboard) if dist.main else None
+    samples = _sample_images(dataset, config.sample_count, device) if dist.main and config.sample_every else None
+    try:
+        return _loop(config, trainer, dataset, order, start, dist, device, log, samples, on_step)
+    finally:
+        if log is not None:
+            log.close()
+
+
+def _load_trained(model: Disentangler, discriminator: LatentDiscriminator, tensors: dict, path: Path) -> None:
+    model.attribute_encoder.load_state_dict({k[18:]: v for k, v in tensors.items() if k.startswith("attribute_encoder.")})
+    model.mapper.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("mapper.")})
+    d_state = {k[14:]: v for k, v in tensors.items() if k.startswith("discriminator.")}
+    if not d_state:
+        raise DeidError(f"{path}: an inference-only checkpoint (no D_W); training cannot resume from it.")
+    discriminator.load_state_dict(d_state)
+
+
+def _sample_images(dataset, count: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Fixed identity and attribute images for the sample grids: the dataset's first 2K samples."""
+    k = max(1, min(count, len(dataset) // 2))
+    ids, _ = load_batch(dataset, list(range(k)), device)
+    attrs, _ = load_batch(dataset, list(range(k, 2 * k)), device)
+    return ids, attrs
+
+
+def _loop(config, trainer: Trainer, dataset, order: DataOrder, start: int, dist: Dist, device, log, samples, on_step) -> Path:
+    from rich.progress import TextColumn
+
+    stop = StopFlag()
+    last_path = None
+    step = start
+    rate, tick = 0.0, time.perf_counter()
+    with stop.installed(), progress(TextColumn("{task.fields[status]}")) as bar:
+        task = bar.add_task("train", total=config.steps, completed=start, status="", visible=dist.main)
+        while step < config.steps:
+            cross = trainer.is_cross(step)
+            I_id, w_id = load_batch(dataset, order.next_indices(), device)
+            I_attr, w_attr = load_batch(dataset, order.next_indices(), device) if cross else (I_id, w_id)
+            losses = trainer.step(step, I_id, I_attr, w_attr)
+            step += 1
+            now = time.perf_counter()
+            rate = 1.0 / max(now - tick, 1e-9) if step == start + 1 else 0.9 * rate + 0.1 / max(now - tick, 1e-9)
+            tick = now
+            if log is not None:
+                log.write(step - 1, losses, rate)
+                bar.update(task, completed=step, status=_status(rate, losses))
+            if on_step is not None:
+                on_step(step - 1, losses)
+            if samples is not None and step % config.sample_every == 0:
+                save_sample_grid(trainer.model, *samples, config.out / "samples" / f"step-{step:08d}.png")
+            stopping = stop.agreed(dist, device)
+            if step % config.checkpoint_every == 0 or step == config.steps or stopping:
+                last_path = _checkpoint(config, step, trainer, order, dist)
+            if stopping:
+                raise TrainingInterrupted(
+                    f"interrupted after step {step}; checkpoint {last_path} written. "
+                    f"Continue with `deid train --data {config.data} --out {config.out} --resume`.")
+    if last_path is None:  # nothing to do: the run had already reached --steps
+        info(f"{config.out}: already trained for {start} steps (--steps {config.steps}); nothing to do.")
+        return latest_checkpoint(config.out)
+    return last_path
+
+
+def _checkpoint(config: TrainConfig, step: int, trainer: Trainer, order: DataOrder, dist: Dist) -> Path:
+    path = checkpoint_path(config.out, step)
+    if dist.main:
+        save_checkpoint(config.out, step, trainer, order)
+        prune_checkpoints(config.out, config.keep_checkpoints)
+    if dist.world > 1:
+        tdist.barrier()
+    return path
+
+
+def _status(rate: float, losses: dict[str, float]) -> str:
+    short = {"identity": "id", "landmarks": "lnd", "reconstruction": "rec", "adversarial": "adv",
+             "discriminator": "D", "r1": "r1"}
+    parts = [f"{short[k]} {v:.4g}" for k, v in losses.items() if k in short]
+    return f"{rate:.2f} step/s  " + "  ".join(parts)
+
+
+__all__ = ["Trainer", "TrainingInterrupted", "DataOrder", "train", "save_checkpoint", "restore_training_state",
+           "save_sample_grid", "check_dataset", "Dist"]
