@@ -125,14 +125,24 @@ def to_uint8(images: torch.Tensor, size: int | None = None) -> np.ndarray:
     return np.stack([cv2.resize(a, (size, size), interpolation=interpolation) for a in array])
 
 
+def label_height(width: int) -> int:
+    """Height of the label strips under cells `width` pixels wide."""
+    (_, th), base = cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, _label_scale(width), 1)
+    return th + base + 8
+
+
+def _label_scale(width: int) -> float:
+    return max(0.3, min(0.6, width / 260))
+
+
 def label_strip(text: str, width: int) -> np.ndarray:
-    """A white strip with `text` centred in black, [h, width, 3] uint8."""
-    scale = max(0.3, min(0.6, width / 260))
-    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    """A white strip [label_height(width), width, 3] uint8 with `text` centred in black (cut short if too long)."""
+    scale = _label_scale(width)
+    (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
     while tw > width - 4 and len(text) > 4:
         text = text[:-4] + "..."
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
-    strip = np.full((th + base + 8, width, 3), 255, np.uint8)
+        (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    strip = np.full((label_height(width), width, 3), 255, np.uint8)
     cv2.putText(strip, text, (max(2, (width - tw) // 2), th + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
     return strip
 
@@ -145,9 +155,9 @@ def compose_grid(cells: np.ndarray, top: np.ndarray, left: np.ndarray, top_label
     carries its name under it. Returns [H, W, 3] uint8 on white.
     """
     rows, cols, size = cells.shape[0], cells.shape[1], cells.shape[2]
-    label_h = label_strip("x", size).shape[0] if (top_labels or left_labels) else 0
+    label_h = label_height(size) if (top_labels or left_labels) else 0
     pitch = size + GRID_GAP
-    height = (size + label_h + GRID_GAP) + rows * (pitch + label_h)
+    height = (size + label_h + GRID_GAP) + rows * (pitch + label_h) - GRID_GAP
     width = (cols + 1) * pitch - GRID_GAP
     canvas = np.full((height, width, 3), 255, np.uint8)
 
