@@ -182,6 +182,31 @@ def weights_verify() -> None:
         raise WeightsError(f"corrupt: {', '.join(bad)}. Fetch them again with `deid weights fetch --force {' '.join(bad)}`.")
 
 
+@weights_group.command("convert")
+@click.argument("source")
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+def weights_convert(source: str, output: Path, overwrite: bool) -> None:
+    """Convert a generator (NVIDIA .pkl, rosinality .pt, or a registry name) into deid's .safetensors.
+
+    The result loads without any unpickling and has the same fingerprint as the source network.
+
+    \b
+    Examples:
+      deid weights convert stylegan2-ffhq-256 ffhq256.safetensors
+      deid weights convert ~/Downloads/550000.pt ffhq256-rosinality.safetensors
+    """
+    from deid.atomic import check_output_path
+    from deid.stylegan import convert_generator
+    from deid.weights import resolve
+
+    check_output_path(output, overwrite)
+    path = resolve(source)
+    if path is None:
+        raise click.UsageError("give a generator file or registry name to convert, not 'random'.")
+    console.print(f"wrote {convert_generator(path, output)}")
+
+
 def weights_home_text() -> str:
     from deid.weights import weights_home
 
@@ -227,7 +252,7 @@ def _batch_size(value: str) -> int | None:
 
 
 @cli.command("make-dataset")
-@click.option("--n", "n", type=click.IntRange(min=1), help="Number of samples to generate (70000 in the paper).")
+@click.option("--n", "-n", "n", type=click.IntRange(min=1), help="Number of samples to generate (70000 in the paper); -n under torchrun, whose parser takes --n for its own.")
 @click.option("--out", type=click.Path(path_type=Path), help="Dataset folder: new or empty (or an interrupted run, with --resume).")
 @click.option("--generator", default="stylegan2-ffhq-256", help="Generator: registry name or file (.pkl, .pt, .safetensors).")
 @click.option("--seed", type=int, default=0, help="Sample i depends only on (seed, i).")
@@ -243,7 +268,7 @@ def make_dataset_command(n, out, generator, seed, truncation, batch_size, resume
     Examples:
       deid make-dataset --n 70000 --out generated/
       deid make-dataset --n 70000 --out generated/ --resume          # after an interruption
-      torchrun --nproc-per-node 8 -m cli make-dataset --n 70000 --out generated/
+      torchrun --nproc-per-node 8 -m cli make-dataset -n 70000 --out generated/   # one share per GPU
       deid make-dataset --verify generated/
     """
     from train.make_dataset import MakeDatasetConfig, make_dataset, verify_with_progress
@@ -420,7 +445,9 @@ def evaluate_group() -> None:
 @model_options
 def evaluate_pairs(images, dataset, n, max_items, seed, batch_size, reconstruction, fid, fid_weights, fid_dims, samples,
                    output, overwrite, resume, model, device, precision):
-    """Table 1 (identity, expression, pose, FID on random pairs) and Table 2 (reconstruction).
+    """The paper's Tables 1 and 2 for a model, measured on real faces.
+
+    Table 1: identity, expression, pose and FID on random (I_id, I_attr) pairs; Table 2: reconstruction (I_id = I_attr).
 
     \b
     Examples:
@@ -447,8 +474,11 @@ def evaluate_pairs(images, dataset, n, max_items, seed, batch_size, reconstructi
 @click.option("--overwrite", is_flag=True, help="Replace an existing report.")
 @device_option
 def evaluate_video(original, anonymized, output, max_items, unchanged_psnr, samples, overwrite, device):
-    """Re-identification audit: how many anonymized faces dlib's recognizer still matches to the original person,
-    identity consistency per tracked face, expression and pose preservation, and frames where a face was missed.
+    """Re-identification audit of an anonymized video against its original.
+
+    Reports how many anonymized faces dlib's recognizer still matches to the original person
+    (`reidentification_rate`), identity consistency per tracked face, expression and pose preservation,
+    and the frames where a face was missed (left unchanged).
 
     \b
     Examples:
@@ -528,7 +558,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=args, prog_name="deid", standalone_mode=False)
     except click.exceptions.Abort:
-        console.print("[red]error:[/red] interrupted; no output was left behind.")
+        console.print("[red]error:[/red] interrupted.")
         sys.exit(130)
     except click.ClickException as exc:
         if debug:
@@ -541,7 +571,7 @@ def main(argv: list[str] | None = None) -> None:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        console.print("[red]error:[/red] interrupted; no output was left behind.")
+        console.print("[red]error:[/red] interrupted.")
         sys.exit(130)
 
 

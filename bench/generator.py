@@ -35,6 +35,15 @@ def time_batch(G, batch: int, device, repeats: int) -> float:
     return best
 
 
+def _load() -> list[float] | None:
+    try:
+        import os
+
+        return [round(x, 2) for x in os.getloadavg()]  # other processes on the machine skew CPU timings
+    except OSError:
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -42,18 +51,22 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU threads to try (torch.set_num_threads)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
     config = GeneratorConfig(resolution=args.resolution, channel_base=16384, channel_max=512)
     G = load_generator("random", device=device, config=config).to(dtype)
     results = {}
-    for batch in args.batches:
-        seconds = time_batch(G, batch, device, args.repeats)
-        results[f"batch_{batch}"] = {"seconds_per_batch": round(seconds, 4), "seconds_per_image": round(seconds / batch, 4),
-                                     "images_per_second": round(batch / seconds, 3)}
+    for threads in args.threads if device.type == "cpu" else [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        for batch in args.batches:
+            seconds = time_batch(G, batch, device, args.repeats)
+            results[f"threads_{threads}_batch_{batch}"] = {
+                "seconds_per_batch": round(seconds, 4), "seconds_per_image": round(seconds / batch, 4),
+                "images_per_second": round(batch / seconds, 3)}
     print(json.dumps({"benchmark": "generator", "resolution": args.resolution, "device": str(device),
-                      "precision": args.precision, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "precision": args.precision, "torch": torch.__version__, "load_average": _load(),
                       "cpu": platform.processor() or platform.machine(), "reference_seconds_per_image_cpu": 0.47,
                       "results": results}, indent=1))
 

@@ -118,6 +118,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         try:
             return self._allowed[(module, name)]
         except KeyError:
+            if module.startswith("dnnlib.tflib"):
+                raise WeightsError(f"{self._path}: a TensorFlow StyleGAN pickle, which deid cannot read. Use the "
+                                   "PyTorch release of the network (stylegan2-ada-pytorch or stylegan3).") from None
             raise WeightsError(
                 f"{self._path}: refused: the file asks to run {module}.{name}, which a StyleGAN network file never "
                 "needs (it may be malicious, or not a StyleGAN2 pickle). Nothing from it was executed. Use the "

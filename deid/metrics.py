@@ -189,7 +189,8 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     """Frechet distance of the Gaussians fitted to two feature sets (pytorch-fid's implementation)."""
     from pytorch_fid.fid_score import calculate_frechet_distance
 
-    return float(calculate_frechet_distance(a.mean, a.covariance, b.mean, b.covariance))
+    # the distance is never negative; rounding in the matrix square root can leave about -1e-8 for equal sets
+    return max(0.0, float(calculate_frechet_distance(a.mean, a.covariance, b.mean, b.covariance)))
 
 
 FID_WEIGHTS = "inception-v3-fid"

@@ -79,8 +79,7 @@ _PHASE_TAPS = torch.tensor([[2, 0], [3, 1]])
 def polyphase_weight(weight: Tensor) -> Tensor:
     """[O, I, 3, 3] transposed-conv kernel -> [4 O, I, 2, 2] ordinary conv kernel, channel o*4 + 2*row_phase +
     col_phase, so that conv2d(pad(x, 1), K) followed by pixel_shuffle(2) equals conv_transpose2d(x, W, stride=2)
-    (plus one trailing zero row and column). An ordinary conv is several times faster than a transposed one
-    on the CPU."""
+    (plus one trailing zero row and column). For narrow layers an ordinary conv is faster on the CPU."""
     o, i = weight.shape[:2]
     wz = F.pad(weight, (0, 1, 0, 1))  # [O, I, 4, 4], last row/column zero
     taps = _PHASE_TAPS.to(weight.device)
@@ -93,13 +92,14 @@ def polyphase_weight(weight: Tensor) -> Tensor:
 POLYPHASE_MAX_CHANNELS = 64
 
 
-def up_conv(x: Tensor, weight: Tensor, groups: int, resample_filter: Tensor, derived: DerivedWeights | None = None) -> Tensor:
+def up_conv(x: Tensor, weight: Tensor, groups: int, resample_filter: Tensor, polyphase: Tensor | None = None) -> Tensor:
     """2x up-sampling 3x3 conv (transposed conv, then the FIR filter).
-    x: [N', I*groups, H, W]; weight: [O*groups, I, 3, 3] -> [N', O*groups, 2H, 2W]."""
+    x: [N', I*groups, H, W]; weight: [O*groups, I, 3, 3] -> [N', O*groups, 2H, 2W]; `polyphase`: the
+    precomputed polyphase_weight(weight), if any."""
     size = 2 * x.shape[2]
     o, i = weight.shape[0] // groups, weight.shape[1]
     if o <= POLYPHASE_MAX_CHANNELS:
-        k4 = derived.get(weight, "polyphase", polyphase_weight) if derived else polyphase_weight(weight)
+        k4 = polyphase if polyphase is not None else polyphase_weight(weight)
         y = F.pixel_shuffle(F.conv2d(F.pad(x, (1, 1, 1, 1)), k4, groups=groups), 2)
     else:
         wt = weight.reshape(groups, o, i, 3, 3).transpose(1, 2).reshape(groups * i, o, 3, 3)
@@ -161,17 +161,22 @@ def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, demodulate: bool
             x = F.conv2d(x, w.reshape(n * o, i, kh, kw).to(dtype), padding=kh // 2, groups=n)
         return x.reshape(n, o, *x.shape[2:])
 
+    if demodulate and dtype == torch.float16:
+        # demodulation cancels any per-sample style scale; unit-max styles keep fp16 conv sums in range
+        styles = styles / styles.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
     x = x * styles.to(dtype)[:, :, None, None]
     w = derived.get(weight, f"w_{dtype}", lambda w: w.to(dtype))
     if up:
-        x = up_conv(x, w, 1, resample_filter, derived=derived)
+        poly = derived.get(weight, f"polyphase_{dtype}", lambda w: polyphase_weight(w.to(dtype))) \
+            if o <= POLYPHASE_MAX_CHANNELS else None
+        x = up_conv(x, w, 1, resample_filter, poly)
     else:
         x = F.conv2d(x, w, padding=kh // 2)
     if demodulate:
         wsq = derived.get(weight, "sq", lambda w: w.float().square().sum(dim=[2, 3]))
         scale = demod_coefficients(wsq, styles) * gain
     elif gain != 1:
-        scale = torch.full((n, o), gain)
+        scale = torch.full((n, o), gain, device=x.device)
     else:
         return x
     scale = scale.to(dtype)[:, :, None, None]

@@ -34,6 +34,7 @@ from deid.tracking import Face, TrackConfig, track
 from deid.video import EncodeOptions, Frame, VideoWriter, probe, read_frames, to_display
 from pipelines.common import (
     BackgroundSink,
+    FramesPerSecond,
     HeadSynthesizer,
     Task,
     batched,
@@ -96,7 +97,7 @@ def run_anonymize(job: AnonymizeJob, model, device: torch.device | str | None = 
     if job.identity is not None:
         identity = synth.identity_of(align_photo_file(job.identity, synth.resolution, detector=detector, scale=job.align.scale))
     reports = []
-    with progress() as bar:
+    with progress(FramesPerSecond()) as bar:
         for task in tasks:
             if task.target.exists() and not job.overwrite:
                 reports.append(FileReport(task.source, task.target, skipped=True))

@@ -13,6 +13,8 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
+from rich.progress import ProgressColumn
+from rich.text import Text
 
 from deid.errors import DeidError, MediaError
 from deid.faces import IMAGE_EXTENSIONS, Detections, FaceDetector, to_tensor, to_uint8
@@ -252,3 +254,11 @@ def detect_frames(frames, detector: FaceDetector, rotation: int, stored_size: tu
         views = [to_display(frame.image, rotation) for frame in chunk] if rotation else [frame.image for frame in chunk]
         for frame, detections in zip(chunk, detector(views)):
             yield frame, stored_detections(detections, rotation, stored_size)
+
+
+class FramesPerSecond(ProgressColumn):
+    """Progress column: frames per second of the current file."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:5.1f} fps" if speed else "  ... fps", style="cyan")

@@ -10,10 +10,11 @@ checkpoint (per-item records in JSONL, FID statistics in an .npz).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -41,6 +42,7 @@ from deid.metrics import (
     square_crop,
 )
 from deid.recognizers import DLIB_SAME_PERSON_DISTANCE
+from deid.tracking import track
 from pipelines.report import Report, Table, draw_boxes, fmt, image_row, mean_std, plot_histograms, plot_series, write_html, write_metrics
 
 # Detection and dlib's landmarks need faces of roughly 80+ pixels; smaller crops (tiny test models) are
@@ -184,7 +186,8 @@ class FaceSource:
                 raise DatasetError(f"{job.dataset}: images are {self.dataset.manifest['resolution']} px but the model makes "
                                    f"{resolution} px. Use a dataset made with the model's generator.")
             count = len(self.dataset)
-            self.description = f"generated dataset {job.dataset}"
+            self.description = (f"generated dataset {job.dataset} (generator "
+                                f"{str(self.dataset.manifest.get('generator_fingerprint', '?'))[:12]})")
         self.count = min(count, job.max_items) if job.max_items else count
         if self.count < 2:
             raise MediaError(f"{job.images or job.dataset}: needs at least two face images, found {self.count}.")
@@ -201,7 +204,7 @@ class FaceSource:
         from deid.faces import align_photo, load_image, to_uint8
 
         if self.dataset is not None:
-            return to_uint8(self.dataset[index][0])
+            return self.dataset.image_uint8(index)
         try:
             return to_uint8(align_photo(load_image(self.files[index]), self.resolution, detector=self.detector))
         except NoFaceError:
@@ -266,6 +269,15 @@ class _Pass:
             yield json.loads(line)
 
 
+def _psnr_to_json(value: float) -> float | None:
+    """Record files are strict JSON, which has no infinity: an exact copy's PSNR is written as null."""
+    return None if value == float("inf") else value
+
+
+def _psnr_from_json(value: float | None) -> float:
+    return float("inf") if value is None else value
+
+
 def _read_lines(path: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
@@ -321,7 +333,7 @@ def _evaluate_batch(p: _Pass, batch: list[int], source: FaceSource, measurer: _M
             record.update(identity=identity["identity"], identity_distance=identity["identity_distance"],
                           same_person=identity["same_person"], expression=attributes["expression"], pose=attributes["pose"])
             if p.kind == "reconstruction":
-                record.update(rmse=rmse(source.head(j), out), psnr=psnr(source.head(j), out))
+                record.update(rmse=rmse(source.head(j), out), psnr=_psnr_to_json(psnr(source.head(j), out)))
             records[k] = record
             if p.fid is not None:
                 real_crops.append(square_crop(_for_measuring(source.head(j)), face_attr.box, FID_CROP))
@@ -334,7 +346,7 @@ def _evaluate_batch(p: _Pass, batch: list[int], source: FaceSource, measurer: _M
             p.fake.update(p.fid.features(np.stack(fake_crops)))
     with p.records.open("a") as f:
         for k in batch:
-            f.write(json.dumps(records[k]) + "\n")
+            f.write(json.dumps(records[k], allow_nan=False) + "\n")
 
 
 def _run_pass(p: _Pass, source: FaceSource, measurer: _Measurer, model, job: PairsJob) -> None:
@@ -366,7 +378,7 @@ def _summarise(p: _Pass) -> tuple[dict, dict[str, list[float]]]:
         counts["output_face_not_detected"] += int(not item["output_face_detected"])
         counts["same_person"] += int(item["same_person"])
         for f in fields:
-            values[f].append(item[f])
+            values[f].append(_psnr_from_json(item[f]) if f == "psnr" else item[f])
     summary = {f: mean_std(v) for f, v in values.items()}
     summary["same_person_rate"] = counts["same_person"] / counts["evaluated"] if counts["evaluated"] else None
     summary["counts"] = counts
@@ -374,6 +386,10 @@ def _summarise(p: _Pass) -> tuple[dict, dict[str, list[float]]]:
         summary["fid"] = frechet_distance(p.real, p.fake) if p.real.count >= 2 else None
         summary["fid_samples"] = p.real.count
     return summary, values
+
+
+def _percent(share: float | None) -> str:
+    return "–" if share is None else f"{100 * share:.1f}%"
 
 
 def _pairs_report(work: Path, job: PairsJob, passes: dict[str, tuple[dict, dict]], metrics: dict) -> Report:
@@ -394,7 +410,7 @@ def _pairs_report(work: Path, job: PairsJob, passes: dict[str, tuple[dict, dict]
             (("deid", fmt(s["identity"]), fmt(s["expression"], 4), fmt(s["pose"], 2), fmt(fid, 2) if fid is not None else "–"),),
             note=f"{s['counts']['evaluated']} pairs evaluated, {s['counts']['skipped_no_face']} skipped (no face in a source), "
                  f"{s['counts']['output_face_not_detected']} outputs without a detectable face (measured at I_attr's face box); "
-                 f"dlib judges I_out to be I_id's person in {fmt(s['same_person_rate'], 3)} of pairs.",
+                 f"dlib judges I_out to be I_id's person in {_percent(s['same_person_rate'])} of pairs.",
         ))
         plot_histograms(work / "pairs_hist.png", [("identity (cos)", values["identity"]), ("expression", values["expression"]),
                                                   ("pose (deg)", values["pose"])])
@@ -435,14 +451,19 @@ def run_pairs(job: PairsJob, model, model_source: str | None = None) -> dict:
         same = np.arange(min(job.n, len(source)))
         plan["reconstruction"] = np.stack([same, same], axis=1)
     passes = {}
-    for kind, pairs in plan.items():
-        p = _Pass(kind, work, pairs, fid if kind == "pairs" else None)
-        if job.resume:
-            p.restore()
-        _run_pass(p, source, measurer, model, job)
-        passes[kind] = _summarise(p)
+    try:
+        for kind, pairs in plan.items():
+            p = _Pass(kind, work, pairs, fid if kind == "pairs" else None)
+            if job.resume:
+                p.restore()
+            _run_pass(p, source, measurer, model, job)
+            passes[kind] = _summarise(p)
+    except KeyboardInterrupt:
+        warn(f"interrupted: {work} keeps the progress; repeat the command with --resume to continue.")
+        raise
     metrics = {
         "kind": "pairs",
+        "job": identity["job"],
         "versions": _versions(),
         "model": identity["model"],
         "seed": job.seed,
@@ -476,27 +497,24 @@ def _check_resume(work: Path, identity: dict) -> None:
 
 
 @dataclass
-class _Track:
-    """A face followed through the original video, with running sums of its anonymized descriptors
-    (so consistency over time needs no per-frame storage)."""
+class _TrackStats:
+    """One tracked face's output descriptors over time, as running sums (no per-frame storage)."""
 
     id: int
-    box: np.ndarray
-    last_frame: int
     frames: int = 0
+    last_frame: int = -2
     unit_sum: np.ndarray | None = None  # sum of unit-length output descriptors
     sum: np.ndarray | None = None  # sum of output descriptors
     squares: float = 0.0  # sum of squared descriptor norms
     previous: np.ndarray | None = None
-    adjacent: list[float] | None = None
+    adjacent: list[float] = field(default_factory=list)  # cosine of consecutive frames' descriptors
 
     def add(self, descriptor: np.ndarray, frame: int) -> None:
-        unit = descriptor / max(np.linalg.norm(descriptor), 1e-12)
         if self.unit_sum is None:
-            self.unit_sum, self.sum, self.adjacent = np.zeros_like(descriptor), np.zeros_like(descriptor), []
+            self.unit_sum, self.sum = np.zeros_like(descriptor), np.zeros_like(descriptor)
         if self.previous is not None and frame == self.last_frame + 1:
             self.adjacent.append(cosine_similarity(self.previous, descriptor))
-        self.unit_sum += unit
+        self.unit_sum += descriptor / max(np.linalg.norm(descriptor), 1e-12)
         self.sum += descriptor
         self.squares += float(descriptor @ descriptor)
         self.previous, self.last_frame = descriptor, frame
@@ -512,36 +530,8 @@ class _Track:
             "consistency": float(np.linalg.norm(self.unit_sum) / n),
             # root mean square dlib distance to the track's mean descriptor (< 0.6: one pseudo-identity)
             "rms_distance_to_mean": float(np.sqrt(max(self.squares / n - mean @ mean, 0.0))),
-            "adjacent_similarity": mean_std(self.adjacent or []),
+            "adjacent_similarity": mean_std(self.adjacent),
         }
-
-
-class _Tracker:
-    """Links original-video faces across frames by box overlap with the previous frame."""
-
-    def __init__(self, iou: float = 0.3, patience: int = 5):
-        self.iou, self.patience = iou, patience
-        self.tracks: list[_Track] = []
-        self.active: list[_Track] = []
-
-    def assign(self, boxes: np.ndarray, frame: int) -> list[_Track]:
-        self.active = [t for t in self.active if frame - t.last_frame <= self.patience]
-        assigned: list[_Track | None] = [None] * len(boxes)
-        if self.active and len(boxes):
-            overlap = box_iou(boxes, np.stack([t.box for t in self.active]))
-            for _ in range(min(overlap.shape)):
-                a, b = np.unravel_index(np.argmax(overlap), overlap.shape)
-                if overlap[a, b] < self.iou:
-                    break
-                assigned[a] = self.active[b]
-                overlap[a, :], overlap[:, b] = -1, -1
-        for k, box in enumerate(boxes):
-            if assigned[k] is None:
-                assigned[k] = _Track(len(self.tracks), box, frame)
-                self.tracks.append(assigned[k])
-                self.active.append(assigned[k])
-            assigned[k].box = box
-        return assigned
 
 
 def _frames(path: Path) -> Iterator[np.ndarray]:
@@ -553,14 +543,20 @@ def _frames(path: Path) -> Iterator[np.ndarray]:
         yield to_display(frame.image, rotation)
 
 
-def _audit_frame(index: int, original: np.ndarray, anonymized: np.ndarray, meter: FaceMeter, tracker: _Tracker,
-                 job: VideoAuditJob) -> tuple[list[dict], list[tuple[np.ndarray, np.ndarray]]]:
-    """Every original face of one frame against the output face at the same place. Returns the per-face
-    records and the (original box, output box) pairs for drawing."""
-    boxes = meter.detect(original)
+def _audit_frame(index: int, original: np.ndarray, anonymized: np.ndarray, detections: np.ndarray, faces: list,
+                 meter: FaceMeter, tracks: dict[int, _TrackStats], job: VideoAuditJob) -> tuple[list[dict], list[tuple[np.ndarray, np.ndarray]]]:
+    """Every original face of one frame against the output face at the same place. `detections` [K, 4] are the
+    original's boxes, `faces` the same faces tracked (deid.tracking) for their track ids.
+    Returns the per-face records and the (original box, output box) pairs for drawing."""
     out_boxes = meter.detect(anonymized)
     records, drawn = [], []
-    for box, track in zip(boxes, tracker.assign(boxes, index)):
+    for face in faces:
+        if face.filled or not len(detections):  # the detector missed this face in the original: nothing to compare
+            continue
+        # measure at the raw detection (the tracker's box is smoothed over time): an unchanged frame then
+        # compares exactly equal, as it must
+        box = detections[int(np.argmax(box_iou(face.box[None], detections)[0]))]
+        stats = tracks.setdefault(face.track_id, _TrackStats(face.track_id))
         ref = meter.measure_at(original, box)
         out_box, detected = box, False
         if len(out_boxes):
@@ -571,47 +567,57 @@ def _audit_frame(index: int, original: np.ndarray, anonymized: np.ndarray, meter
         out = meter.measure_at(anonymized, out_box, detected)
         numbers = compare_faces(ref, out, box_side(box))
         x0, y0, x1, y1 = np.clip(np.round(box).astype(int), 0, [original.shape[1], original.shape[0]] * 2)
-        region_psnr = psnr(original[y0:y1, x0:x1], anonymized[y0:y1, x0:x1]) if x1 > x0 and y1 > y0 else float("nan")
-        track.add(out.face.descriptor, index)
+        region_psnr = psnr(original[y0:y1, x0:x1], anonymized[y0:y1, x0:x1]) if x1 > x0 and y1 > y0 else 0.0
+        stats.add(out.face.descriptor, index)
         records.append({
-            "frame": index, "track": track.id, "box": [round(float(v), 1) for v in box],
+            "frame": index, "track": stats.id, "box": [round(float(v), 1) for v in box],
             "output_face_detected": detected, "reidentified": numbers["same_person"],
             "identity": numbers["identity"], "identity_distance": numbers["identity_distance"],
             "expression": numbers["expression"], "pose": numbers["pose"],
-            "face_psnr": region_psnr, "unchanged": bool(region_psnr >= job.unchanged_psnr),
+            "face_psnr": _psnr_to_json(region_psnr), "unchanged": bool(region_psnr >= job.unchanged_psnr),
         })
         drawn.append((box, out_box))
     return records, drawn
 
 
-def _video_summary(frames_file: Path, frames: int, tracker: _Tracker, job: VideoAuditJob) -> tuple[dict, dict]:
-    faces = [json.loads(line) for line in _read_lines(frames_file)]
-    per_frame = {"frame": np.arange(frames)}
-    for key in ("identity_distance", "identity", "expression", "pose", "face_psnr"):
-        series = np.full(frames, np.nan)
-        for face in faces:  # several faces in a frame: plot the worst case for privacy (the closest identity)
-            v = face[key]
-            if key == "identity_distance":
-                series[face["frame"]] = np.nanmin([series[face["frame"]], v])
-            elif np.isnan(series[face["frame"]]):
-                series[face["frame"]] = v
-        per_frame[key] = series
-    reidentified = sum(f["reidentified"] for f in faces)
-    missed_frames = sorted({f["frame"] for f in faces if f["unchanged"]})
+def _video_summary(frames_file: Path, frames: int, tracks: dict[int, _TrackStats], job: VideoAuditJob) -> tuple[dict, dict]:
+    """Totals and per-frame series from the per-face records, read in one streaming pass."""
+    keys = ("identity_distance", "identity", "expression", "pose", "face_psnr")
+    per_frame = {key: np.full(frames, np.nan) for key in keys}
+    values: dict[str, list[float]] = {key: [] for key in keys[:4]}
+    faces = reidentified = not_detected = missed = 0
+    frames_with_faces: set[int] = set()
+    missed_frames: set[int] = set()
+    with frames_file.open() as lines:
+        for line in lines:
+            face = json.loads(line)
+            face["face_psnr"] = _psnr_from_json(face["face_psnr"])
+            frame = face["frame"]
+            faces += 1
+            reidentified += face["reidentified"]
+            not_detected += not face["output_face_detected"]
+            missed += face["unchanged"]
+            frames_with_faces.add(frame)
+            if face["unchanged"]:
+                missed_frames.add(frame)
+            for key in values:
+                values[key].append(face[key])
+            # several faces in a frame: plot the worst case for privacy (the face closest to its original identity)
+            if np.isnan(per_frame["identity_distance"][frame]) or face["identity_distance"] < per_frame["identity_distance"][frame]:
+                for key in keys:
+                    per_frame[key][frame] = face[key]
+    per_frame["frame"] = np.arange(frames)
     summary = {
         "frames": frames,
-        "frames_with_faces": len({f["frame"] for f in faces}),
-        "faces": len(faces),
-        "reidentification_rate": reidentified / len(faces) if faces else None,
+        "frames_with_faces": len(frames_with_faces),
+        "faces": faces,
+        "reidentification_rate": reidentified / faces if faces else None,
         "reidentified_faces": reidentified,
-        "identity": mean_std([f["identity"] for f in faces]),
-        "identity_distance": mean_std([f["identity_distance"] for f in faces]),
-        "expression": mean_std([f["expression"] for f in faces]),
-        "pose": mean_std([f["pose"] for f in faces]),
-        "output_faces_not_detected": sum(not f["output_face_detected"] for f in faces),
-        "missed_faces": sum(f["unchanged"] for f in faces),
-        "missed_frames": missed_frames,
-        "tracks": [t.summary() for t in tracker.tracks if t.frames],
+        **{key: mean_std(v) for key, v in values.items()},
+        "output_faces_not_detected": not_detected,
+        "missed_faces": missed,
+        "missed_frames": sorted(missed_frames),
+        "tracks": [t.summary() for _, t in sorted(tracks.items()) if t.frames],
         "thresholds": {"same_person_distance": DLIB_SAME_PERSON_DISTANCE, "match_iou": job.match_iou,
                        "unchanged_psnr_db": job.unchanged_psnr},
     }
@@ -620,7 +626,6 @@ def _video_summary(frames_file: Path, frames: int, tracker: _Tracker, job: Video
 
 def run_video_audit(job: VideoAuditJob, device: torch.device | str = "cpu") -> dict:
     """Compare an anonymized video with its original frame by frame; write the report; return metrics.json's content."""
-    from deid.faces import save_image
     from deid.video import probe
 
     src, out = probe(job.original), probe(job.anonymized)
@@ -631,28 +636,48 @@ def run_video_audit(job: VideoAuditJob, device: torch.device | str = "cpu") -> d
         warn(f"the videos have {src.frame_count} and {out.frame_count} frames; comparing the first "
              f"{min(src.frame_count, out.frame_count)} in order.")
     total = min(src.frame_count, out.frame_count, job.max_items or sys.maxsize)
-    sample_at = set(np.linspace(0, max(total - 1, 0), job.samples).round().astype(int).tolist()) if job.samples else set()
     work = _work_dir(job.output, job.overwrite, resumable=False)
-    meter, tracker = FaceMeter(device=device), _Tracker(job.match_iou)
+    try:
+        metrics = _audit(job, work, src, out, total, device)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # no partial report left behind
+        raise
+    _publish(work, Path(job.output))
+    info(f"re-identification rate {fmt(metrics['reidentification_rate'])} over {metrics['faces']} faces; "
+         f"report written to {job.output}/index.html")
+    return metrics
+
+
+def _audit(job: VideoAuditJob, work: Path, src, out, total: int, device) -> dict:
+    """The frame loop of `run_video_audit`, writing into `work`."""
+    from deid.faces import save_image
+
+    sample_at = set(np.linspace(0, max(total - 1, 0), job.samples).round().astype(int).tolist()) if job.samples else set()
+    meter, tracks = FaceMeter(device=device), {}
     frames_file = work / "frames.jsonl"
     count = 0
+
+    def detected(pairs):
+        # the tracker holds a few frames (its lookahead) before releasing them: memory stays bounded
+        for index, (original, anonymized) in pairs:
+            found = meter.detector([original])[0]
+            yield (index, original, anonymized, found.boxes.astype(np.float64)), found
+
+    pairs = enumerate(zip(_frames(job.original), _frames(job.anonymized)))
     with progress() as bar, frames_file.open("w") as records:
         task = bar.add_task("frames", total=total)
-        for index, (original, anonymized) in enumerate(zip(_frames(job.original), _frames(job.anonymized))):
-            if index >= total:
-                break
-            faces, drawn = _audit_frame(index, original, anonymized, meter, tracker, job)
-            for face in faces:
-                records.write(json.dumps(face) + "\n")
+        for (index, original, anonymized, boxes), faces in track(detected(itertools.islice(pairs, total))):
+            faces_out, drawn = _audit_frame(index, original, anonymized, boxes, faces, meter, tracks, job)
+            for face in faces_out:
+                records.write(json.dumps(face, allow_nan=False) + "\n")
             if index in sample_at:
-                boxes = [b for pair in drawn for b in pair]
-                colours = [(255, 0, 0) if f["reidentified"] else (0, 200, 0) for f in faces for _ in (0, 1)]
-                row = image_row([draw_boxes(original, boxes[0::2], colours[0::2]), draw_boxes(anonymized, boxes[1::2], colours[1::2])],
+                colours = [(255, 0, 0) if f["reidentified"] else (0, 200, 0) for f in faces_out]  # red: re-identified
+                row = image_row([draw_boxes(original, [o for o, _ in drawn], colours), draw_boxes(anonymized, [a for _, a in drawn], colours)],
                                 height=max(SAMPLE_HEIGHT, original.shape[0]))
                 save_image(row, work / "samples" / f"frame_{index:06d}.png")
             count += 1
             bar.advance(task)
-    summary, per_frame = _video_summary(frames_file, count, tracker, job)
+    summary, per_frame = _video_summary(frames_file, count, tracks, job)
     metrics = {
         "kind": "video",
         "versions": _versions(),
@@ -663,9 +688,6 @@ def run_video_audit(job: VideoAuditJob, device: torch.device | str = "cpu") -> d
     }
     write_metrics(work, metrics)
     write_html(work, _video_report(work, metrics, per_frame))
-    _publish(work, Path(job.output))
-    info(f"re-identification rate {fmt(summary['reidentification_rate'])} over {summary['faces']} faces; "
-         f"report written to {job.output}/index.html")
     return metrics
 
 
@@ -675,14 +697,14 @@ def _video_report(work: Path, metrics: dict, per_frame: dict) -> Report:
     report.summary = [
         f"original: {metrics['original']['path']}; anonymized: {metrics['anonymized']['path']}",
         f"{metrics['faces']} faces in {metrics['frames_with_faces']} of {metrics['frames']} frames; "
-        f"re-identification rate {'–' if rate is None else f'{100 * rate:.1f}%'} (dlib ResNet, distance < {DLIB_SAME_PERSON_DISTANCE})",
+        f"re-identification rate {_percent(rate)} (dlib ResNet, distance < {DLIB_SAME_PERSON_DISTANCE})",
         f"missed (face left unchanged) in {len(metrics['missed_frames'])} frames: "
         + (", ".join(map(str, metrics["missed_frames"][:40])) + (" ..." if len(metrics["missed_frames"]) > 40 else "") or "none"),
     ]
     report.tables.append(Table(
         "Audit (original face vs the output face at the same place)",
         ("Re-identification rate ↓", "Identity (cos) ↓", "Expression ↓", "Pose ↓", "Missed faces ↓"),
-        ((fmt(rate), fmt(metrics["identity"]), fmt(metrics["expression"], 4), fmt(metrics["pose"], 2), str(metrics["missed_faces"])),),
+        ((_percent(rate), fmt(metrics["identity"]), fmt(metrics["expression"], 4), fmt(metrics["pose"], 2), str(metrics["missed_faces"])),),
         note="Expression: mean dlib landmark distance divided by the face box side; pose: |Δ(yaw, pitch, roll)| in degrees.",
     ))
     report.tables.append(Table(

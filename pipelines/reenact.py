@@ -22,7 +22,7 @@ from deid.faces import AlignConfig, DetectConfig, FaceDetector, ffhq_affine, loa
 from deid.paste import PasteConfig, paste_head
 from deid.tracking import Face, TrackConfig, track
 from deid.video import EncodeOptions, VideoWriter, probe, read_frames
-from pipelines.common import BackgroundSink, HeadSynthesizer, batched, detect_frames, prefetch
+from pipelines.common import BackgroundSink, FramesPerSecond, HeadSynthesizer, batched, detect_frames, prefetch
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def run_reenact(job: ReenactJob, model, device: torch.device | str | None = None
     last_head = synth(portrait_crop[None], identity[None])[0]
     last_crop = portrait_crop
     out_size = (portrait.shape[1], portrait.shape[0]) if job.paste else (size, size)
-    with contextlib.ExitStack() as stack, progress() as bar:
+    with contextlib.ExitStack() as stack, progress(FramesPerSecond()) as bar:
         tmp = stack.enter_context(atomic_output(job.output, overwrite=job.overwrite))
         writer = stack.enter_context(VideoWriter(tmp, source, job.encode, size=out_size, rotation=0))
         preview = None

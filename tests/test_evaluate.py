@@ -13,8 +13,17 @@ import torch
 from deid.errors import DeidError, MediaError
 from pipelines.evaluate import PairsJob, VideoAuditJob, run_pairs, run_video_audit
 
-AUDIT_FRAMES = 20  # enough frames for the rates to mean something, few enough to stay fast
+AUDIT_FRAMES = 12  # enough frames for the rates to mean something, few enough to stay fast
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """MTCNN's small convolutions run 30x slower with 2 threads than with 1 when the CPU is oversubscribed
+    (OpenMP workers spin-wait for each other); restore the setting for the tests after these."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 class Passthrough(torch.nn.Module):
     """A stand-in 'model' that returns I_attr unchanged: the known answers are exact (expression, pose and
@@ -115,6 +124,26 @@ def test_audit_refuses_existing_report_and_mismatched_frames(ntsc_clip, odd_clip
         run_video_audit(VideoAuditJob(ntsc_clip, odd_clip, tmp_path / "other", max_items=2))
 
 
+def test_video_cli_writes_the_report_and_refuses_to_overwrite_it(ntsc_clip, tmp_path, capsys):
+    import cli
+
+    out = tmp_path / "audit"
+    args = ["evaluate", "video", str(ntsc_clip), str(ntsc_clip), "-o", str(out), "--max-items", "3", "--samples", "1"]
+    cli.main(args)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["reidentification_rate"] == 1.0 and metrics["frames"] == 3
+    assert metrics["original"]["frame_rate"] == "30000/1001"
+    first = (out / "metrics.json").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err
+    assert (out / "metrics.json").read_text() == first
+    cli.main(args + ["--overwrite"])
+    assert json.loads((out / "metrics.json").read_text())["frames"] == 3
+
+
 # --------------------------------------------------------------------------------------------- pairs
 
 
@@ -123,8 +152,16 @@ def _pairs_job(faces_dir: Path, output: Path, **kwargs) -> PairsJob:
                     fid_dims=64, samples=2, **kwargs)
 
 
-def test_pairs_with_a_passthrough_model_give_the_known_answers(faces_dir, tmp_path):
-    metrics = run_pairs(_pairs_job(faces_dir, tmp_path / "report"), Passthrough(), model_source="passthrough")
+@pytest.fixture(scope="module")
+def passthrough_report(faces_dir, tmp_path_factory):
+    """A full pairs report (Tables 1 and 2) of the passthrough model: (metrics, report dir, model calls)."""
+    model = Passthrough()
+    report = tmp_path_factory.mktemp("passthrough") / "report"
+    return run_pairs(_pairs_job(faces_dir, report), model, model_source="passthrough"), report, model.calls
+
+
+def test_pairs_with_a_passthrough_model_give_the_known_answers(faces_dir, passthrough_report):
+    metrics, report, _ = passthrough_report
     table1, table2 = metrics["pairs"], metrics["reconstruction"]
     # I_out = I_attr: its expression and pose are I_attr's exactly
     assert table1["expression"]["mean"] == 0.0 and table1["pose"]["mean"] == 0.0
@@ -132,28 +169,29 @@ def test_pairs_with_a_passthrough_model_give_the_known_answers(faces_dir, tmp_pa
     assert table1["counts"]["items"] == 6
     assert table1["counts"]["evaluated"] + table1["counts"]["skipped_no_face"] == 6
     # I_id = I_attr: a perfect reconstruction
-    assert table2["rmse"]["mean"] == 0.0 and table2["psnr"]["mean"] is None  # infinite PSNR is stored as null
+    assert table2["rmse"]["mean"] == 0.0 and table2["psnr"]["mean"] == float("inf")
+    on_disk = json.loads((report / "metrics.json").read_text())
+    assert on_disk["reconstruction"]["psnr"]["mean"] is None  # JSON has no infinity: stored as null
     assert table2["identity"]["mean"] == pytest.approx(1.0) and table2["expression"]["mean"] == 0.0
     assert table2["counts"]["items"] == 5 and table2["counts"]["skipped_no_face"] == 1  # the gradient image
     # per pair: the output is I_attr, so dlib matches I_id exactly when both show the carphone man
     names = sorted(p.name for p in faces_dir.iterdir())
-    for line in (tmp_path / "report" / "pairs.jsonl").read_text().splitlines():
+    for line in (report / "pairs.jsonl").read_text().splitlines():
         item = json.loads(line)
         if "skipped" in item:
             assert names[item["id"]] == "zz_gradient.png" or names[item["attr"]] == "zz_gradient.png"
             continue
         both_carphone = names[item["id"]].startswith("carphone") and names[item["attr"]].startswith("carphone")
         assert item["same_person"] == both_carphone
-    html = (tmp_path / "report" / "index.html").read_text()
+    html = (report / "index.html").read_text()
     assert "Table 1" in html and "Table 2" in html and "FID" in html and "samples/pairs_000.png" in html
 
 
-def test_pairs_resume_after_an_interruption_matches_an_uninterrupted_run(faces_dir, tmp_path, monkeypatch):
+def test_pairs_resume_after_an_interruption_matches_an_uninterrupted_run(faces_dir, passthrough_report, tmp_path, monkeypatch):
     import pipelines.evaluate as evaluate
 
+    fresh, fresh_dir, _ = passthrough_report
     monkeypatch.setattr(evaluate, "CHECKPOINT_EVERY", 1)
-    uninterrupted = Passthrough()
-    fresh = run_pairs(_pairs_job(faces_dir, tmp_path / "fresh", reconstruction=False), uninterrupted, "passthrough")
     target = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         run_pairs(_pairs_job(faces_dir, target, reconstruction=False), Passthrough(fail_after_calls=1), "passthrough")
@@ -164,8 +202,11 @@ def test_pairs_resume_after_an_interruption_matches_an_uninterrupted_run(faces_d
         run_pairs(_pairs_job(faces_dir, target, reconstruction=False, resume=True, n=5), Passthrough(), "passthrough")
     model = Passthrough()
     resumed = run_pairs(_pairs_job(faces_dir, target, reconstruction=False, resume=True), model, "passthrough")
-    assert model.calls == uninterrupted.calls - 1  # the batch finished before the interruption was not run again
-    assert (target / "pairs.jsonl").read_text() == (tmp_path / "fresh" / "pairs.jsonl").read_text()
+    # the model runs once per batch with a usable pair; the batch finished before the interruption is not run again
+    batches_with_faces = {json.loads(line)["index"] // 2 for line in (fresh_dir / "pairs.jsonl").read_text().splitlines()
+                          if "skipped" not in line}
+    assert model.calls == len(batches_with_faces) - 1
+    assert (target / "pairs.jsonl").read_text() == (fresh_dir / "pairs.jsonl").read_text()
     assert resumed["pairs"]["fid"] == pytest.approx(fresh["pairs"]["fid"], abs=1e-6)
 
 
@@ -173,9 +214,10 @@ def test_pairs_cli_with_a_tiny_trained_model_checkpoint(faces_dir, tiny_model_pa
     import cli
 
     out = tmp_path / "tiny"
-    cli.main(["evaluate", "pairs", "--model", str(tiny_model_path), "--images", str(faces_dir), "--n", "3",
+    cli.main(["evaluate", "pairs", "--model", str(tiny_model_path), "--images", str(faces_dir), "--n", "3", "--max-items", "4",
               "--no-reconstruction", "--fid-weights", "random", "--fid-dims", "64", "--samples", "1", "-o", str(out)])
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["source"]["images"] == 4  # --max-items: the first four photos (not the faceless gradient)
     assert metrics["model"]["source"] == str(tiny_model_path) and metrics["model"]["step"] == 0
     assert len(metrics["model"]["generator_fingerprint"]) == 64
     table1 = metrics["pairs"]
@@ -195,3 +237,18 @@ def test_pairs_cli_without_fid_weights_is_a_one_line_error(faces_dir, tiny_model
     assert exit_info.value.code == 1
     assert "inception-v3-fid" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_pairs_on_a_generated_dataset_reads_it_and_counts_faceless_samples(tiny_dataset, tiny_model, tmp_path):
+    """The tiny generator's 32x32 samples hold no faces: every pair is skipped and said so, nothing crashes."""
+    job = PairsJob(output=tmp_path / "ds", dataset=tiny_dataset, n=3, max_items=3, fid_weights="random", fid_dims=64)
+    metrics = run_pairs(job, tiny_model, model_source="tiny")
+    assert metrics["source"]["images"] == 3 and "generated dataset" in metrics["source"]["description"]
+    for table in ("pairs", "reconstruction"):
+        counts = metrics[table]["counts"]
+        assert counts["items"] == 3 and counts["skipped_no_face"] == 3 and counts["evaluated"] == 0
+        assert metrics[table]["identity"]["mean"] is None
+    assert metrics["pairs"]["fid"] is None
+    with pytest.raises(DeidError, match="32 px but the model makes 128 px"):
+        run_pairs(PairsJob(output=tmp_path / "ds2", dataset=tiny_dataset, n=2, fid=False), Passthrough())
+

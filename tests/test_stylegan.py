@@ -8,7 +8,8 @@ import torch
 
 from deid.stylegan import EqualizedLinear, Generator, GeneratorConfig, load_generator
 from deid.stylegan_ops import demod_coefficients, fir_filter, modulated_conv2d, upsample2d
-from tests.fixtures.generator import TINY_GENERATOR_CONFIG, reference_generate
+import deid.stylegan_ops as ops
+from tests.fixtures.generator import TINY_GENERATOR_CONFIG, _modconv, reference_generate
 
 
 def _z(n, dim, seed=5):
@@ -40,13 +41,30 @@ def test_per_layer_w_plus_matches_broadcast_and_mixing_changes_image(tiny_genera
         G.synthesis(wplus[:, :-1])
 
 
-def test_batch_and_single_sample_paths_agree(tiny_generator):
-    # N == 1 uses per-sample fused weights (grouped conv), N > 1 scales activations around one shared conv
+@pytest.mark.parametrize("split", [16, 1024])
+def test_batch_and_single_sample_paths_agree(tiny_generator, monkeypatch, split):
+    # on the CPU, blocks from cpu_split_resolution up run one sample at a time; lower ones batched
     G = tiny_generator
+    monkeypatch.setattr(G.synthesis, "cpu_split_resolution", split)
     w = G.mapping(_z(4, G.z_dim), truncation_psi=0.7)
     batch = G.synthesis(w)
     single = torch.cat([G.synthesis(w[i:i + 1]) for i in range(4)])
     assert (batch - single).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("up", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("polyphase_max", [0, 1000])  # transposed conv / polyphase ordinary conv
+def test_modulated_conv_paths_match_reference(up, fused, polyphase_max, monkeypatch):
+    monkeypatch.setattr(ops, "POLYPHASE_MAX_CHANNELS", polyphase_max)
+    gen = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(3, 6, 5, 5, generator=gen), torch.randn(7, 6, 3, 3, generator=gen)
+    styles = torch.randn(3, 6, generator=gen) + 1
+    out = modulated_conv2d(x, weight, styles, up=up, resample_filter=fir_filter(), fused=fused, gain=1.5)
+    f4 = fir_filter().double() * 4
+    ref = torch.stack([_modconv(x[n].double(), weight.double(), styles[n].double(), True, up, f4) for n in range(3)])
+    assert out.shape == ref.shape == (3, 7, 10 if up else 5, 10 if up else 5)
+    assert (out.double() - 1.5 * ref).abs().max() < 1e-5
 
 
 def test_truncation_lerps_toward_w_avg(tiny_generator):

@@ -73,6 +73,9 @@ class GeneratedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.count
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_ws": None}  # spawned workers re-open the memory map instead of copying it
+
     @property
     def ws(self) -> np.ndarray:
         if self._ws is None:

@@ -1,0 +1,286 @@
+"""Video pipeline benchmarks: per-stage frames/s and peak memory, memory vs. clip length, temporal jitter.
+
+Prints one JSON object per measurement. Models have random weights (speed and memory do not depend on them).
+
+    python bench/video_pipeline.py stages   [--seconds 10] [--model tiny|256] [--frames N]
+    python bench/video_pipeline.py memory   [--minutes 10] [--fps 5] [--size 176x144]
+    python bench/video_pipeline.py jitter
+    python bench/video_pipeline.py all      # everything above with the defaults (a 720p 10 s clip)
+
+Each measurement runs in a fresh subprocess, so peak RSS (ru_maxrss) is that measurement's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _make_clip(path: Path, seconds: float, size: str, fps: str = "30000/1001", audio: bool = True) -> Path:
+    """Carphone looped to `seconds`, scaled to `size`, at `fps`, with a sine audio track."""
+    import ffmpeg
+
+    from deid.video import ffmpeg_exe
+    from tests.fixtures.media import carphone_file
+
+    if path.exists():
+        return path
+    width, height = size.split("x")
+    video = ffmpeg.input(str(carphone_file()), stream_loop=-1, t=seconds).video.filter("fps", fps).filter("scale", width, height)
+    streams = [video]
+    if audio:
+        streams.append(ffmpeg.input("sine=frequency=440:sample_rate=48000", f="lavfi", t=seconds).audio)
+    ffmpeg.output(*streams, str(path), vcodec="libx264", crf=20, preset="veryfast", pix_fmt="yuv420p", acodec="aac",
+                  t=seconds).overwrite_output().global_args("-loglevel", "error").run(cmd=ffmpeg_exe())
+    return path
+
+
+def _model(kind: str):
+    from deid.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoderConfig
+    from deid.model import Disentangler, ModelConfig
+    from deid.stylegan import GeneratorConfig, load_generator
+
+    if kind == "tiny":
+        from tests.fixtures.generator import TINY_GENERATOR_CONFIG
+        from tests.fixtures.model import TINY_MODEL_CONFIG
+
+        return Disentangler(TINY_MODEL_CONFIG, load_generator("random", config=TINY_GENERATOR_CONFIG, seed=0)).eval()
+    config = ModelConfig(generator="random", identity=IdentityEncoderConfig(source="random"),
+                         attributes=AttributeEncoderConfig(source="random"), landmarks=LandmarkEncoderConfig(source="random"))
+    return Disentangler(config, load_generator("random", config=GeneratorConfig(resolution=256), seed=0)).eval()
+
+
+def _timed(fn, count: int) -> dict:
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    return {"frames": count, "seconds": round(seconds, 3), "fps": round(count / seconds, 2)}
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+
+def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8) -> dict:
+    """Each stage alone on the same frames, then the whole threaded pipeline."""
+    import torch
+
+    from deid.faces import FaceDetector, ffhq_affine, warp_crop
+    from deid.paste import paste_head
+    from deid.tracking import TrackConfig, track
+    from deid.video import VideoWriter, probe, read_frames
+    from pipelines.anonymize import AnonymizeJob, run_anonymize
+    from pipelines.common import HeadSynthesizer, batched
+
+    info = probe(clip)
+    count = min(frames or info.frame_count, info.frame_count)
+    model = _model(model_kind)
+    synth = HeadSynthesizer(model)
+    size = synth.resolution
+    result = {"bench": "stages", "clip": f"{info.width}x{info.height}", "frames": count, "model": model_kind,
+              "resolution": size, "torch_threads": torch.get_num_threads(), "stages": {}}
+    stages = result["stages"]
+    decoded = []
+    stages["decode"] = _timed(lambda: decoded.extend(f for f, _ in zip(read_frames(clip), range(count))), count)
+    detector = FaceDetector()
+    detections = []
+    stages["detect"] = _timed(lambda: [detections.extend(detector([f.image for f in chunk])) for chunk in batched(iter(decoded), batch)], count)
+    tracked = []
+    stages["track_smooth"] = _timed(lambda: tracked.extend(track(iter(zip(decoded, detections)), TrackConfig())), count)
+    faces = [(frame, face) for frame, fs in tracked for face in fs]
+    crops, affines = [], []
+
+    def align():
+        for frame, face in faces:
+            affine = ffhq_affine(face.landmarks, size)
+            affines.append(affine)
+            crops.append(warp_crop(frame.image, affine, size))
+
+    stages["align"] = _timed(align, count)
+    identity = synth.random_identity(0, 0)
+    heads = []
+    stages["synthesize"] = _timed(lambda: [heads.extend(synth(np.stack(c), identity.expand(len(c), -1)))
+                                           for c in batched(iter(crops), batch)], count)
+    stages["synthesize"]["faces"] = len(crops)
+    stages["paste"] = _timed(lambda: [paste_head(frame.image, head, a, original=c) for (frame, _), head, a, c in zip(faces, heads, affines, crops)], count)
+    with tempfile.TemporaryDirectory() as tmp:
+        def encode():
+            with VideoWriter(Path(tmp) / "enc.mp4", info) as writer:
+                for frame in decoded:
+                    writer.write(frame.image, frame.pts, frame.duration)
+
+        stages["encode"] = _timed(encode, count)
+        del decoded, tracked, faces, crops, heads
+        full = Path(tmp) / "full.mp4"
+        if frames and frames < info.frame_count:
+            cut = Path(tmp) / "cut.mp4"
+            _cut(clip, cut, frames)
+            clip = cut
+        start = time.perf_counter()
+        (report,) = run_anonymize(AnonymizeJob(inputs=(clip,), output=full, batch_size=batch), model)
+        seconds = time.perf_counter() - start
+    result["pipeline"] = {"frames": report.frames, "faces": report.faces, "seconds": round(seconds, 3),
+                          "fps": round(report.frames / seconds, 2)}
+    result["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+    return result
+
+
+def _cut(src: Path, dst: Path, frames: int) -> None:
+    import ffmpeg
+
+    from deid.video import ffmpeg_exe
+
+    ffmpeg.input(str(src)).output(str(dst), vframes=frames, c="copy").overwrite_output().global_args("-loglevel", "error").run(cmd=ffmpeg_exe())
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+
+def run_memory(clip: Path) -> dict:
+    """The whole pipeline on one clip; the peak RSS of this process is the figure."""
+    import torch
+
+    from deid.video import probe
+    from pipelines.anonymize import AnonymizeJob, run_anonymize
+
+    info = probe(clip)
+    model = _model("tiny")
+    sampler = _RssSampler()
+    with tempfile.TemporaryDirectory() as tmp, sampler:
+        start = time.perf_counter()
+        (report,) = run_anonymize(AnonymizeJob(inputs=(clip,), output=Path(tmp) / "out.mp4"), model)
+        seconds = time.perf_counter() - start
+    return {"bench": "memory", "clip": f"{info.width}x{info.height}", "duration_s": round(info.duration, 1),
+            "torch_threads": torch.get_num_threads(),
+            "frames": report.frames, "faces": report.faces, "seconds": round(seconds, 1),
+            "fps": round(report.frames / seconds, 2), "peak_rss_mib": round(_peak_rss_mib(), 1),
+            "rss_mib_by_tenth_of_run": sampler.by_tenth()}
+
+
+class _RssSampler:
+    """Samples this process's resident memory twice a second while the block runs."""
+
+    def __init__(self):
+        import threading
+
+        self.samples: list[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import os
+
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self.stop.wait(0.5):
+            with open("/proc/self/statm") as f:
+                self.samples.append(int(f.read().split()[1]) * page / 2**20)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def by_tenth(self) -> list[float]:
+        """The highest RSS (MiB) in each tenth of the run: flat when memory does not grow with length."""
+        parts = np.array_split(np.array(self.samples), 10) if len(self.samples) >= 10 else [np.array(self.samples)]
+        return [round(float(p.max()), 1) for p in parts if len(p)]
+
+
+# ------------------------------------------------------------------------------------------- jitter
+
+
+def run_jitter() -> dict:
+    """Mean frame-to-frame change of the aligned crop box (centre x, y and side, pixels) on carphone."""
+    from deid.faces import FaceDetector, crop_box, ffhq_affine
+    from deid.tracking import TrackConfig, track
+    from deid.video import read_frames
+    from tests.fixtures.media import carphone_file
+
+    frames = [f.image for f in read_frames(carphone_file())]
+    detections = FaceDetector()(frames)
+    config = TrackConfig()
+
+    def jitter(landmarks) -> dict:
+        boxes = np.stack([crop_box(ffhq_affine(lm, 256), 256) for lm in landmarks])
+        steps = np.abs(np.diff(boxes, axis=0))
+        return {"centre_px": round(float(np.hypot(steps[:, 0], steps[:, 1]).mean()), 3),
+                "side_px": round(float(steps[:, 2].mean()), 3),
+                "angle_deg": round(float(np.degrees(steps[:, 3]).mean()), 3)}
+
+    tracked = list(track(iter(enumerate(detections)), config))
+    return {"bench": "jitter", "clip": "carphone_pristine.mp4 (176x144, 120 frames)",
+            "frames_with_face": sum(1 for d in detections if len(d)),
+            "tracks": sorted({f.track_id for _, fs in tracked for f in fs}),
+            "smoothing": {"radius": config.smooth_radius, "sigma": config.smooth_sigma},
+            "before": jitter([d.landmarks[0] for d in detections if len(d)]),
+            "after": jitter([fs[0].landmarks for _, fs in tracked if fs])}
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def _subprocess(args: list[str]) -> None:
+    """Run one measurement in a fresh interpreter (its own peak RSS); its JSON goes to our stdout."""
+    subprocess.run([sys.executable, __file__, *args], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["stages", "memory", "jitter", "all"])
+    parser.add_argument("--seconds", type=float, default=10.0, help="stages: clip length")
+    parser.add_argument("--size", default=None, help="clip size WxH (stages: 1280x720, memory: 176x144)")
+    parser.add_argument("--model", choices=["tiny", "256"], default="tiny", help="stages: random-weight model size")
+    parser.add_argument("--frames", type=int, default=None, help="stages: only the first N frames")
+    parser.add_argument("--minutes", type=float, default=10.0, help="memory: clip length")
+    parser.add_argument("--fps", default="5", help="memory: clip frame rate (frames are what costs time and memory)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: decode and encode threads get the other cores; a shared "
+                             "machine's oversubscribed OpenMP pool is an order of magnitude slower)")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "deid-bench", help="where clips are made")
+    args = parser.parse_args()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    from deid.console import set_quiet
+
+    set_quiet(True)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.what == "all":
+        _subprocess(["jitter"])
+        _subprocess(["stages", "--model", "tiny"])
+        _subprocess(["stages", "--model", "256", "--frames", "60"])
+        _subprocess(["memory", "--minutes", "1"])
+        _subprocess(["memory", "--minutes", "10"])
+        return
+    if args.what == "jitter":
+        result = run_jitter()
+    elif args.what == "stages":
+        size = args.size or "1280x720"
+        clip = _make_clip(args.cache / f"carphone_{size}_{args.seconds:g}s.mp4", args.seconds, size)
+        result = run_stages(clip, args.model, args.frames)
+    else:
+        size = args.size or "176x144"
+        clip = _make_clip(args.cache / f"carphone_{size}_{args.minutes:g}min_{args.fps}fps.mp4", args.minutes * 60, size, fps=args.fps)
+        result = run_memory(clip)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Training: what one step updates, each loss against a hand computation, the schedule, exact resume,
+refusal of bad datasets. Tiny models: 32x32 generator, real encoder classes with random weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deid.encoders import LandmarkEncoder
+from deid.errors import DatasetError, DeidError
+from deid.losses import ms_ssim
+from deid.model import Disentangler, build_discriminator, latest_checkpoint
+from tests.fixtures.model import TINY_MODEL_CONFIG
+from train.config import TrainConfig
+from train.trainer import DataOrder, Dist, Trainer, TrainingInterrupted, load_batch, state_path_for, train
+
+
+def _config(tiny_generator, data, out, **kw) -> TrainConfig:
+    kw = {"steps": 3, "batch_size": 2, "device": "cpu", "checkpoint_every": 1000, "sample_every": 0,
+          "sample_count": 2, "tensorboard": False, **kw}
+    return TrainConfig(data=data, out=out, model=TINY_MODEL_CONFIG.for_generator(tiny_generator), **kw)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_generator, tiny_dataset, tmp_path_factory):
+    """A fresh trainer (not the shared tiny_model: steps change it) and a fixed batch."""
+    from train.dataset import GeneratedDataset
+
+    config = _config(tiny_generator, tiny_dataset, tmp_path_factory.mktemp("run"))
+    model = Disentangler(config.model, tiny_generator)
+    trainer = Trainer(config, model, LandmarkEncoder(config.model.landmarks), build_discriminator(config.model, 64))
+    dataset = GeneratedDataset(tiny_dataset)
+    images, ws = load_batch(dataset, [0, 1], torch.device("cpu"))
+    others, _ = load_batch(dataset, [2, 3], torch.device("cpu"))
+    return trainer, images, ws, others
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before, module):
+    return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def test_one_step_changes_exactly_the_attribute_encoder_mapper_and_discriminator(parts):
+    trainer, images, ws, others = parts
+    m = trainer.model
+    frozen = {"E_id": m.identity_encoder, "E_lnd": trainer.landmarks, "G": m.generator}
+    trained = {"E_attr": m.attribute_encoder, "M": m.mapper, "D_W": trainer.discriminator}
+    before = {name: _snapshot(mod) for name, mod in {**frozen, **trained}.items()}
+    losses = trainer.step(0, images, others, ws)  # step 0: cross pair, adversarial
+    assert {"adversarial", "discriminator", "r1"} <= set(losses)
+    for name, mod in frozen.items():
+        assert not _changed(before[name], mod), f"{name} must stay frozen"
+    for name in ("M", "D_W"):  # every weight and bias of the MLPs moves
+        assert _changed(before[name], trained[name]) == set(before[name]), name
+    assert any(k.endswith("conv.weight") for k in _changed(before["E_attr"], m.attribute_encoder))
+    # step 1 is not adversarial: D_W keeps its weights, E_attr and M move
+    d_before, m_before = _snapshot(trainer.discriminator), _snapshot(m.mapper)
+    trainer.step(1, images, images, ws)
+    assert not _changed(d_before, trainer.discriminator)
+    assert _changed(m_before, m.mapper)
+
+
+def test_losses_equal_a_hand_computation(parts):
+    trainer, images, ws, others = parts
+    m, lnd, d = trainer.model, trainer.landmarks, trainer.discriminator
+    for step, I_attr in ((1, images), (2, images), (3, others)):
+        got = trainer.compute_losses(step, images, I_attr, ws)
+        with torch.no_grad():
+            id_ref = m.identity_encoder(images)
+            w = m.mapper(torch.cat([id_ref, m.attribute_encoder(I_attr)], dim=1))
+            out = m.generator.synthesis(w, noise_mode="const")
+            l_id = (id_ref - m.identity_encoder(out)).abs().mean()
+            l_lnd = (lnd(I_attr)[:, 17:] - lnd(out)[:, 17:]).pow(2).mean()
+            a, b = (I_attr + 1) / 2, (out + 1) / 2
+            l_rec = 0.84 * (1 - ms_ssim(a, b)).mean() + 0.16 * (a - b).abs().mean()
+        torch.testing.assert_close(got["identity"], l_id)
+        torch.testing.assert_close(got["landmarks"], l_lnd)
+        if step % 3 == 0:  # cross step: no reconstruction term at all
+            assert "reconstruction" not in got
+            torch.testing.assert_close(got["non_adversarial"], 1.0 * l_id + 0.001 * l_lnd)
+        else:
+            torch.testing.assert_close(got["reconstruction"], l_rec)
+            torch.testing.assert_close(got["non_adversarial"], 1.0 * l_id + 0.001 * l_lnd + 0.02 * l_rec)
+        if step % 2 == 0:
+            fake, real = d(w), d(ws)
+            torch.testing.assert_close(got["adversarial"], -torch.log(torch.sigmoid(fake)).mean())
+            torch.testing.assert_close(got["discriminator"],
+                                       -torch.log(torch.sigmoid(real)).mean() - torch.log(1 - torch.sigmoid(fake)).mean())
+            wr = ws.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(d(wr).sum(), wr)
+            torch.testing.assert_close(got["r1"], 0.5 * 10.0 * g.pow(2).sum(1).mean())
+        else:
+            assert not {"adversarial", "discriminator", "r1"} & set(got)
+
+
+def test_reconstruction_has_no_gradient_on_cross_steps(parts):
+    """On a cross step the update direction is that of λ_id L_id + λ_lnd L_lnd alone."""
+    trainer, images, ws, _ = parts
+    got = trainer.compute_losses(3, images, images, ws)  # cross step, even with identical images
+    params = list(trainer.model.mapper.parameters())
+    g_total = torch.autograd.grad(got["non_adversarial"], params, retain_graph=True)
+    g_parts = torch.autograd.grad(got["identity"] + 0.001 * got["landmarks"], params)
+    for a, b in zip(g_total, g_parts):
+        torch.testing.assert_close(a, b)
+
+
+def test_data_order_shards_one_global_batch_across_ranks():
+    single = DataOrder(20, 4, seed=3, dist=Dist())
+    ranks = [DataOrder(20, 2, seed=3, dist=Dist(rank=r, world=2)) for r in range(2)]
+    for _ in range(7):  # crosses an epoch boundary (20 // 4 = 5 batches per epoch)
+        expected = single.next_indices()
+        shards = [o.next_indices() for o in ranks]
+        assert shards[0] + shards[1] == expected and not set(shards[0]) & set(shards[1])
+    resumed = DataOrder(20, 4, seed=3, dist=Dist())
+    resumed.restore(single.state())
+    assert resumed.next_indices() == single.next_indices()
+
+
+def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tiny_generator, tiny_dataset, tmp_path):
+    """Steps 0-2 cover cross/same-image and adversarial/non-adversarial steps; the cut run stops after step 1."""
+    full = train(_config(tiny_generator, tiny_dataset, tmp_path / "full", sample_every=3, tensorboard=True))
+    assert full.name == "step-00000003.safetensors"
+
+    def ctrl_c_at_step_1(step, losses):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # finishes the step, checkpoints, stops
+
+    cut = tmp_path / "cut"
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train(_config(tiny_generator, tiny_dataset, cut), on_step=ctrl_c_at_step_1)
+    assert latest_checkpoint(cut).name == "step-00000002.safetensors"
+    with pytest.raises(DeidError, match="--resume"):  # never overwrites a run
+        train(_config(tiny_generator, tiny_dataset, cut))
+    resumed = train(_config(tiny_generator, tiny_dataset, cut, resume=True))
+
+    a, b = load_file(str(full)), load_file(str(resumed))
+    assert a.keys() == b.keys() and any(k.startswith("discriminator.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = load_file(str(state_path_for(full))), load_file(str(state_path_for(resumed)))
+    for k in sa:
+        if k.startswith("optimizer."):
+            assert torch.equal(sa[k], sb[k]), k
+    curve = lambda run: [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]  # noqa: E731
+    full_curve, cut_curve = curve(tmp_path / "full"), curve(cut)
+    assert [e["step"] for e in cut_curve] == [0, 1, 2]
+    for x, y in zip(full_curve, cut_curve):
+        assert x["non_adversarial"] == y["non_adversarial"]
+    grid = tmp_path / "full" / "samples" / "step-00000003.png"
+    from PIL import Image
+
+    assert Image.open(grid).size == (3 * 32, 3 * 32)  # (K + 1) x (K + 1) cells
+    assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_bad_datasets_are_refused_before_training(tiny_generator, tiny_dataset, tmp_path):
+    from deid.stylegan import load_generator
+
+    other = _config(tiny_generator, tiny_dataset, tmp_path / "a")
+    other = dataclasses.replace(other, model=dataclasses.replace(other.model, generator_seed=7))  # another generator
+    with pytest.raises(DatasetError, match="made by generator"):
+        train(other)
+    bigger = load_generator("random", config=dataclasses.replace(tiny_generator.config, resolution=64), seed=0)
+    with pytest.raises(DatasetError, match="32x32"):
+        train(_config(bigger, tiny_dataset, tmp_path / "b"))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dataset, broken)
+    next(broken.glob("images/*/*.png")).unlink()
+    with pytest.raises(DatasetError, match="missing"):
+        train(_config(tiny_generator, broken, tmp_path / "c"))
+    with pytest.raises(DeidError, match="nothing to resume"):
+        train(_config(tiny_generator, tiny_dataset, tmp_path / "d", resume=True))
+    assert not (tmp_path / "a" / "checkpoints").exists()
+
+
+def test_cli_train_refuses_a_missing_dataset(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    result = CliRunner().invoke(cli, ["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
+                                      "--generator", "random", "--identity-encoder", "random",
+                                      "--attribute-encoder", "random", "--landmark-encoder", "random", "--device", "cpu"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, DatasetError) and "deid make-dataset" in str(result.exception)
