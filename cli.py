@@ -65,8 +65,9 @@ def load_model_from_options(model: str, device: str, precision: str):
     """The trained model named by `--model`, on `--device` in `--precision` (the `model_options` trio)."""
     from deid.model import load_model
     from deid.runtime import resolve_device, resolve_dtype
+    from pipelines.common import rank_device
 
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(rank_device(device))
     dtype = resolve_dtype(precision, torch_device)
     return load_model(model, device=torch_device).to(dtype=dtype).eval()
 
@@ -340,8 +341,9 @@ def _load_for_inference(model: str, device: str, precision: str):
     """The trained model on its device, and the dtype to run it in."""
     from deid.model import load_model
     from deid.runtime import resolve_device, resolve_dtype
+    from pipelines.common import rank_device
 
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(rank_device(device))
     dtype = resolve_dtype(precision, torch_device)
     return load_model(model, device=torch_device), torch_device, dtype
 

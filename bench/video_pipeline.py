@@ -277,7 +277,7 @@ def main() -> None:
         result = run_stages(clip, args.model, args.frames)
     else:
         size = args.size or "176x144"
-        clip = _make_clip(args.cache / f"carphone_{size}_{args.minutes:g}min_{args.fps}fps.mp4", args.minutes * 60, size, fps=args.fps)
+        clip = _make_clip(args.cache / f"carphone_{size}_{args.minutes:g}min_{args.fps.replace('/', '-')}fps.mp4", args.minutes * 60, size, fps=args.fps)
         result = run_memory(clip)
     print(json.dumps(result), flush=True)
 

@@ -183,21 +183,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return t.movedim(-3, -1).cpu().numpy()
 
 
-class HeadAligner:
-    """Loose FFHQ-style head crops from 5-point landmarks, and the affine maps to paste them back."""
-
-    def __init__(self, config: AlignConfig = AlignConfig()):
-        self.config = config
-
-    def __call__(self, image: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """image: [H, W, 3] uint8; landmarks: [K, 5, 2] pixels.
-        Returns crops [K, size, size, 3] uint8 and affine maps [K, 2, 3] frame -> crop."""
-        size = self.config.size
-        affines = np.stack([ffhq_affine(lm, size, self.config.scale) for lm in landmarks]) if len(landmarks) else np.zeros((0, 2, 3))
-        crops = np.stack([warp_crop(image, a, size) for a in affines]) if len(affines) else np.zeros((0, size, size, 3), np.uint8)
-        return crops, affines
-
-
 def align_photo(image: np.ndarray, size: int, *, detector: FaceDetector | None = None, scale: float = 1.0) -> torch.Tensor:
     """The largest face of a photo as a loose FFHQ-style head crop.
 

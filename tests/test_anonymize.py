@@ -15,7 +15,7 @@ from deid.errors import DeidError, MediaError, NoFaceError
 from deid.faces import FaceDetector, load_image
 from deid.video import VideoWriter, audio_duration, ffmpeg_exe, frame_times, probe, read_frames, to_display
 from pipelines.anonymize import AnonymizeJob, run_anonymize
-from pipelines.common import HeadSynthesizer, expand_inputs, parse_shard, shard
+from pipelines.common import HeadSynthesizer, expand_inputs, parse_shard, rank_device, shard
 from tests.fixtures.media import one_torch_thread
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
@@ -116,6 +116,16 @@ def test_image_identity_and_random_identities(tmp_path, astronaut_png, ntsc_clip
     # same direction (cosine ~0.9997), so their pixels cannot be told apart here.)
 
 
+def test_bf16_precision(tmp_path, astronaut_png, tiny_model):
+    out = tmp_path / "bf16.png"
+    run_anonymize(AnonymizeJob(inputs=(astronaut_png,), output=out), tiny_model, dtype=torch.bfloat16)
+    image = load_image(astronaut_png)
+    inner, far = _face_and_far_masks(image)
+    result = load_image(out).astype(int)
+    assert np.abs(result - image)[inner].mean() > 8
+    np.testing.assert_array_equal(result[far], image[far])
+
+
 def test_random_identity_is_fixed_per_person_and_distinct(tiny_model):
     synth = HeadSynthesizer(tiny_model)
     a, b, a_again = synth.random_identity(0, 0), synth.random_identity(0, 1), synth.random_identity(0, 0)
@@ -183,6 +193,10 @@ def test_shard_from_torchrun_environment(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert parse_shard(None) == (1, 4)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert rank_device("auto") == "cuda:1" and rank_device("cpu") == "cpu"
 
 
 def test_bad_inputs_leave_nothing(tmp_path, not_a_video, truncated_clip, no_face_png, ntsc_clip, tiny_model):

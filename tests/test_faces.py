@@ -24,6 +24,7 @@ from deid.faces import (
 from deid.paste import face_mask, match_colour, paste_head
 from deid.tracking import FaceTracker, TrackConfig, track
 from deid.video import read_frames
+from tests.fixtures.media import one_torch_thread
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +38,8 @@ def astronaut() -> np.ndarray:
 def carphone_detections(carphone):
     """(frames [120, 144, 176, 3] uint8, detections per frame) of the whole carphone clip."""
     frames = np.stack([f.image for f in read_frames(carphone)])
-    return frames, FaceDetector()(frames)
+    with one_torch_thread():
+        return frames, FaceDetector()(frames)
 
 
 # ------------------------------------------------------------------------------------------- load

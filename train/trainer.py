@@ -19,6 +19,7 @@ hence the cross/adversarial schedule, is the same on every rank.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -235,6 +236,9 @@ class Trainer:
 
     def step(self, step: int, I_id: Tensor, I_attr: Tensor, w_real: Tensor) -> dict[str, float]:  # noqa: N803
         """One optimisation step; returns the losses (averaged over ranks) as floats."""
+        if self.dist.world > 1:  # as DDP does: every rank uses rank 0's BatchNorm statistics
+            for buffer in self.model.attribute_encoder.buffers():
+                tdist.broadcast(buffer, 0)
         losses = self.compute_losses(step, I_id, I_attr, w_real)
         adversarial = "adversarial" in losses
         updates = [("non_adversarial", self.g_params,
@@ -491,7 +495,7 @@ def train(config: TrainConfig, on_step=None) -> Path:
     start = restore_training_state(resume_from, trainer, order) if resume_from is not None else 0
     if dist.main:
         config.out.mkdir(parents=True, exist_ok=True)
-        (config.out / "config.json").write_text(config.to_json())
+        (config.out / "config.json").write_text(dataclasses.replace(config, model=model.config).to_json())
         _describe(config, model.config, config.schedule.learning_rates(model.resolution), dist)
         if resume_from is not None:
             info(f"  resuming from {resume_from} (step {start})")
