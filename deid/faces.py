@@ -46,6 +46,18 @@ def save_image(image: np.ndarray, path: str | Path) -> None:
 # ------------------------------------------------------------------------------------------- detection
 
 
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of boxes a [K, 4] and b [M, 4] (x0, y0, x1, y1). Returns [K, M]."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = lambda r: (r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1])  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+
+
 @dataclass(frozen=True)
 class Detections:
     """Faces found in one image: boxes [K, 4] (x0, y0, x1, y1), scores [K], landmarks [K, 5, 2]; float32 pixels."""

@@ -64,18 +64,6 @@ def box_side(box: np.ndarray) -> float:
     return float(((box[2] - box[0]) + (box[3] - box[1])) / 2)
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Intersection over union of boxes a [K, 4] and b [M, 4] (x0, y0, x1, y1). Returns [K, M]."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area = lambda r: (r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1])  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
-
-
 def square_crop(image: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
     """The square around a face box (side = the box's longer side, same centre), resized to size x size.
     image: [H, W, 3] uint8; returns [size, size, 3] uint8 (borders replicated where the square leaves the image)."""

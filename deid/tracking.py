@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from deid.faces import Detections
+from deid.faces import Detections, box_iou
 
 
 @dataclass(frozen=True)
@@ -42,17 +42,6 @@ class _Entry:
     index: int
     payload: Any
     raw: dict[int, tuple[np.ndarray, np.ndarray, bool]] = field(default_factory=dict)  # id -> (box, lmk, filled)
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of boxes a [N, 4] against b [M, 4] -> [N, M]."""
-    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area = lambda r: (r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1])  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-6)
 
 
 class FaceTracker:
@@ -91,7 +80,7 @@ class FaceTracker:
         live = [(tid, seen) for tid, seen in self.last_seen.items() if t - seen[0] <= self.config.max_gap + 1]
         assigned: dict[int, int] = {}  # detection index -> track id
         if live and len(detections):
-            iou = _iou(detections.boxes, np.stack([seen[1] for _, seen in live]))
+            iou = box_iou(detections.boxes, np.stack([seen[1] for _, seen in live]))
             # Greedy: the best-overlapping pair first, each detection and track used once.
             for flat in np.argsort(-iou, axis=None):
                 d, k = np.unravel_index(flat, iou.shape)

@@ -25,6 +25,7 @@ from deid import __version__
 from deid.atomic import write_text_atomic
 from deid.console import info, progress, warn
 from deid.errors import DatasetError, DeidError, MediaError, NoFaceError
+from deid.faces import box_iou
 from deid.metrics import (
     FID_CROP,
     FID_FEATURES,
@@ -32,7 +33,6 @@ from deid.metrics import (
     FaceMeter,
     FIDInception,
     MeasuredFace,
-    box_iou,
     box_side,
     compare_faces,
     cosine_similarity,

@@ -3,9 +3,15 @@
 import os
 
 import pytest
+import torch
 
 # Tests never touch the network and never read the user's weights cache.
 os.environ.setdefault("DEID_OFFLINE", "1")
+
+# One intra-op thread for the whole run. The test networks are tiny, and the media pipelines run decode and
+# encode threads beside them: with torch's spinning thread pool on top, a 2-core machine runs MTCNN 10-30x
+# slower (measured), while a single thread loses next to nothing on these sizes.
+torch.set_num_threads(1)
 
 pytest_plugins = [
     "tests.fixtures.media",

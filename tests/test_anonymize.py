@@ -16,9 +16,6 @@ from deid.faces import FaceDetector, load_image
 from deid.video import VideoWriter, audio_duration, ffmpeg_exe, frame_times, probe, read_frames, to_display
 from pipelines.anonymize import AnonymizeJob, run_anonymize
 from pipelines.common import HeadSynthesizer, expand_inputs, parse_shard, rank_device, shard
-from tests.fixtures.media import one_torch_thread
-
-pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 def _anonymize(tiny_model, inputs, output, **kwargs):
@@ -49,8 +46,7 @@ def _assert_faces_replaced(source: Path, output: Path, rotation: int = 0, frames
 @pytest.fixture(scope="session")
 def anonymized_ntsc(tmp_path_factory, ntsc_clip, tiny_model):
     out = tmp_path_factory.mktemp("anon") / "ntsc.mp4"
-    with one_torch_thread():
-        (report,) = _anonymize(tiny_model, ntsc_clip, out, preview=True, save_crops=True)
+    (report,) = _anonymize(tiny_model, ntsc_clip, out, preview=True, save_crops=True)
     return out, report
 
 

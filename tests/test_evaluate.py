@@ -16,15 +16,6 @@ from pipelines.evaluate import PairsJob, VideoAuditJob, run_pairs, run_video_aud
 AUDIT_FRAMES = 12  # enough frames for the rates to mean something, few enough to stay fast
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """MTCNN's small convolutions run 30x slower with 2 threads than with 1 when the CPU is oversubscribed
-    (OpenMP workers spin-wait for each other); restore the setting for the tests after these."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 class Passthrough(torch.nn.Module):
     """A stand-in 'model' that returns I_attr unchanged: the known answers are exact (expression, pose and
     reconstruction errors 0; the output's identity is I_attr's)."""

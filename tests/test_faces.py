@@ -24,7 +24,6 @@ from deid.faces import (
 from deid.paste import face_mask, match_colour, paste_head
 from deid.tracking import FaceTracker, TrackConfig, track
 from deid.video import read_frames
-from tests.fixtures.media import one_torch_thread
 
 
 @pytest.fixture(scope="session")
@@ -38,14 +37,10 @@ def astronaut() -> np.ndarray:
 def carphone_detections(carphone):
     """(frames [120, 144, 176, 3] uint8, detections per frame) of the whole carphone clip."""
     frames = np.stack([f.image for f in read_frames(carphone)])
-    with one_torch_thread():
-        return frames, FaceDetector()(frames)
+    return frames, FaceDetector()(frames)
 
 
 # ------------------------------------------------------------------------------------------- load
-
-pytestmark = pytest.mark.usefixtures("single_thread_torch")
-
 
 def test_load_image_roundtrip(astronaut_png, astronaut):
     image = load_image(astronaut_png)

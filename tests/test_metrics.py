@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from deid.errors import WeightsError
+from deid.faces import box_iou
 from deid.metrics import (
     FeatureStats,
     FIDInception,
     FaceMeter,
-    box_iou,
     compare_faces,
     cosine_similarity,
     descriptor_distance,
@@ -28,14 +28,6 @@ from deid.pose import HeadPose, angle_difference, estimate_pose, euler_to_rotati
 from deid.recognizers import DLIB_SAME_PERSON_DISTANCE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """MTCNN's small convolutions run 30x slower with 2 threads than with 1 when the CPU is oversubscribed
-    (OpenMP workers spin-wait for each other); restore the setting for the tests after these."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module")
 def meter():

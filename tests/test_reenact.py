@@ -15,7 +15,6 @@ from deid.tracking import Face
 from deid.video import audio_duration, ffmpeg_exe, frame_times, probe, read_frames
 from pipelines.reenact import ReenactJob, _MainFace, run_reenact
 
-pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 def _reenact(model, portrait, driving, output, **kwargs):
