@@ -12,13 +12,13 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from deid.checkpoints import read_safetensors, write_safetensors
 from deid.encoders import (
     AttributeEncoder,
     AttributeEncoderConfig,
@@ -71,6 +71,19 @@ class ModelConfig:
             mapper_hidden=tuple(data["mapper_hidden"]),
             discriminator_hidden=tuple(data["discriminator_hidden"]),
             init_seed=int(data.get("init_seed", 0)),
+        )
+
+    def with_absolute_paths(self) -> "ModelConfig":
+        """Sources that are files become absolute paths, so a checkpoint loads from any directory."""
+        def fix(source: str) -> str:
+            path = Path(source).expanduser()
+            return str(path.resolve()) if source != "random" and path.exists() else source
+
+        return dataclasses.replace(
+            self, generator=fix(self.generator),
+            identity=dataclasses.replace(self.identity, source=fix(self.identity.source)),
+            attributes=dataclasses.replace(self.attributes, source=fix(self.attributes.source)),
+            landmarks=dataclasses.replace(self.landmarks, source=fix(self.landmarks.source)),
         )
 
     def for_generator(self, generator) -> "ModelConfig":
@@ -159,6 +172,8 @@ class Disentangler(nn.Module):
             "config": self.config.to_dict(),
             "step": int(self.step if step is None else step),
             "resolution": self.resolution,
+            "id_dim": IdentityEncoder.dim,
+            "attr_dim": AttributeEncoder.dim,
             "w_dim": self.w_dim,
             "generator_fingerprint": str(self.generator.fingerprint),
             "generator_sha256": self._generator_file_sha256(),
@@ -182,46 +197,23 @@ class Disentangler(nn.Module):
         if discriminator is not None:
             tensors.update(_prefixed("discriminator.", discriminator.state_dict()))
             header["discriminator_hidden"] = list(discriminator.config.hidden)
-        return write_safetensors(path, tensors, {"deid": json.dumps(header)})
+        write_safetensors(path, tensors, {"deid": json.dumps(header)})
+        return Path(path)
 
 
 def _prefixed(prefix: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {prefix + k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    return {prefix + k: v for k, v in state.items()}
 
 
-def _unprefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+def unprefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors under `prefix` (e.g. "mapper."), with the prefix removed."""
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
-    """Save tensors + str metadata to `path` atomically: no half-written file is ever visible there."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
     """(header, tensors) of a deid checkpoint file; WeightsError if it is not one."""
-    from safetensors import safe_open
-
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises several types for foreign or truncated files
-        raise WeightsError(f"{path}: not a readable deid checkpoint ({type(exc).__name__}). "
-                           "Give a checkpoint written by `deid train` (RUN/checkpoints/step-*.safetensors).") from exc
+    tensors, metadata = read_safetensors(path)
     try:
         header = json.loads(metadata["deid"])
         if header.get("format") != FORMAT:
@@ -296,8 +288,8 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, device: str | torch.de
         raise WeightsError(f"{path}: the identity encoder {config.identity.source!r} differs from the one this model was "
                            "trained with. Use the same facenet weights file (`deid weights verify`).")
     try:
-        model.attribute_encoder.load_state_dict(_unprefixed("attribute_encoder.", tensors))
-        model.mapper.load_state_dict(_unprefixed("mapper.", tensors))
+        model.attribute_encoder.load_state_dict(unprefixed("attribute_encoder.", tensors))
+        model.mapper.load_state_dict(unprefixed("mapper.", tensors))
     except RuntimeError as exc:
         raise WeightsError(f"{path}: checkpoint tensors do not fit its config ({str(exc).splitlines()[0][:160]}). "
                            "The file is damaged; use another checkpoint.") from None
@@ -317,11 +309,11 @@ def load_discriminator(path: str | Path) -> LatentDiscriminator:
     if "discriminator_hidden" not in header:
         raise DeidError(f"{path}: holds no latent discriminator (an inference-only checkpoint).")
     d = build_discriminator(ModelConfig.from_dict(header["config"]), int(header["w_dim"]))
-    d.load_state_dict(_unprefixed("discriminator.", tensors))
+    d.load_state_dict(unprefixed("discriminator.", tensors))
     return d
 
 
 __all__ = [
     "ModelConfig", "Disentangler", "load_model", "latest_checkpoint", "checkpoint_path", "read_checkpoint",
-    "write_safetensors", "build_generator", "build_discriminator", "load_discriminator", "DEFAULT_MODEL",
+    "unprefixed", "build_generator", "build_discriminator", "load_discriminator", "DEFAULT_MODEL",
 ]

@@ -115,13 +115,15 @@ def demod_coefficients(weight_sq: Tensor, styles: Tensor) -> Tensor:
 
 class DerivedWeights:
     """Tensors derived from a layer's weight (kernel energy, polyphase kernel), recomputed only when the weight
-    changes (new storage, in-place update, dtype or device)."""
+    changes (new storage, in-place update, dtype or device) or the inference mode does: values made under
+    torch.inference_mode() are inference tensors, which autograd refuses later (e.g. training after sampling)."""
 
     def __init__(self):
         self._key, self._values = None, {}
 
     def get(self, weight: Tensor, name: str, make) -> Tensor:
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.requires_grad)
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.requires_grad,
+               torch.is_inference_mode_enabled())
         if key != self._key or weight.requires_grad:
             self._key, self._values = key, {}
         if name not in self._values:

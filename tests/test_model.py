@@ -82,7 +82,8 @@ def test_latest_checkpoint_is_the_highest_step(tiny_model, tmp_path):
     for step in (5, 120, 40):
         tiny_model.save(checkpoint_path(tmp_path, step), step=step)
     assert latest_checkpoint(tmp_path).name == "step-00000120.safetensors"
-    assert not list((tmp_path / "checkpoints").glob("*.tmp"))  # atomic writes leave no temp files
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [  # atomic writes leave no temp files
+        "step-00000005.safetensors", "step-00000040.safetensors", "step-00000120.safetensors"]
     with pytest.raises(WeightsError, match="deid train"):
         latest_checkpoint(tmp_path / "empty")
 

@@ -160,3 +160,14 @@ def test_fingerprint_is_content_hash(tiny_generator):
     same.load_state_dict(same.state_dict())
     assert same.fingerprint != tiny_generator.fingerprint
     assert load_generator("random", config=TINY_GENERATOR_CONFIG, seed=1).fingerprint != tiny_generator.fingerprint
+
+
+def test_sampling_under_inference_mode_does_not_poison_later_gradients(tiny_generator):
+    # The generator caches tensors derived from its weights; ones made in inference mode must not be reused
+    # where autograd needs them (the video pipeline samples in inference mode, training then backpropagates).
+    w = tiny_generator.mapping(torch.randn(2, tiny_generator.z_dim, generator=torch.Generator().manual_seed(0)))
+    with torch.inference_mode():
+        tiny_generator.synthesis(w, noise_mode="const")
+    w = w.clone().requires_grad_(True)
+    tiny_generator.synthesis(w, noise_mode="const").square().mean().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0

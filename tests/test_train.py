@@ -236,3 +236,25 @@ def test_discriminator_and_r1_gradients_across_two_ranks_equal_the_global_batch(
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_train_builds_the_papers_defaults(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    import train.launch
+    from cli import cli
+
+    seen = []
+    monkeypatch.setattr(train.launch, "launch", seen.append)
+    result = CliRunner().invoke(cli, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"),
+                                      "--attribute-encoder", "random", "--steps", "10"])
+    assert result.exit_code == 0, result.output
+    (config,) = seen
+    assert (config.batch_size, config.steps, config.precision, config.gpus, config.resume) == (6, 10, "fp32", 1, False)
+    assert (config.model.generator, config.model.identity.source, config.model.attributes.source,
+            config.model.landmarks.source) == ("stylegan2-ffhq-256", "facenet-vggface2", "random", "fan-2d")
+    w, s = config.losses, config.schedule
+    assert (w.identity, w.landmarks, w.reconstruction, w.adversarial, w.r1_gamma) == (1.0, 0.001, 0.02, 1.0, 10.0)
+    assert (s.cross_every, s.adversarial_every, tuple(s.betas)) == (3, 2, (0.9, 0.999))
+    assert s.learning_rates(256) == pytest.approx((5e-5, 5e-6, 2e-5))
+    assert s.learning_rates(1024) == pytest.approx((1e-5, 1e-6, 4e-6))

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor
 
+from deid.checkpoints import read_safetensors, write_safetensors
 from deid.console import info, progress
 from deid.encoders import LandmarkEncoder
 from deid.errors import DatasetError, DeidError
@@ -54,7 +55,7 @@ from deid.model import (
     checkpoint_path,
     latest_checkpoint,
     read_checkpoint,
-    write_safetensors,
+    unprefixed,
 )
 from deid.runtime import resolve_device, resolve_dtype
 from train.config import TrainConfig
@@ -281,7 +282,7 @@ def save_checkpoint(out: Path, step: int, trainer: Trainer, order: DataOrder) ->
         groups[name] = sd["param_groups"]
         for idx, slots in sd["state"].items():
             for key, value in slots.items():
-                tensors[f"optimizer.{name}.{idx}.{key}"] = value.detach().to("cpu").contiguous().clone()
+                tensors[f"optimizer.{name}.{idx}.{key}"] = value
     header = {"format": STATE_FORMAT, "step": step, "order": order.state(), "param_groups": groups}
     write_safetensors(state_path_for(path), tensors, {"deid": json.dumps(header)})
     trainer.model.save(path, step=step, discriminator=trainer.discriminator)
@@ -290,15 +291,12 @@ def save_checkpoint(out: Path, step: int, trainer: Trainer, order: DataOrder) ->
 
 def restore_training_state(checkpoint: Path, trainer: Trainer, order: DataOrder) -> int:
     """Load optimisers, RNG and data order of `checkpoint` (its model weights are loaded already)."""
-    from safetensors import safe_open
-
     state_path = state_path_for(checkpoint)
     if not state_path.is_file():
         raise DeidError(f"{checkpoint}: its training state {state_path.name} is missing, so the run cannot resume "
                         "exactly. Start a new run (another --out) from scratch.")
-    with safe_open(str(state_path), framework="pt", device="cpu") as f:
-        header = json.loads((f.metadata() or {})["deid"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, metadata = read_safetensors(state_path)
+    header = json.loads(metadata["deid"])
     for name, opt in trainer.optimizers.items():
         state: dict[int, dict[str, Tensor]] = {}
         prefix = f"optimizer.{name}."
@@ -473,7 +471,7 @@ def train(config: TrainConfig, on_step=None) -> Path:
         raise DeidError("--precision fp16 is not supported for training (its range is too small for these losses). "
                         "Use bf16 or fp32.")
     resume_from = _prepare_out(config)
-    model_config = config.model
+    model_config = config.model.with_absolute_paths()
     if resume_from is not None:
         header, tensors = read_checkpoint(resume_from)
         model_config = ModelConfig.from_dict(header["config"])
@@ -499,19 +497,20 @@ def train(config: TrainConfig, on_step=None) -> Path:
         _describe(config, model.config, config.schedule.learning_rates(model.resolution), dist)
         if resume_from is not None:
             info(f"  resuming from {resume_from} (step {start})")
-    log = RunLog(config.out, start, config.tensorboard) if dist.main else None
-    samples = _sample_images(dataset, config.sample_count, device) if dist.main and config.sample_every else None
+    run = _Run(config, trainer, dataset, order, dist, device,
+               log=RunLog(config.out, start, config.tensorboard) if dist.main else None,
+               samples=_sample_images(dataset, config.sample_count, device) if dist.main and config.sample_every else None)
     try:
-        return _loop(config, trainer, dataset, order, start, dist, device, log, samples, on_step)
+        return _loop(run, start, on_step)
     finally:
-        if log is not None:
-            log.close()
+        if run.log is not None:
+            run.log.close()
 
 
 def _load_trained(model: Disentangler, discriminator: LatentDiscriminator, tensors: dict, path: Path) -> None:
-    model.attribute_encoder.load_state_dict({k[18:]: v for k, v in tensors.items() if k.startswith("attribute_encoder.")})
-    model.mapper.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("mapper.")})
-    d_state = {k[14:]: v for k, v in tensors.items() if k.startswith("discriminator.")}
+    model.attribute_encoder.load_state_dict(unprefixed("attribute_encoder.", tensors))
+    model.mapper.load_state_dict(unprefixed("mapper.", tensors))
+    d_state = unprefixed("discriminator.", tensors)
     if not d_state:
         raise DeidError(f"{path}: an inference-only checkpoint (no D_W); training cannot resume from it.")
     discriminator.load_state_dict(d_state)
@@ -525,9 +524,27 @@ def _sample_images(dataset, count: int, device: torch.device) -> tuple[Tensor, T
     return ids, attrs
 
 
-def _loop(config, trainer: Trainer, dataset, order: DataOrder, start: int, dist: Dist, device, log, samples, on_step) -> Path:
+@dataclass
+class _Run:
+    """What the training loop works with."""
+
+    config: TrainConfig
+    trainer: Trainer
+    dataset: object  # train.dataset.GeneratedDataset
+    order: DataOrder
+    dist: Dist
+    device: torch.device
+    log: RunLog | None  # rank 0 only
+    samples: tuple[Tensor, Tensor] | None  # fixed identity and attribute images of the sample grids
+
+    def batch(self) -> tuple[Tensor, Tensor]:
+        return load_batch(self.dataset, self.order.next_indices(), self.device)
+
+
+def _loop(run: _Run, start: int, on_step) -> Path:
     from rich.progress import TextColumn
 
+    config, trainer, dist = run.config, run.trainer, run.dist
     stop = StopFlag()
     last_path = None
     step = start
@@ -535,24 +552,23 @@ def _loop(config, trainer: Trainer, dataset, order: DataOrder, start: int, dist:
     with stop.installed(), progress(TextColumn("{task.fields[status]}")) as bar:
         task = bar.add_task("train", total=config.steps, completed=start, status="", visible=dist.main)
         while step < config.steps:
-            cross = trainer.is_cross(step)
-            I_id, w_id = load_batch(dataset, order.next_indices(), device)
-            I_attr, w_attr = load_batch(dataset, order.next_indices(), device) if cross else (I_id, w_id)
+            I_id, w_id = run.batch()
+            I_attr, w_attr = run.batch() if trainer.is_cross(step) else (I_id, w_id)
             losses = trainer.step(step, I_id, I_attr, w_attr)
             step += 1
             now = time.perf_counter()
             rate = 1.0 / max(now - tick, 1e-9) if step == start + 1 else 0.9 * rate + 0.1 / max(now - tick, 1e-9)
             tick = now
-            if log is not None:
-                log.write(step - 1, losses, rate)
+            if run.log is not None:
+                run.log.write(step - 1, losses, rate)
                 bar.update(task, completed=step, status=_status(rate, losses))
             if on_step is not None:
                 on_step(step - 1, losses)
-            if samples is not None and step % config.sample_every == 0:
-                save_sample_grid(trainer.model, *samples, config.out / "samples" / f"step-{step:08d}.png")
-            stopping = stop.agreed(dist, device)
+            if run.samples is not None and step % config.sample_every == 0:
+                save_sample_grid(trainer.model, *run.samples, config.out / "samples" / f"step-{step:08d}.png")
+            stopping = stop.agreed(dist, run.device)
             if step % config.checkpoint_every == 0 or step == config.steps or stopping:
-                last_path = _checkpoint(config, step, trainer, order, dist)
+                last_path = _checkpoint(run, step)
             if stopping:
                 raise TrainingInterrupted(
                     f"interrupted after step {step}; checkpoint {last_path} written. "
@@ -563,12 +579,12 @@ def _loop(config, trainer: Trainer, dataset, order: DataOrder, start: int, dist:
     return last_path
 
 
-def _checkpoint(config: TrainConfig, step: int, trainer: Trainer, order: DataOrder, dist: Dist) -> Path:
-    path = checkpoint_path(config.out, step)
-    if dist.main:
-        save_checkpoint(config.out, step, trainer, order)
-        prune_checkpoints(config.out, config.keep_checkpoints)
-    if dist.world > 1:
+def _checkpoint(run: _Run, step: int) -> Path:
+    path = checkpoint_path(run.config.out, step)
+    if run.dist.main:
+        save_checkpoint(run.config.out, step, run.trainer, run.order)
+        prune_checkpoints(run.config.out, run.config.keep_checkpoints)
+    if run.dist.world > 1:
         tdist.barrier()
     return path
 
