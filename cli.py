@@ -62,14 +62,16 @@ def model_options(func):
 
 
 def load_model_from_options(model: str, device: str, precision: str):
-    """The trained model named by `--model`, on `--device` in `--precision` (the `model_options` trio)."""
+    """The `model_options` trio -> (trained model on its device, the device, the dtype to run it in).
+
+    Under torchrun, `--device auto` is the rank's own GPU."""
     from deid.model import load_model
     from deid.runtime import resolve_device, resolve_dtype
     from pipelines.common import rank_device
 
     torch_device = resolve_device(rank_device(device))
     dtype = resolve_dtype(precision, torch_device)
-    return load_model(model, device=torch_device).to(dtype=dtype).eval()
+    return load_model(model, device=torch_device), torch_device, dtype
 
 
 class GreedyOptionsCommand(click.Command):
@@ -337,17 +339,6 @@ def encode_options(func):
     return func
 
 
-def _load_for_inference(model: str, device: str, precision: str):
-    """The trained model on its device, and the dtype to run it in."""
-    from deid.model import load_model
-    from deid.runtime import resolve_device, resolve_dtype
-    from pipelines.common import rank_device
-
-    torch_device = resolve_device(rank_device(device))
-    dtype = resolve_dtype(precision, torch_device)
-    return load_model(model, device=torch_device), torch_device, dtype
-
-
 @cli.command("anonymize")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
@@ -379,7 +370,7 @@ def anonymize(inputs, output, identity, seed, overwrite, batch_size, crf, codec,
                        batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf), preview=preview,
                        save_crops=save_crops, shard=shard)
     job.check()  # bad paths fail before the model loads
-    run_anonymize(job, *_load_for_inference(model, device, precision))
+    run_anonymize(job, *load_model_from_options(model, device, precision))
 
 
 @cli.command("reenact")
@@ -406,7 +397,7 @@ def reenact(portrait, driving, output, paste, preview, overwrite, batch_size, cr
     job = ReenactJob(portrait=portrait, driving=driving, output=output, overwrite=overwrite, paste=paste,
                      preview=preview, batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf))
     job.check()  # bad paths fail before the model loads
-    run_reenact(job, *_load_for_inference(model, device, precision))
+    run_reenact(job, *load_model_from_options(model, device, precision))
 
 # ---------------------------------------------------------------------------------------- evaluate
 # (evaluate issue: `deid evaluate pairs|video`)
@@ -521,7 +512,7 @@ def mix(identities, attributes, output, cell_size, labels, overwrite, **model_op
     from pipelines.figures import MixJob, run_mix
 
     job = MixJob(tuple(identities), tuple(attributes), output, cell_size, labels, overwrite)
-    run_mix(job, load_model_from_options(**model_opts))
+    run_mix(job, *load_model_from_options(**model_opts))
     console.print(f"wrote {output}")
 
 
@@ -549,7 +540,7 @@ def interpolate(vary, space, start, end, fixed, steps, output, fps, seconds, cel
     from pipelines.figures import InterpolateJob, run_interpolate
 
     job = InterpolateJob(vary, space, start, end, fixed, steps, output, fps, seconds, cell_size, overwrite)
-    run_interpolate(job, load_model_from_options(**model_opts))
+    run_interpolate(job, *load_model_from_options(**model_opts))
     console.print(f"wrote {output}")
 
 

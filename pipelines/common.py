@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 import queue
@@ -18,6 +17,7 @@ from rich.text import Text
 
 from deid.errors import DeidError, MediaError
 from deid.faces import IMAGE_EXTENSIONS, Detections, FaceDetector, to_tensor, to_uint8
+from deid.runtime import autocast
 from deid.video import VIDEO_EXTENSIONS, points_to_stored, to_display
 
 T = TypeVar("T")
@@ -192,9 +192,7 @@ class HeadSynthesizer:
         self.resolution = int(model.resolution)
 
     def _autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return autocast(self.device, self.dtype)
 
     @torch.inference_mode()
     def identity_of(self, crop: torch.Tensor) -> torch.Tensor:

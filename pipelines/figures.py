@@ -17,6 +17,9 @@ import torch
 
 from deid.atomic import atomic_output
 from deid.errors import DeidError
+from deid.runtime import autocast
+
+CPU = torch.device("cpu")
 
 GRID_GAP = 4  # pixels of white between cells
 
@@ -116,9 +119,11 @@ def interpolation_codes(model, vary: str, space: str, start: torch.Tensor, end: 
 # ------------------------------------------------------------------------------------------ pictures
 
 
-def to_uint8(images: torch.Tensor, size: int | None = None) -> np.ndarray:
-    """[N, 3, R, R] in [-1, 1] -> [N, size, size, 3] uint8 RGB (resized with area filtering when smaller)."""
-    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def to_cells(images: torch.Tensor, size: int | None = None) -> np.ndarray:
+    """[N, 3, R, R] in [-1, 1] -> [N, size, size, 3] uint8 RGB (area-filtered when smaller than R)."""
+    from deid.faces import to_uint8
+
+    array = to_uint8(images)
     if size is None or size == array.shape[1]:
         return array
     interpolation = cv2.INTER_AREA if size < array.shape[1] else cv2.INTER_CUBIC
@@ -186,8 +191,9 @@ def write_image(path: Path, rgb: np.ndarray, overwrite: bool) -> None:
 # ------------------------------------------------------------------------------------------- runs
 
 
-def run_mix(job: MixJob, model) -> Path:
-    """Write the identity x attribute grid of `job` and return its path."""
+def run_mix(job: MixJob, model, device: torch.device = CPU, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the identity x attribute grid of `job` and return its path. `model` lives on `device`; its
+    networks run in `dtype` (autocast)."""
     if not job.identities or not job.attributes:
         raise DeidError("give at least one --identity and one --attributes photo.")
     if job.output.suffix.lower() not in (".png", ".jpg", ".jpeg"):
@@ -197,12 +203,13 @@ def run_mix(job: MixJob, model) -> Path:
     check_output_path(job.output, job.overwrite)
     ids = aligned_heads(job.identities, model.resolution)
     attrs = aligned_heads(job.attributes, model.resolution)
-    cells = mix_grid(model, ids, attrs)
+    with autocast(device, dtype):
+        cells = mix_grid(model, ids.to(device), attrs.to(device)).float()
     size = job.cell_size or model.resolution
     grid = compose_grid(
-        to_uint8(cells.flatten(0, 1), size).reshape(cells.shape[0], cells.shape[1], size, size, 3),
-        to_uint8(ids, size),
-        to_uint8(attrs, size),
+        to_cells(cells.flatten(0, 1), size).reshape(cells.shape[0], cells.shape[1], size, size, 3),
+        to_cells(ids, size),
+        to_cells(attrs, size),
         [p.stem for p in job.identities] if job.labels else None,
         [p.stem for p in job.attributes] if job.labels else None,
     )
@@ -210,27 +217,30 @@ def run_mix(job: MixJob, model) -> Path:
     return job.output
 
 
-def run_interpolate(job: InterpolateJob, model) -> Path:
-    """Write the interpolation of `job`: a strip (.png/.jpg), or a smooth eased video (.mp4/.gif)."""
+def run_interpolate(job: InterpolateJob, model, device: torch.device = CPU, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the interpolation of `job`: a strip (.png/.jpg), or a smooth eased video (.mp4/.gif).
+    `model` lives on `device`; its networks run in `dtype` (autocast)."""
     suffix = job.output.suffix.lower()
     if suffix not in (".png", ".jpg", ".jpeg", ".mp4", ".gif"):
         raise DeidError(f"{job.output}: use a .png/.jpg (a strip of --steps images) or .mp4/.gif (a video) output path.")
     from deid.atomic import check_output_path
 
     check_output_path(job.output, job.overwrite)
-    start, end, fixed = aligned_heads([job.start, job.end, job.fixed], model.resolution)
+    start, end, fixed = aligned_heads([job.start, job.end, job.fixed], model.resolution).to(device)
     size = job.cell_size or model.resolution
     if suffix in (".png", ".jpg", ".jpeg"):
         t = interpolation_weights(job.steps)
-        images = to_uint8(model.generate(interpolation_codes(model, job.vary, job.space, start, end, fixed, t)), size)
+        with torch.no_grad(), autocast(device, dtype):
+            images = to_cells(model.generate(interpolation_codes(model, job.vary, job.space, start, end, fixed, t)), size)
         strip = np.concatenate([np.pad(im, ((0, 0), (0, GRID_GAP), (0, 0)), constant_values=255) for im in images], axis=1)
         write_image(job.output, strip[:, :-GRID_GAP], job.overwrite)
         return job.output
     frames = max(2, round(job.fps * job.seconds))
     t = interpolation_weights(frames, ease=True)
-    with atomic_output(job.output, job.overwrite) as tmp:
-        write_clip(tmp, job.fps, (to_uint8(model.generate(w[None]), size)[0] for w in
-                                  interpolation_codes(model, job.vary, job.space, start, end, fixed, t)))
+    with torch.no_grad(), autocast(device, dtype):
+        path_w = interpolation_codes(model, job.vary, job.space, start, end, fixed, t)
+        with atomic_output(job.output, job.overwrite) as tmp:
+            write_clip(tmp, job.fps, (to_cells(model.generate(w[None]), size)[0] for w in path_w))
     return job.output
 
 
