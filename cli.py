@@ -453,7 +453,8 @@ def evaluate_pairs(images, dataset, n, max_items, seed, batch_size, reconstructi
     job = PairsJob(output=output, images=images, dataset=dataset, n=n, max_items=max_items, seed=seed, batch_size=batch_size,
                    reconstruction=reconstruction, fid=fid, fid_weights=fid_weights, fid_dims=int(fid_dims), samples=samples,
                    overwrite=overwrite, resume=resume)
-    run_pairs(job, load_model_from_options(model, device, precision), model_source=model)
+    loaded, _, dtype = load_model_from_options(model, device, precision)
+    run_pairs(job, loaded.to(dtype=dtype), model_source=model)  # the evaluation feeds inputs in the model's dtype
 
 
 @evaluate_group.command("video")
