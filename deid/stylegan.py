@@ -373,13 +373,17 @@ def load_generator(source: str | Path, device: str | torch.device = "cpu", confi
     return G.to(device).eval().requires_grad_(False)
 
 
-def convert_generator(src: str | Path, dst: str | Path) -> Path:
-    """Convert a generator file (NVIDIA .pkl, rosinality .pt or deid .safetensors) into deid's .safetensors
-    (tensors under canonical names; architecture JSON in the metadata). Writes atomically; returns dst."""
+def save_generator(G: Generator, dst: str | Path) -> Path:
+    """Write `G` as deid's .safetensors (tensors under canonical names; architecture JSON and fingerprint in
+    the metadata), atomically. Returns dst."""
     from deid.checkpoints import write_safetensors
 
-    G = load_generator(Path(src))
     dst = Path(dst)
     write_safetensors(dst, G.state_dict(), {"format": "deid-stylegan2", "config": G.config.to_json(),
                                             "fingerprint": G.fingerprint})
     return dst
+
+
+def convert_generator(src: str | Path, dst: str | Path) -> Path:
+    """Convert a generator file (NVIDIA .pkl, rosinality .pt or deid .safetensors) into deid's .safetensors."""
+    return save_generator(load_generator(Path(src)), dst)

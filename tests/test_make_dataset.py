@@ -131,14 +131,11 @@ def test_cli_make_dataset_and_verify(tmp_path, monkeypatch, tiny_generator):
     assert result.exit_code != 0 and "00000004.png is missing" in str(result.exception)
 
 
-def test_manifest_names_the_generator_file(tmp_path, tiny_generator):
-    from deid.checkpoints import write_safetensors
+def test_manifest_names_the_generator_file(tmp_path, tiny_generator, tiny_generator_file):
     from deid.stylegan import convert_generator
     from deid.weights import file_sha256
 
-    src = tmp_path / "tiny.safetensors"
-    write_safetensors(src, tiny_generator.state_dict(), {"format": "deid-stylegan2", "config": tiny_generator.config.to_json()})
-    copy = convert_generator(src, tmp_path / "copy.safetensors")  # also exercises the import converter
+    copy = convert_generator(tiny_generator_file, tmp_path / "copy.safetensors")  # also exercises the import converter
     manifest = make_dataset(MakeDatasetConfig(out=tmp_path / "ds", n=2, generator=str(copy), device="cpu"))
     assert manifest["generator"] == str(copy) and manifest["generator_sha256"] == file_sha256(copy)
     assert manifest["generator_fingerprint"] == tiny_generator.fingerprint

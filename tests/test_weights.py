@@ -235,13 +235,10 @@ def test_list_shows_every_design_network_as_missing_with_the_fetch_command():
     assert "bundled" in result.output  # MTCNN ships inside facenet-pytorch
 
 
-def test_convert_writes_a_safetensors_generator_with_the_same_fingerprint(tmp_path, tiny_generator):
-    from deid.checkpoints import write_safetensors
+def test_convert_writes_a_safetensors_generator_with_the_same_fingerprint(tmp_path, tiny_generator, tiny_generator_file):
     from deid.stylegan import load_generator
 
-    source = tmp_path / "g.safetensors"
-    write_safetensors(source, tiny_generator.state_dict(), {"format": "deid-stylegan2", "config": tiny_generator.config.to_json(),
-                                                             "fingerprint": tiny_generator.fingerprint})
+    source = tiny_generator_file
     out = tmp_path / "converted.safetensors"
     result = CliRunner().invoke(cli.cli, ["weights", "convert", str(source), str(out)])
     assert result.exit_code == 0, result.output
