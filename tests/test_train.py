@@ -258,3 +258,15 @@ def test_cli_train_builds_the_papers_defaults(monkeypatch, tmp_path):
     assert (s.cross_every, s.adversarial_every, tuple(s.betas)) == (3, 2, (0.9, 0.999))
     assert s.learning_rates(256) == pytest.approx((5e-5, 5e-6, 2e-5))
     assert s.learning_rates(1024) == pytest.approx((1e-5, 1e-6, 4e-6))
+
+
+def test_cli_train_checks_the_dataset_before_fetching_any_network(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    # Default (registry) networks are not in the test cache and the tests are offline: the dataset error must
+    # come first, not a complaint about weights the run would never have needed.
+    result = CliRunner().invoke(cli, ["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, DatasetError) and "deid make-dataset" in str(result.exception)

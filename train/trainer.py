@@ -148,11 +148,10 @@ def load_batch(dataset, indices: list[int], device: torch.device) -> tuple[Tenso
 
 
 def check_dataset(root: Path, generator, min_count: int):
-    """Open the dataset and refuse one that is incomplete or was not made by `generator` at its resolution.
-    Runs on the CPU before any network touches a GPU."""
-    from train.dataset import GeneratedDataset, verify_dataset
+    """Open a dataset that `verify_dataset` passed, and refuse one that was not made by `generator` at its
+    resolution or is too small. Runs on the CPU before any network touches a GPU."""
+    from train.dataset import GeneratedDataset
 
-    verify_dataset(root)
     dataset = GeneratedDataset(root)
     manifest = dataset.manifest
     resolution, w_dim = int(manifest["resolution"]), int(manifest["w_dim"])
@@ -476,7 +475,11 @@ def train(config: TrainConfig, on_step=None) -> Path:
         header, tensors = read_checkpoint(resume_from)
         model_config = ModelConfig.from_dict(header["config"])
 
-    # Everything that can refuse the run happens on the CPU, before any GPU work.
+    # Everything that can refuse the run happens on the CPU, before any GPU work; an incomplete dataset is
+    # refused even before the networks are loaded (or downloaded).
+    from train.dataset import verify_dataset
+
+    verify_dataset(config.data)
     generator = build_generator(model_config, "cpu")
     dataset = check_dataset(config.data, generator, min_count=2 * config.batch_size * dist.world)
     model = Disentangler(model_config, generator, initialise_attributes=resume_from is None)
