@@ -10,6 +10,9 @@ from typing import Iterator
 
 from deid.errors import MediaError
 
+# What `atomic_output`'s temporary files look like: a process killed mid-write leaves them behind.
+TEMPORARY_GLOB = ".*.partial*"
+
 
 def check_output_path(path: Path, overwrite: bool) -> None:
     """Refuse an output in a missing directory, or an existing one without `--overwrite`."""
@@ -42,3 +45,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     with atomic_output(path, overwrite=True) as tmp:
         tmp.write_text(text)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Replace `path` with `data` in one step (dataset images and arrays)."""
+    path = Path(path)
+    with atomic_output(path, overwrite=True) as tmp:
+        tmp.write_bytes(data)

@@ -182,6 +182,18 @@ def compose_grid(cells: np.ndarray, top: np.ndarray, left: np.ndarray, top_label
     return canvas
 
 
+def grid_image(cells: torch.Tensor, identity_heads: torch.Tensor, attribute_heads: torch.Tensor, size: int | None = None,
+               identity_labels: Sequence[str] | None = None, attribute_labels: Sequence[str] | None = None) -> np.ndarray:
+    """The picture of a `mix_grid` result with its inputs on the top and the left (see `compose_grid`).
+
+    cells: [Rows, C, 3, R, R]; identity_heads: [C, 3, R, R]; attribute_heads: [Rows, 3, R, R]; all in [-1, 1].
+    size: cell side in pixels (default R). Returns [H, W, 3] uint8 RGB."""
+    size = size or cells.shape[-1]
+    rows, cols = cells.shape[:2]
+    return compose_grid(to_cells(cells.flatten(0, 1), size).reshape(rows, cols, size, size, 3),
+                        to_cells(identity_heads, size), to_cells(attribute_heads, size), identity_labels, attribute_labels)
+
+
 def write_image(path: Path, rgb: np.ndarray, overwrite: bool) -> None:
     with atomic_output(path, overwrite) as tmp:
         if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
@@ -205,14 +217,9 @@ def run_mix(job: MixJob, model, device: torch.device = CPU, dtype: torch.dtype =
     attrs = aligned_heads(job.attributes, model.resolution)
     with autocast(device, dtype):
         cells = mix_grid(model, ids.to(device), attrs.to(device)).float()
-    size = job.cell_size or model.resolution
-    grid = compose_grid(
-        to_cells(cells.flatten(0, 1), size).reshape(cells.shape[0], cells.shape[1], size, size, 3),
-        to_cells(ids, size),
-        to_cells(attrs, size),
-        [p.stem for p in job.identities] if job.labels else None,
-        [p.stem for p in job.attributes] if job.labels else None,
-    )
+    grid = grid_image(cells, ids, attrs, job.cell_size,
+                      [p.stem for p in job.identities] if job.labels else None,
+                      [p.stem for p in job.attributes] if job.labels else None)
     write_image(job.output, grid, job.overwrite)
     return job.output
 

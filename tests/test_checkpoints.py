@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from deid.atomic import TEMPORARY_GLOB
 from deid.checkpoints import read_network_pickle, read_state_dict
 from deid.errors import WeightsError
 from deid.stylegan import GeneratorConfig, convert_generator, load_generator
@@ -344,7 +345,7 @@ def test_convert_to_safetensors_roundtrip(tmp_path, nvidia_names, tiny_generator
     z = _z(2, from_st.z_dim)
     assert torch.equal(from_st(z, 0.7), from_pkl(z, 0.7))
     assert read_state_dict(out).keys() == from_pkl.state_dict().keys()
-    assert not list(tmp_path.glob(".*tmp*"))
+    assert not list(tmp_path.glob(TEMPORARY_GLOB))
 
 
 def test_plain_safetensors_without_config_is_refused(tmp_path):

@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 import cli
+from deid.atomic import TEMPORARY_GLOB
 from deid.errors import DeidError
 from pipelines.figures import (
     GRID_GAP,
@@ -126,7 +127,7 @@ def test_interpolate_strip_and_video(tmp_path, face_photos, tiny_model):
         assert (stream.width, stream.height) == (64, 64)
         assert stream.average_rate == 10
     assert frames == 12
-    assert not list(tmp_path.glob(".*partial*"))
+    assert not list(tmp_path.glob(TEMPORARY_GLOB))
 
 
 def test_existing_output_is_kept_without_overwrite(tmp_path, face_photos, tiny_model):

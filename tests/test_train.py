@@ -159,7 +159,9 @@ def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tiny_generator, tiny_da
     grid = tmp_path / "full" / "samples" / "step-00000003.png"
     from PIL import Image
 
-    assert Image.open(grid).size == (3 * 32, 3 * 32)  # (K + 1) x (K + 1) cells
+    from pipelines.figures import GRID_GAP
+
+    assert Image.open(grid).size == (3 * 32 + 2 * GRID_GAP,) * 2  # (K + 1) x (K + 1) cells, `deid mix` layout
     assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
 
 

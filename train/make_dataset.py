@@ -22,6 +22,7 @@ import torch
 from rich.progress import ProgressColumn
 from rich.text import Text
 
+from deid.atomic import TEMPORARY_GLOB, write_bytes_atomic
 from deid.console import info, progress
 from deid.errors import DatasetError
 from deid.runtime import resolve_device
@@ -54,15 +55,6 @@ def auto_batch_size(device: torch.device, resolution: int) -> int:
     if device.type != "cuda":
         return 4
     return int(max(1, min(64, 32 * (256 * 256) // (resolution * resolution))))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -154,13 +146,13 @@ class DatasetWriter:
                                    "Repeat its settings with --resume, or choose another --out.")
             if not self.config.resume:
                 raise DatasetError(f"{root} holds an interrupted run of this dataset. Add --resume to continue it.")
-            for stale in root.rglob(".*.tmp*"):  # left by a killed process
+            for stale in root.rglob(TEMPORARY_GLOB):  # left by a killed process
                 stale.unlink(missing_ok=True)
             return int(run["batch_size"])
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise DatasetError(f"{root} is not empty and is not a generated dataset. Choose a new or empty --out.")
         self.parts.mkdir(parents=True, exist_ok=True)
-        _atomic_write(root / RUN_FILE, json.dumps({**self.settings, "batch_size": batch_size}, indent=1).encode())
+        write_bytes_atomic(root / RUN_FILE, json.dumps({**self.settings, "batch_size": batch_size}, indent=1).encode())
         return batch_size
 
     # -------------------------------------------------------------------------------------- batches
@@ -182,12 +174,12 @@ class DatasetWriter:
         for offset, blob in enumerate(blobs):
             path = self.root / image_relpath(start + offset)
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, blob)
+            write_bytes_atomic(path, blob)
         buf = io.BytesIO()
         np.savez(buf, w=ws.astype(np.float32),
                  sha256=np.stack([np.frombuffer(hashlib.sha256(b).digest(), np.uint8) for b in blobs]),
                  nbytes=np.array([len(b) for b in blobs], dtype=np.int64))
-        _atomic_write(self.parts / f"{start:08d}.npz", buf.getvalue())
+        write_bytes_atomic(self.parts / f"{start:08d}.npz", buf.getvalue())
 
     # ------------------------------------------------------------------------------------- finalize
 
@@ -204,11 +196,11 @@ class DatasetWriter:
                 stop = start + len(data["w"])
                 ws[start:stop], sha[start:stop], nbytes[start:stop] = data["w"], data["sha256"], data["nbytes"]
         ws_blob = _npy_bytes(ws)
-        _atomic_write(self.root / "ws.npy", ws_blob)
-        _atomic_write(self.root / "image_sha256.npy", _npy_bytes(sha))
-        _atomic_write(self.root / "image_bytes.npy", _npy_bytes(nbytes))
+        write_bytes_atomic(self.root / "ws.npy", ws_blob)
+        write_bytes_atomic(self.root / "image_sha256.npy", _npy_bytes(sha))
+        write_bytes_atomic(self.root / "image_bytes.npy", _npy_bytes(nbytes))
         manifest = {**self.settings, "batch_size": batch_size, "ws_sha256": hashlib.sha256(ws_blob).hexdigest()}
-        _atomic_write(self.root / MANIFEST, json.dumps(manifest, indent=1).encode())  # last: marks completion
+        write_bytes_atomic(self.root / MANIFEST, json.dumps(manifest, indent=1).encode())  # last: marks completion
         shutil.rmtree(self.parts, ignore_errors=True)
         (self.root / RUN_FILE).unlink(missing_ok=True)
         return manifest

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor
 
+from deid.atomic import write_text_atomic
 from deid.checkpoints import read_safetensors, write_safetensors
 from deid.console import info, progress
 from deid.encoders import LandmarkEncoder
@@ -334,9 +335,7 @@ class RunLog:
         self.path = out / "losses.jsonl"
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] < start_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         self.file = open(self.path, "a", encoding="utf-8")
         self.writer = None
         if tensorboard:
@@ -358,32 +357,19 @@ class RunLog:
             self.writer.close()
 
 
-@torch.no_grad()
 def save_sample_grid(model: Disentangler, identities: Tensor, attributes: Tensor, path: Path) -> Path:
-    """The paper's Fig. 4 layout: attribute images along the top row, identity images down the first column,
-    and cell (i, j) = model(identity i, attributes j). identities/attributes: [K, 3, R, R] in [-1, 1]."""
-    from PIL import Image
+    """The paper's Fig. 4 table in `deid mix`'s layout: identity images along the top, attribute images down
+    the left, each cell the model's output for that pair. identities/attributes: [K, 3, R, R] in [-1, 1]."""
+    from pipelines.figures import grid_image, mix_grid, write_image
 
     was_training = model.training
     model.eval()
-    k = identities.shape[0]
-    id_codes = model.encode_identity(identities)
-    attr_codes = model.encode_attributes(attributes)
-    cells = model.generate(model.map(id_codes.repeat_interleave(k, 0), attr_codes.repeat(k, 1))).float().cpu()
-    model.train(was_training)
-    r = model.resolution
-    grid = torch.ones(3, (k + 1) * r, (k + 1) * r)
-    for j in range(k):
-        grid[:, :r, (j + 1) * r:(j + 2) * r] = attributes[j].float().cpu()
-    for i in range(k):
-        grid[:, (i + 1) * r:(i + 2) * r, :r] = identities[i].float().cpu()
-        for j in range(k):
-            grid[:, (i + 1) * r:(i + 2) * r, (j + 1) * r:(j + 2) * r] = cells[i * k + j]
-    pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    try:
+        cells = mix_grid(model, identities, attributes).float()
+    finally:
+        model.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(pixels).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_image(path, grid_image(cells, identities, attributes), overwrite=True)
     return path
 
 
