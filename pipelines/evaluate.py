@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from deid import __version__
-from deid.atomic import write_text_atomic
+from deid.atomic import atomic_output, write_text_atomic
 from deid.console import info, progress, warn
 from deid.errors import DatasetError, DeidError, MediaError, NoFaceError
 from deid.faces import box_iou
@@ -260,9 +260,8 @@ class _Pass:
         if self.fid is not None:
             state.update({f"real_{k}": v for k, v in self.real.state().items()})
             state.update({f"fake_{k}": v for k, v in self.fake.state().items()})
-        tmp = self.checkpoint.with_suffix(".tmp.npz")
-        np.savez(tmp, **state)
-        tmp.replace(self.checkpoint)
+        with atomic_output(self.checkpoint, overwrite=True) as tmp:
+            np.savez(tmp, **state)
 
     def items(self) -> Iterator[dict]:
         for line in _read_lines(self.records):

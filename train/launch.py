@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from deid.atomic import write_text_atomic
 from deid.errors import DeidError
 from train.config import TrainConfig
 
@@ -31,9 +32,7 @@ def launch(config: TrainConfig) -> Path | None:
                         "Lower --gpus (or use --device cpu to test the multi-process path on the CPU).")
     config.out.mkdir(parents=True, exist_ok=True)
     path = config.out / LAUNCH_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dataclasses.replace(config, gpus=1).to_json())
-    tmp.replace(path)
+    write_text_atomic(path, dataclasses.replace(config, gpus=1).to_json())
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.gpus}",
                "-m", "train.launch", str(path)]
     status = subprocess.call(command)
