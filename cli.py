@@ -489,7 +489,7 @@ def evaluate_video(original, anonymized, output, max_items, unchanged_psnr, samp
 # -------------------------------------------------------------------------------- mix, interpolate
 
 
-@cli.command("mix", cls=GreedyOptionsCommand)
+@cli.command("mix", cls=GreedyOptionsCommand, short_help="An identity x attributes grid (the paper's figures 2 and 4).")
 @click.option("--identity", "identities", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Photos whose identities run along the top (one flag, several paths).")
 @click.option("--attributes", "attributes", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -517,7 +517,7 @@ def mix(identities, attributes, output, cell_size, labels, overwrite, **model_op
     console.print(f"wrote {output}")
 
 
-@cli.command("interpolate")
+@cli.command("interpolate", short_help="Interpolate identity or attributes between two photos, in W or in Z.")
 @click.option("--vary", type=click.Choice(["identity", "attributes"]), required=True, help="Which code changes from --from to --to.")
 @click.option("--space", type=click.Choice(["w", "z"]), default="w", help="Blend the mapped w's (Fig. 11/12) or the codes before mapping (Fig. 16/17).")
 @click.option("--from", "start", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Photo at the start.")
