@@ -139,11 +139,16 @@ def read_network_pickle(path: str | Path) -> dict:
     except WeightsError:
         raise
     except Exception as exc:
-        raise WeightsError(f"{path}: not a readable network pickle ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Re-download it.") from exc
+        raise _unreadable(path, "network pickle", exc) from exc
     if not isinstance(data, dict):
         raise WeightsError(f"{path}: expected a dict of networks (G_ema, G, D, ...), found {type(data).__name__}.")
     return data
+
+
+def _unreadable(path: Path, what: str, exc: Exception) -> WeightsError:
+    """The one-line error for a file its reader could not parse (corrupt, truncated, or asking for code)."""
+    first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return WeightsError(f"{path}: not a readable {what} ({type(exc).__name__}: {first_line}). Re-download it.")
 
 
 def module_tensors(obj: PersistentObject, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -172,8 +177,7 @@ def read_torch_checkpoint(path: str | Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Re-download it.") from exc
+        raise _unreadable(path, "torch checkpoint", exc) from exc
     if not isinstance(data, dict):
         raise WeightsError(f"{path}: expected a dict, found {type(data).__name__}.")
     return data

@@ -217,18 +217,12 @@ def _anonymize_video(task: Task, job: AnonymizeJob, detector: FaceDetector, swap
                 side = np.concatenate([to_display(frame.image, info.rotation), to_display(output, info.rotation)], axis=1)
                 preview.write(side, frame.pts, frame.duration)
 
-        sink = BackgroundSink(encode, maxsize=2 * batch)
-        frames = prefetch(read_frames(task.source), maxsize=2 * batch)
-        try:
-            for group in batched(track(detect_frames(frames, detector, info.rotation, stored_size, batch), job.tracking), batch):
-                for (frame, _), output in zip(group, swapper(group, report)):
-                    sink.put((frame, output))
-                bar.update(bar_task, completed=report.frames)
-            sink.close()
-        except BaseException:
-            sink.abandon()
-            frames.close()
-            raise
+        sink = stack.enter_context(BackgroundSink(encode, maxsize=2 * batch))
+        frames = stack.enter_context(contextlib.closing(prefetch(read_frames(task.source), maxsize=2 * batch)))
+        for group in batched(track(detect_frames(frames, detector, info.rotation, stored_size, batch), job.tracking), batch):
+            for (frame, _), output in zip(group, swapper(group, report)):
+                sink.put((frame, output))
+            bar.update(bar_task, completed=report.frames)
     if report.frames != info.frame_count:
         console.print(f"[yellow]warning:[/yellow] {task.source}: decoded {report.frames} frames, the index lists {info.frame_count}.")
 

@@ -137,7 +137,9 @@ def prefetch(items: Iterator[T], maxsize: int) -> Iterator[T]:
 
 
 class BackgroundSink:
-    """Consume items in a background thread (e.g. the encoder) through a bounded queue; errors re-raise on put/close."""
+    """Consume items in a background thread (e.g. the encoder) through a bounded queue; errors re-raise on put/close.
+
+    As a context manager it closes (waiting for the consumer) on success and abandons on an error."""
 
     def __init__(self, consume: Callable[[T], None], maxsize: int):
         self.consume = consume
@@ -173,6 +175,15 @@ class BackgroundSink:
         self.error = self.error or RuntimeError("abandoned")
         self.slots.put(_DONE)
         self.thread.join(timeout=10)
+
+    def __enter__(self) -> "BackgroundSink":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
 
 
 # ------------------------------------------------------------------------------------------- synthesis

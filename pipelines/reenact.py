@@ -111,31 +111,25 @@ def run_reenact(job: ReenactJob, model, device: torch.device | str | None = None
             if preview is not None:
                 preview.write(np.concatenate([crop, head], axis=1), frame.pts, frame.duration)
 
-        sink = BackgroundSink(encode, maxsize=2 * job.batch_size)
-        frames = prefetch(read_frames(job.driving), maxsize=2 * job.batch_size)
+        sink = stack.enter_context(BackgroundSink(encode, maxsize=2 * job.batch_size))
+        frames = stack.enter_context(contextlib.closing(prefetch(read_frames(job.driving), maxsize=2 * job.batch_size)))
         bar_task = bar.add_task(job.driving.name, total=source.frame_count)
         main_face = _MainFace()
-        try:
-            tracked = track(detect_frames(frames, detector, source.rotation, (source.width, source.height), job.batch_size), job.tracking)
-            for group in batched(tracked, job.batch_size):
-                chosen = [main_face(faces) for _, faces in group]
-                crops = [warp_crop(frame.image, ffhq_affine(face.landmarks, size, scale), size)
-                         for (frame, _), face in zip(group, chosen) if face is not None]
-                heads = iter(synth(np.stack(crops), identity.expand(len(crops), -1)) if crops else [])
-                crops = iter(crops)
-                for (frame, _), face in zip(group, chosen):
-                    if face is not None:
-                        last_head, last_crop = next(heads), next(crops)
-                    else:
-                        report.frames_without_face += 1
-                    sink.put((frame, last_crop, last_head))
-                    report.frames += 1
-                bar.update(bar_task, completed=report.frames)
-            sink.close()
-        except BaseException:
-            sink.abandon()
-            frames.close()
-            raise
+        tracked = track(detect_frames(frames, detector, source.rotation, (source.width, source.height), job.batch_size), job.tracking)
+        for group in batched(tracked, job.batch_size):
+            chosen = [main_face(faces) for _, faces in group]
+            crops = [warp_crop(frame.image, ffhq_affine(face.landmarks, size, scale), size)
+                     for (frame, _), face in zip(group, chosen) if face is not None]
+            heads = iter(synth(np.stack(crops), identity.expand(len(crops), -1)) if crops else [])
+            crops = iter(crops)
+            for (frame, _), face in zip(group, chosen):
+                if face is not None:
+                    last_head, last_crop = next(heads), next(crops)
+                else:
+                    report.frames_without_face += 1
+                sink.put((frame, last_crop, last_head))
+                report.frames += 1
+            bar.update(bar_task, completed=report.frames)
         if report.frames == report.frames_without_face:
             # Nothing was performed: raising here, inside atomic_output, leaves no file that pretends otherwise.
             raise MediaError(f"{job.driving}: no face found in any frame. Use a driving video that shows a face.")
