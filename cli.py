@@ -66,8 +66,7 @@ def load_model_from_options(model: str, device: str, precision: str):
 
     Under torchrun, `--device auto` is the rank's own GPU."""
     from deid.model import load_model
-    from deid.runtime import resolve_device, resolve_dtype
-    from pipelines.common import rank_device
+    from deid.runtime import rank_device, resolve_device, resolve_dtype
 
     torch_device = resolve_device(rank_device(device))
     dtype = resolve_dtype(precision, torch_device)

@@ -15,9 +15,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     with `weights_only=True`. Tensors land on the CPU."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+        return read_safetensors(path)[0]
     state = read_torch_checkpoint(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -36,10 +34,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 class PersistentObject:
     """A network module from an NVIDIA pickle, as data: its class name and its `__dict__` (never its code)."""
 
-    def __init__(self, class_name: str, state: dict, version: int | None):
+    def __init__(self, class_name: str, state: dict):
         self.class_name = class_name
         self.state = state
-        self.version = version
 
     @property
     def modules(self) -> dict:
@@ -56,7 +53,7 @@ class _EasyDict(dict):
 def _persistent_stub(meta) -> PersistentObject:
     if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
         raise WeightsError("the pickle holds a persistent object of an unknown kind; it is not a StyleGAN network file.")
-    return PersistentObject(str(meta.get("class_name")), dict(meta["state"]), meta.get("version"))
+    return PersistentObject(str(meta.get("class_name")), dict(meta["state"]))
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
@@ -208,6 +205,5 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
-        raise WeightsError(f"{path}: not a readable .safetensors file ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Re-create or re-download it.") from exc
+        raise _unreadable(path, ".safetensors file", exc) from exc
     return tensors, metadata

@@ -28,7 +28,7 @@ from deid.encoders import (
     seeded,
     weights_fingerprint,
 )
-from deid.errors import DeidError, WeightsError
+from deid.errors import WeightsError
 from deid.mapper import DiscriminatorConfig, LatentDiscriminator, LatentMapper, MapperConfig
 
 FORMAT = "deid-model"
@@ -48,8 +48,8 @@ class ModelConfig:
     identity: IdentityEncoderConfig = IdentityEncoderConfig()
     attributes: AttributeEncoderConfig = AttributeEncoderConfig()
     landmarks: LandmarkEncoderConfig = LandmarkEncoderConfig()  # training only; recorded for provenance
-    mapper_hidden: tuple[int, ...] = (2048, 1024, 512)
-    discriminator_hidden: tuple[int, ...] = (256, 128, 64)
+    mapper_hidden: tuple[int, ...] = MapperConfig.hidden  # the paper's widths, defined once in deid.mapper
+    discriminator_hidden: tuple[int, ...] = DiscriminatorConfig.hidden
     init_seed: int = 0  # initial weights of M and D_W (PyTorch's default initialisers, seeded)
 
     def to_dict(self) -> dict:
@@ -176,18 +176,17 @@ class Disentangler(nn.Module):
             "attr_dim": AttributeEncoder.dim,
             "w_dim": self.w_dim,
             "generator_fingerprint": str(self.generator.fingerprint),
-            "generator_sha256": self._generator_file_sha256(),
-            "identity_fingerprint": weights_fingerprint(self.identity_encoder),
+            **self._frozen_hashes(),
         }
 
-    def _generator_file_sha256(self) -> str | None:
-        """sha256 of the generator's weights file (None for seeded random weights), hashed once."""
-        if not hasattr(self, "_generator_sha256"):
-            from deid.weights import file_sha256, resolve
+    def _frozen_hashes(self) -> dict:
+        """The generator file's sha256 and E_id's content hash: frozen parts, so hashed once, not per checkpoint."""
+        if not hasattr(self, "_frozen_hashes_cache"):
+            from deid.weights import source_sha256
 
-            path = None if self.config.generator == "random" else resolve(self.config.generator)
-            self._generator_sha256 = file_sha256(path) if path is not None else None
-        return self._generator_sha256
+            self._frozen_hashes_cache = {"generator_sha256": source_sha256(self.config.generator),
+                                         "identity_fingerprint": weights_fingerprint(self.identity_encoder)}
+        return self._frozen_hashes_cache
 
     def save(self, path: str | Path, step: int | None = None, discriminator: LatentDiscriminator | None = None) -> Path:
         """Write a checkpoint atomically (temp file beside it, then rename). D_W is included when given."""
@@ -196,7 +195,6 @@ class Disentangler(nn.Module):
         header = self.header(step)
         if discriminator is not None:
             tensors.update(_prefixed("discriminator.", discriminator.state_dict()))
-            header["discriminator_hidden"] = list(discriminator.config.hidden)
         write_safetensors(path, tensors, {"deid": json.dumps(header)})
         return Path(path)
 
@@ -227,18 +225,20 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
     return header, tensors
 
 
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint of a training run directory, oldest first."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    return sorted((int(m.group(1)), p) for p in folder.glob("step-*.safetensors") if (m := CHECKPOINT_RE.match(p.name)))
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path:
     """The highest-step checkpoint of a training run directory."""
     run_dir = Path(run_dir)
-    found = []
-    for p in (run_dir / CHECKPOINT_DIR).glob("step-*.safetensors"):
-        m = CHECKPOINT_RE.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
+    found = list_checkpoints(run_dir)
     if not found:
         raise WeightsError(f"{run_dir}: no checkpoint in {run_dir / CHECKPOINT_DIR}. "
                            f"Train one with `deid train --data DIR --out {run_dir}`.")
-    return max(found)[1]
+    return found[-1][1]
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -303,17 +303,7 @@ def build_discriminator(config: ModelConfig, w_dim: int) -> LatentDiscriminator:
                   config.init_seed + 1)
 
 
-def load_discriminator(path: str | Path) -> LatentDiscriminator:
-    """D_W from a training checkpoint (DeidError if the checkpoint has none)."""
-    header, tensors = read_checkpoint(path)
-    if "discriminator_hidden" not in header:
-        raise DeidError(f"{path}: holds no latent discriminator (an inference-only checkpoint).")
-    d = build_discriminator(ModelConfig.from_dict(header["config"]), int(header["w_dim"]))
-    d.load_state_dict(unprefixed("discriminator.", tensors))
-    return d
-
-
 __all__ = [
-    "ModelConfig", "Disentangler", "load_model", "latest_checkpoint", "checkpoint_path", "read_checkpoint",
-    "unprefixed", "build_generator", "build_discriminator", "load_discriminator", "DEFAULT_MODEL",
+    "ModelConfig", "Disentangler", "load_model", "list_checkpoints", "latest_checkpoint", "checkpoint_path", "read_checkpoint",
+    "unprefixed", "build_generator", "build_discriminator", "DEFAULT_MODEL",
 ]

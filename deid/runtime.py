@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from dataclasses import dataclass
 
 import torch
 
@@ -56,3 +58,48 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------ torchrun
+
+
+def rank_device(spec: str) -> str:
+    """Under torchrun, `auto` means this rank's own GPU (cuda:LOCAL_RANK), not every rank on the first one."""
+    if (spec or "auto") == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    return spec
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(device_spec: str = "auto") -> tuple[Dist, torch.device]:
+    """Join the torchrun job described by the environment, if any, and choose this process's device.
+
+    Under torchrun a CUDA device is made the current one before the process group starts, so NCCL's
+    collectives (barriers included) run on this rank's GPU and not all on GPU 0."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(rank_device(device_spec))
+    if world <= 1:
+        return Dist(), device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    dist = Dist(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size(),
+                local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return dist, device

@@ -62,12 +62,6 @@ class GeneratorConfig:
         if self.conv_clamp is not None:  # 256 and 256.0 are the same network (and must hash the same)
             object.__setattr__(self, "conv_clamp", float(self.conv_clamp))
 
-    @classmethod
-    def rosinality(cls, size: int, style_dim: int = 512, n_mlp: int = 8, channel_multiplier: int = 2) -> GeneratorConfig:
-        """rosinality's widths (512 up to 32 px, then 256*m at 64, halving) are channel_base = 16384*m, max 512."""
-        return cls(resolution=size, z_dim=style_dim, w_dim=style_dim, mapping_layers=n_mlp,
-                   channel_base=16384 * channel_multiplier, channel_max=512, conv_clamp=None)
-
     @property
     def block_resolutions(self) -> list[int]:
         return [2 ** i for i in range(2, int(math.log2(self.resolution)) + 1)]

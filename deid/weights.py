@@ -177,6 +177,12 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def source_sha256(source: str | os.PathLike) -> str | None:
+    """sha256 of the file behind a weights source (None for `random`): what manifests and checkpoints record."""
+    path = resolve(source)
+    return file_sha256(path) if path is not None else None
+
+
 def _published_match(entry: WeightsEntry, sha256: str) -> bool | None:
     """True/False when a published hash exists and does/doesn't match; None when nothing is published."""
     if entry.sha256:

@@ -80,13 +80,6 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def rank_device(spec: str) -> str:
-    """Under torchrun, `auto` means this rank's own GPU (cuda:LOCAL_RANK), not every rank on the first one."""
-    if (spec or "auto") == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
-    return spec
-
-
 def shard(tasks: list[Task], index: int, count: int) -> list[Task]:
     """This rank's share: every count-th task of the list sorted by source, so all ranks agree without talking."""
     ordered = sorted(tasks, key=lambda t: str(t.source))

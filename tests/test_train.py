@@ -19,7 +19,8 @@ from deid.losses import ms_ssim
 from deid.model import Disentangler, build_discriminator, latest_checkpoint
 from tests.fixtures.model import TINY_MODEL_CONFIG
 from train.config import TrainConfig
-from train.trainer import DataOrder, Dist, Trainer, TrainingInterrupted, load_batch, state_path_for, train
+from deid.runtime import Dist
+from train.trainer import DataOrder, Trainer, TrainingInterrupted, load_batch, state_path_for, train
 
 
 def _config(tiny_generator, data, out, **kw) -> TrainConfig:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from deid.errors import DatasetError
+from deid.weights import file_sha256
 
 FORMAT = "deid-generated-v1"
 SHARD_SIZE = 1000
@@ -91,14 +92,6 @@ class GeneratedDataset(torch.utils.data.Dataset):
             raise IndexError(index)
         img = torch.from_numpy(np.ascontiguousarray(self.image_uint8(index))).permute(2, 0, 1).float() / 127.5 - 1
         return img, torch.from_numpy(np.array(self.ws[index], dtype=np.float32))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_dataset(root: str | Path, deep: bool = False, on_progress=None) -> dict:

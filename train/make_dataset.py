@@ -25,7 +25,7 @@ from rich.text import Text
 from deid.atomic import TEMPORARY_GLOB, write_bytes_atomic
 from deid.console import info, progress
 from deid.errors import DatasetError
-from deid.runtime import resolve_device
+from deid.runtime import Dist, init_distributed
 from deid.stylegan import Generator, load_generator
 from train.dataset import FORMAT, MANIFEST, RUN_FILE, image_relpath, read_manifest, verify_dataset
 
@@ -85,29 +85,11 @@ class RateColumn(ProgressColumn):
         return Text(f"{task.speed:6.1f} img/s" if task.speed else "  -.- img/s")
 
 
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
 def generator_identity(G: Generator) -> dict:
     """Source, fingerprint (content hash) and the file's sha256 (None for seeded random weights)."""
-    sha = None
-    if G.source != "random":
-        from deid.weights import file_sha256, resolve
+    from deid.weights import source_sha256
 
-        path = resolve(G.source)
-        sha = file_sha256(path) if path is not None else None
-    return {"generator": G.source, "generator_fingerprint": G.fingerprint, "generator_sha256": sha}
+    return {"generator": G.source, "generator_fingerprint": G.fingerprint, "generator_sha256": source_sha256(G.source)}
 
 
 class DatasetWriter:
@@ -206,24 +188,12 @@ class DatasetWriter:
         return manifest
 
 
-def _setup_distributed(device_spec: str) -> tuple[Dist, torch.device]:
-    dist = Dist.from_env()
-    if dist.world > 1:
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(backend="gloo")
-        if device_spec == "auto" and torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            torch.cuda.set_device(local)
-            return dist, torch.device("cuda", local)
-    return dist, resolve_device(device_spec)
-
-
 def make_dataset(config: MakeDatasetConfig, generator: Generator | None = None) -> dict:
     """Generate (or complete, with config.resume) a dataset; returns its manifest. `generator` overrides
     config.generator with an already loaded network."""
     if config.n < 1:
         raise DatasetError(f"--n {config.n}: need at least one sample.")
-    dist, device = _setup_distributed(config.device)
+    dist, device = init_distributed(config.device)
     # bit-for-bit reproducible convolutions, and full fp32 (no TF32) for dataset fidelity
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -47,22 +46,20 @@ from deid.losses import (
 )
 from deid.mapper import LatentDiscriminator
 from deid.model import (
-    CHECKPOINT_DIR,
-    CHECKPOINT_RE,
     Disentangler,
     ModelConfig,
     build_discriminator,
     build_generator,
     checkpoint_path,
     latest_checkpoint,
+    list_checkpoints,
     read_checkpoint,
     unprefixed,
 )
-from deid.runtime import resolve_device, resolve_dtype
+from deid.runtime import Dist, init_distributed, resolve_dtype
 from train.config import TrainConfig
 
 STATE_FORMAT = "deid-train-state"
-OPTIMIZERS = ("non_adversarial", "adversarial", "discriminator")
 
 
 class TrainingInterrupted(DeidError):
@@ -70,29 +67,6 @@ class TrainingInterrupted(DeidError):
 
 
 # ------------------------------------------------------------------------------------ distribution
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    """Join the torchrun job described by the environment, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    if not tdist.is_initialized():
-        tdist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(rank=tdist.get_rank(), world=tdist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def average_across_ranks(tensors: list[Tensor], dist: Dist) -> None:
@@ -296,7 +270,9 @@ def restore_training_state(checkpoint: Path, trainer: Trainer, order: DataOrder)
         raise DeidError(f"{checkpoint}: its training state {state_path.name} is missing, so the run cannot resume "
                         "exactly. Start a new run (another --out) from scratch.")
     tensors, metadata = read_safetensors(state_path)
-    header = json.loads(metadata["deid"])
+    header = json.loads(metadata.get("deid", "{}"))
+    if header.get("format") != STATE_FORMAT:
+        raise DeidError(f"{state_path}: not a deid training state. Start a new run (another --out) from scratch.")
     for name, opt in trainer.optimizers.items():
         state: dict[int, dict[str, Tensor]] = {}
         prefix = f"optimizer.{name}."
@@ -317,9 +293,7 @@ def prune_checkpoints(out: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (and their training states); keep=0 keeps all."""
     if keep <= 0:
         return
-    found = sorted((int(m.group(1)), p) for p in (out / CHECKPOINT_DIR).glob("step-*.safetensors")
-                   if (m := CHECKPOINT_RE.match(p.name)))
-    for _, p in found[:-keep]:
+    for _, p in list_checkpoints(out)[:-keep]:
         state_path_for(p).unlink(missing_ok=True)
         p.unlink(missing_ok=True)
 
@@ -420,7 +394,7 @@ def _in_main_thread() -> bool:
 
 def _prepare_out(config: TrainConfig) -> Path | None:
     """The checkpoint to resume from (None for a fresh run); refuses to overwrite an existing run."""
-    existing = list((config.out / CHECKPOINT_DIR).glob("step-*.safetensors"))
+    existing = list_checkpoints(config.out)
     if config.resume:
         if not existing:
             raise DeidError(f"{config.out}: nothing to resume (no checkpoint). Drop --resume to start this run.")
@@ -447,10 +421,7 @@ def train(config: TrainConfig, on_step=None) -> Path:
     """Run (or resume) training; returns the last checkpoint written.
 
     on_step(step, losses) is called after every step (scripts use it to collect the loss curve)."""
-    dist = init_distributed()
-    device = resolve_device(config.device)
-    if dist.world > 1 and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
+    dist, device = init_distributed(config.device)
     dtype = resolve_dtype(config.precision, device)
     if dtype == torch.float16:
         raise DeidError("--precision fp16 is not supported for training (its range is too small for these losses). "
@@ -482,7 +453,7 @@ def train(config: TrainConfig, on_step=None) -> Path:
     start = restore_training_state(resume_from, trainer, order) if resume_from is not None else 0
     if dist.main:
         config.out.mkdir(parents=True, exist_ok=True)
-        (config.out / "config.json").write_text(dataclasses.replace(config, model=model.config).to_json())
+        write_text_atomic(config.out / "config.json", dataclasses.replace(config, model=model.config).to_json())
         _describe(config, model.config, config.schedule.learning_rates(model.resolution), dist)
         if resume_from is not None:
             info(f"  resuming from {resume_from} (step {start})")
@@ -573,8 +544,7 @@ def _checkpoint(run: _Run, step: int) -> Path:
     if run.dist.main:
         save_checkpoint(run.config.out, step, run.trainer, run.order)
         prune_checkpoints(run.config.out, run.config.keep_checkpoints)
-    if run.dist.world > 1:
-        tdist.barrier()
+    run.dist.barrier()
     return path
 
 
@@ -586,4 +556,4 @@ def _status(rate: float, losses: dict[str, float]) -> str:
 
 
 __all__ = ["Trainer", "TrainingInterrupted", "DataOrder", "train", "save_checkpoint", "restore_training_state",
-           "save_sample_grid", "check_dataset", "Dist"]
+           "save_sample_grid", "check_dataset"]
