@@ -453,7 +453,7 @@ def evaluate_pairs(images, dataset, n, max_items, seed, batch_size, reconstructi
                    reconstruction=reconstruction, fid=fid, fid_weights=fid_weights, fid_dims=int(fid_dims), samples=samples,
                    overwrite=overwrite, resume=resume)
     loaded, _, dtype = load_model_from_options(model, device, precision)
-    run_pairs(job, loaded.to(dtype=dtype), model_source=model)  # the evaluation feeds inputs in the model's dtype
+    run_pairs(job, loaded, model_source=model, dtype=dtype)
 
 
 @evaluate_group.command("video")

@@ -183,9 +183,11 @@ def warp_crop(image: np.ndarray, affine: np.ndarray, size: int) -> np.ndarray:
                           borderMode=cv2.BORDER_REFLECT_101)
 
 
-def to_tensor(crops: np.ndarray) -> torch.Tensor:
-    """[N, S, S, 3] (or [S, S, 3]) uint8 RGB -> float [N, 3, S, S] (or [3, S, S]) in [-1, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(crops)).float().div_(127.5).sub_(1.0)
+def to_tensor(crops: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
+    """[N, S, S, 3] (or [S, S, 3]) uint8 RGB -> float [N, 3, S, S] (or [3, S, S]) in [-1, 1], on `device`.
+
+    The bytes travel to the device as uint8 (a quarter of float32's) and are converted there."""
+    t = torch.from_numpy(np.ascontiguousarray(crops)).to(device).float().div_(127.5).sub_(1.0)
     return t.movedim(-1, -3)
 
 

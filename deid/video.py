@@ -387,7 +387,14 @@ def _format_for(path: Path) -> str | None:
     return {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi"}.get(path.suffix.lower())
 
 
+# Container tags that the muxer writes itself, and tags that identify where or with what device a video was shot:
+# an anonymized video must not carry the GPS position or the phone of the person it was meant to protect.
+_MUXER_TAGS = ("encoder", "major_brand", "minor_version", "compatible_brands")
+_IDENTIFYING_TAG_PARTS = ("location", "gps", "xyz", "make", "model", "software", "android", "serial")
+
+
 def _container_metadata(path: Path) -> dict:
+    """The source's container tags worth keeping (title, creation_time, comment...), without location or device."""
     with av.open(str(path)) as container:
-        # The muxer writes its own encoder tag; the rest (title, creation_time, location...) is the user's.
-        return {k: v for k, v in container.metadata.items() if k.lower() not in ("encoder", "major_brand", "minor_version", "compatible_brands")}
+        return {k: v for k, v in container.metadata.items()
+                if k.lower() not in _MUXER_TAGS and not any(part in k.lower() for part in _IDENTIFYING_TAG_PARTS)}

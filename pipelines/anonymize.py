@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from deid.atomic import atomic_output, check_output_path
-from deid.console import console, info, progress
+from deid.console import console, info, progress, warn
 from deid.errors import MediaError
 from deid.faces import (
     AlignConfig,
@@ -224,7 +224,7 @@ def _anonymize_video(task: Task, job: AnonymizeJob, detector: FaceDetector, swap
                 sink.put((frame, output))
             bar.update(bar_task, completed=report.frames)
     if report.frames != info.frame_count:
-        console.print(f"[yellow]warning:[/yellow] {task.source}: decoded {report.frames} frames, the index lists {info.frame_count}.")
+        warn(f"{task.source}: decoded {report.frames} frames, the index lists {info.frame_count}.")
 
 
 def _print_summary(reports: list[FileReport]) -> None:

@@ -57,7 +57,12 @@ def expand_inputs(inputs: Iterable[str | Path], output: Path) -> list[Task]:
             else:
                 raise MediaError(f"{match}: no such file or directory. Check the path.")
     if len(items) == 1 and output.suffix and not output.is_dir():
-        return [Task(items[0][0], output)]
+        source = items[0][0]
+        wanted = IMAGE_EXTENSIONS if source.suffix.lower() in IMAGE_EXTENSIONS else VIDEO_EXTENSIONS
+        if output.suffix.lower() not in wanted:
+            kind = "an image" if wanted is IMAGE_EXTENSIONS else "a video"
+            raise MediaError(f"{output}: {source} is {kind}, so the output must be one too ({', '.join(wanted[:4])}, ...).")
+        return [Task(source, output)]
     if output.exists() and not output.is_dir():
         raise MediaError(f"{output}: several inputs need an output directory, not a file. Pass a directory with -o.")
     tasks = [Task(source, output / relative) for source, relative in items]
@@ -167,7 +172,9 @@ class BackgroundSink:
         """Stop without raising (the caller is already handling an error)."""
         self.error = self.error or RuntimeError("abandoned")
         self.slots.put(_DONE)
-        self.thread.join(timeout=10)
+        # Queued items are skipped once `error` is set, so this waits for at most the item being consumed, and
+        # the writers it uses are not closed under it.
+        self.thread.join()
 
     def __enter__(self) -> "BackgroundSink":
         return self
@@ -224,7 +231,7 @@ class HeadSynthesizer:
         """crops: [N, R, R, 3] uint8 aligned heads; identities: [N, 512]. Returns heads [N, R, R, 3] uint8."""
         if not len(crops):
             return np.zeros_like(crops)
-        images = to_tensor(crops).to(self.device)
+        images = to_tensor(crops, self.device)
         with self._autocast():
             w = self.model.map(identities.to(self.device), self.model.encode_attributes(images))
             heads = self.model.generate(w)

@@ -29,8 +29,8 @@ from deid.faces import box_iou
 from deid.metrics import (
     FID_CROP,
     FID_FEATURES,
-    FeatureStats,
     FaceMeter,
+    FeatureStats,
     FIDInception,
     MeasuredFace,
     box_side,
@@ -42,8 +42,20 @@ from deid.metrics import (
     square_crop,
 )
 from deid.recognizers import DLIB_SAME_PERSON_DISTANCE
+from deid.runtime import autocast
 from deid.tracking import track
-from pipelines.report import Report, Table, draw_boxes, fmt, image_row, mean_std, plot_histograms, plot_series, write_html, write_metrics
+from pipelines.report import (
+    Report,
+    Table,
+    draw_boxes,
+    fmt,
+    image_row,
+    mean_std,
+    plot_histograms,
+    plot_series,
+    write_html,
+    write_metrics,
+)
 
 # Detection and dlib's landmarks need faces of roughly 80+ pixels; smaller crops (tiny test models) are
 # measured upscaled. Landmark errors are divided by the image side and the pose camera scales with the
@@ -294,12 +306,12 @@ class _Measurer:
 
 
 def _run_model(model, id_heads: list[np.ndarray], attr_heads: list[np.ndarray]) -> list[np.ndarray]:
-    """I_out [R, R, 3] uint8 for each (I_id, I_attr) head pair, on the model's device and precision."""
+    """I_out [R, R, 3] uint8 for each (I_id, I_attr) head pair, on the model's device."""
     from deid.faces import to_tensor, to_uint8
 
     weight = next(model.parameters())
-    id_t = to_tensor(np.stack(id_heads)).to(weight.device, weight.dtype)
-    attr_t = to_tensor(np.stack(attr_heads)).to(weight.device, weight.dtype)
+    id_t = to_tensor(np.stack(id_heads), weight.device)
+    attr_t = to_tensor(np.stack(attr_heads), weight.device)
     with torch.inference_mode():
         out = model(id_t, attr_t)
     return list(to_uint8(out.float()))
@@ -431,17 +443,31 @@ def _pairs_report(work: Path, job: PairsJob, passes: dict[str, tuple[dict, dict]
     return report
 
 
-def run_pairs(job: PairsJob, model, model_source: str | None = None) -> dict:
+class _InPrecision(torch.nn.Module):
+    """`model`'s forward(I_id, I_attr) under autocast in `dtype`, weights staying fp32, as the media commands run it."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, I_id: torch.Tensor, I_attr: torch.Tensor) -> torch.Tensor:  # noqa: N803 - the paper's names
+        with autocast(I_id.device, self.dtype):
+            return self.model(I_id, I_attr).float()
+
+
+def run_pairs(job: PairsJob, model, model_source: str | None = None, dtype: torch.dtype = torch.float32) -> dict:
     """Evaluate `model` (a Disentangler, or any module with forward(I_id, I_attr) and `.resolution`) on its
-    device; write the report to job.output and return metrics.json's content."""
+    device, its networks in `dtype`; write the report to job.output and return metrics.json's content."""
     device = next(model.parameters()).device
-    fid = FIDInception(job.fid_weights, job.fid_dims).to(device) if job.fid else None  # fails fast when the weights are missing
+    # Everything that can refuse the run (missing FID weights, no dlib) comes before the report folder exists.
+    fid = FIDInception(job.fid_weights, job.fid_dims).to(device) if job.fid else None
+    meter = FaceMeter(device=device)
     source = FaceSource(job, int(model.resolution))
     work = _work_dir(job.output, job.overwrite, job.resume)
     identity = {"job": {k: str(v) for k, v in asdict(job).items() if k not in ("output", "overwrite", "resume", "samples")},
-                "model": _model_identity(model, model_source)}
+                "model": _model_identity(model, model_source), "precision": str(dtype).removeprefix("torch.")}
     _check_resume(work, identity)
-    meter = FaceMeter(device=device)
+    runner = _InPrecision(model, dtype)
     measurer = _Measurer(meter, source)
     rng = np.random.default_rng(job.seed)
     pair_indices = np.stack([rng.choice(len(source), size=2, replace=False) for _ in range(job.n)])
@@ -455,7 +481,7 @@ def run_pairs(job: PairsJob, model, model_source: str | None = None) -> dict:
             p = _Pass(kind, work, pairs, fid if kind == "pairs" else None)
             if job.resume:
                 p.restore()
-            _run_pass(p, source, measurer, model, job)
+            _run_pass(p, source, measurer, runner, job)
             passes[kind] = _summarise(p)
     except KeyboardInterrupt:
         warn(f"interrupted: {work} keeps the progress; repeat the command with --resume to continue.")
@@ -465,6 +491,7 @@ def run_pairs(job: PairsJob, model, model_source: str | None = None) -> dict:
         "job": identity["job"],
         "versions": _versions(),
         "model": identity["model"],
+        "precision": identity["precision"],
         "seed": job.seed,
         "source": {"description": source.description, "images": len(source)},
         "networks": {"faces": meter.analyzer.identity, "detector": "MTCNN (facenet-pytorch)",

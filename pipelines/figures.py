@@ -57,10 +57,12 @@ class InterpolateJob:
 
 
 def aligned_heads(paths: Sequence[Path], resolution: int) -> torch.Tensor:
-    """Detect and align the largest face of each photo. Returns [N, 3, R, R] float in [-1, 1]."""
-    from deid.faces import align_photo, load_image
+    """Detect and align the largest face of each photo (a photo without one is named in the error).
+    Returns [N, 3, R, R] float in [-1, 1]."""
+    from deid.faces import FaceDetector, align_photo_file
 
-    return torch.stack([align_photo(load_image(p), resolution) for p in paths])
+    detector = FaceDetector()
+    return torch.stack([align_photo_file(p, resolution, detector=detector) for p in paths])
 
 
 @torch.no_grad()

@@ -219,6 +219,10 @@ def test_bad_inputs_leave_nothing(tmp_path, not_a_video, truncated_clip, no_face
     with pytest.raises(MediaError, match="--overwrite"):
         _anonymize(tiny_model, ntsc_clip, tmp_path / "exists.mp4")
     assert (tmp_path / "exists.mp4").read_bytes() == b"keep me"
+    with pytest.raises(MediaError, match="is a video, so the output must be one too"):
+        _anonymize(tiny_model, ntsc_clip, tmp_path / "o6.png")
+    with pytest.raises(MediaError, match="is an image, so the output must be one too"):
+        _anonymize(tiny_model, no_face_png, tmp_path / "o7.mp4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.mp4"]
 
 

@@ -153,4 +153,5 @@ def test_cli_photo_without_a_face_is_a_one_line_error(tmp_path, no_face_png, fac
                                           "-o", str(tmp_path / "g.png"), "--model", str(tiny_model_path), "--device", "cpu"])
     assert result.exit_code != 0
     assert isinstance(result.exception, DeidError) and "no face" in str(result.exception).lower()
+    assert str(no_face_png) in str(result.exception)  # names which photo
     assert not (tmp_path / "g.png").exists()

@@ -76,8 +76,11 @@ def test_roundtrip_keeps_ntsc_timing_and_audio(tmp_path, ntsc_clip):
     assert dst.sar == src.sar
     import av
 
+    with av.open(str(ntsc_clip)) as container:
+        assert container.metadata.get("location") == "+48.8577+002.2950/"
     with av.open(str(tmp_path / "out.mp4")) as container:
         assert container.metadata.get("title") == "deid test clip"
+        assert not any("location" in key for key in container.metadata)  # where it was shot is not passed on
     assert [a.codec for a in dst.audio] == ["aac"]
     assert audio_duration(tmp_path / "out.mp4", dst.audio[0].index) == pytest.approx(audio_duration(ntsc_clip, src.audio[0].index), abs=1e-6)
 
