@@ -8,10 +8,25 @@ import traceback
 from pathlib import Path
 
 import click
+from rich.table import Table
 
 from deid import __version__
+from deid.atomic import check_output_path
 from deid.console import console, set_quiet
-from deid.errors import DeidError
+from deid.errors import DeidError, WeightsError
+from deid.media.video import EncodeOptions
+from deid.nets.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoderConfig
+from deid.nets.model import DEFAULT_MODEL, ModelConfig, load_model
+from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
+from deid.pipelines.evaluate import PairsJob, VideoAuditJob, run_pairs, run_video_audit
+from deid.pipelines.figures import InterpolateJob, MixJob, run_interpolate, run_mix
+from deid.pipelines.reenact import ReenactJob, run_reenact
+from deid.runtime import rank_device, resolve_device, resolve_dtype
+from deid.stylegan.loading import convert_generator
+from deid.train.config import TrainConfig
+from deid.train.launch import launch, run_worker
+from deid.train.make_dataset import MakeDatasetConfig, make_dataset, verify_with_progress
+from deid.weights import REGISTRY, entry_for, fetch_with_progress, import_file, resolve, statuses, weights_home
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=110, show_default=True)
 
@@ -55,7 +70,7 @@ def model_options(func):
     func = device_option(func)
     func = click.option(
         "--model",
-        default="deid-ffhq256",
+        default=DEFAULT_MODEL,
         help="A trained deid model: a run directory (its latest checkpoint), a checkpoint file, or a registry name.",
     )(func)
     return func
@@ -65,8 +80,6 @@ def load_model_from_options(model: str, device: str, precision: str):
     """The `model_options` trio -> (trained model on its device, the device, the dtype to run it in).
 
     Under torchrun, `--device auto` is the rank's own GPU."""
-    from deid.model import load_model
-    from deid.runtime import rank_device, resolve_device, resolve_dtype
 
     torch_device = resolve_device(rank_device(device))
     dtype = resolve_dtype(precision, torch_device)
@@ -119,7 +132,6 @@ def weights_list() -> None:
       deid weights list
       DEID_HOME=/data/deid deid weights list
     """
-    from deid.weights import statuses
 
     print_weights_table(list(statuses()), title=f"pretrained networks (cache: {weights_home_text()})")
 
@@ -136,7 +148,6 @@ def weights_fetch(names: tuple[str, ...], fetch_all: bool, force: bool) -> None:
       deid weights fetch stylegan2-ffhq-256 facenet-vggface2 inception-v3-imagenet fan-2d
       deid weights fetch --all
     """
-    from deid.weights import REGISTRY, entry_for, fetch_with_progress
 
     if fetch_all:
         names = tuple(n for n, e in REGISTRY.items() if e.kind == "file")
@@ -160,7 +171,6 @@ def weights_import(name: str, path: Path) -> None:
       deid weights import stylegan2-ffhq-256 ~/Downloads/ffhq-res256-mirror-paper256-noaug.pkl
       deid weights import deid-ffhq256 runs/ffhq256          # its latest checkpoint
     """
-    from deid.weights import import_file
 
     dest = import_file(name, path)
     console.print(f"{name}: imported {path} -> {dest}")
@@ -174,8 +184,6 @@ def weights_verify() -> None:
     Examples:
       deid weights verify
     """
-    from deid.errors import WeightsError
-    from deid.weights import statuses
 
     results = list(statuses(rehash=True))
     print_weights_table(results, title="verification")
@@ -198,9 +206,6 @@ def weights_convert(source: str, output: Path, overwrite: bool) -> None:
       deid weights convert stylegan2-ffhq-256 ffhq256.safetensors
       deid weights convert ~/Downloads/550000.pt ffhq256-rosinality.safetensors
     """
-    from deid.atomic import check_output_path
-    from deid.stylegan import convert_generator
-    from deid.weights import resolve
 
     check_output_path(output, overwrite)
     path = resolve(source)
@@ -210,20 +215,17 @@ def weights_convert(source: str, output: Path, overwrite: bool) -> None:
 
 
 def weights_home_text() -> str:
-    from deid.weights import weights_home
 
     return str(weights_home())
 
 
 def shorten_path(location: str) -> str:
-    from deid.weights import weights_home
 
     home = str(weights_home())
     return location[len(home) + 1:] if location.startswith(home + os.sep) else location
 
 
 def print_weights_table(rows, title: str) -> None:
-    from rich.table import Table
 
     colours = {"missing": "red", "corrupt": "red", "present": "yellow", "verified": "green", "bundled": "green"}
     table = Table(title=title, show_lines=False)
@@ -256,9 +258,9 @@ def _batch_size(value: str) -> int | None:
 @cli.command("make-dataset")
 @click.option("--n", "-n", "n", type=click.IntRange(min=1), help="Number of samples to generate (70000 in the paper); -n under torchrun, whose parser takes --n for its own.")
 @click.option("--out", type=click.Path(path_type=Path), help="Dataset folder: new or empty (or an interrupted run, with --resume).")
-@click.option("--generator", default="stylegan2-ffhq-256", help="Generator: registry name or file (.pkl, .pt, .safetensors).")
-@click.option("--seed", type=int, default=0, help="Sample i depends only on (seed, i).")
-@click.option("--truncation", type=float, default=1.0, help="Truncation psi (1.0 = none).")
+@click.option("--generator", default=MakeDatasetConfig.generator, help="Generator: registry name or file (.pkl, .pt, .safetensors).")
+@click.option("--seed", type=int, default=MakeDatasetConfig.seed, help="Sample i depends only on (seed, i).")
+@click.option("--truncation", type=float, default=MakeDatasetConfig.truncation, help="Truncation psi (1.0 = none).")
 @click.option("--batch-size", default="auto", help="Samples per batch, or auto (from device and resolution).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out; the result equals an uninterrupted run.")
 @click.option("--verify", "verify_dir", type=click.Path(path_type=Path), help="Check that a dataset is complete and intact (hashes every image), then exit.")
@@ -270,10 +272,9 @@ def make_dataset_command(n, out, generator, seed, truncation, batch_size, resume
     Examples:
       deid make-dataset --n 70000 --out generated/
       deid make-dataset --n 70000 --out generated/ --resume          # after an interruption
-      torchrun --nproc-per-node 8 -m cli make-dataset -n 70000 --out generated/   # one share per GPU
+      torchrun --nproc-per-node 8 --no-python deid make-dataset -n 70000 --out generated/   # one share per GPU
       deid make-dataset --verify generated/
     """
-    from train.make_dataset import MakeDatasetConfig, make_dataset, verify_with_progress
 
     if verify_dir is not None:
         verify_with_progress(verify_dir)
@@ -290,18 +291,18 @@ def make_dataset_command(n, out, generator, seed, truncation, batch_size, resume
 @cli.command("train")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Dataset made by `deid make-dataset`.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory: checkpoints/, samples/, tensorboard/, losses.jsonl.")
-@click.option("--generator", default="stylegan2-ffhq-256", help="Frozen StyleGAN2 (the dataset's): registry name, file, or random.")
-@click.option("--identity-encoder", default="facenet-vggface2", help="E_id weights (frozen): registry name, file, or random.")
-@click.option("--attribute-encoder", default="inception-v3-imagenet", help="E_attr initial weights: registry name, file, or random.")
-@click.option("--landmark-encoder", default="fan-2d", help="E_lnd weights (frozen 2D FAN): registry name, file, or random.")
-@click.option("--steps", type=click.IntRange(min=1), default=200_000, help="Total optimisation steps (a resumed run continues up to this).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=6, help="Images per step and process (the paper: 6).")
+@click.option("--generator", default=ModelConfig.generator, help="Frozen StyleGAN2 (the dataset's): registry name, file, or random.")
+@click.option("--identity-encoder", default=IdentityEncoderConfig.source, help="E_id weights (frozen): registry name, file, or random.")
+@click.option("--attribute-encoder", default=AttributeEncoderConfig.source, help="E_attr initial weights: registry name, file, or random.")
+@click.option("--landmark-encoder", default=LandmarkEncoderConfig.source, help="E_lnd weights (frozen 2D FAN): registry name, file, or random.")
+@click.option("--steps", type=click.IntRange(min=1), default=TrainConfig.steps, help="Total optimisation steps (a resumed run continues up to this).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, help="Images per step and process (the paper: 6).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint (same loss curve as an uninterrupted run).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", help="Network precision (bf16 autocast; losses stay fp32).")
-@click.option("--gpus", type=click.IntRange(min=1), default=1, help="Processes (GPUs) to train on: >1 relaunches under torchrun.")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=2000, help="Steps between checkpoints (one is also written at the end and on Ctrl-C).")
-@click.option("--sample-every", type=click.IntRange(min=0), default=500, help="Steps between identity x attribute sample grids (0 = none).")
-@click.option("--seed", type=int, default=0, help="Seed of the data order.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=TrainConfig.precision, help="Network precision (bf16 autocast; losses stay fp32).")
+@click.option("--gpus", type=click.IntRange(min=1), default=TrainConfig.gpus, help="Processes (GPUs) to train on: >1 relaunches under torchrun.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=TrainConfig.checkpoint_every, help="Steps between checkpoints (one is also written at the end and on Ctrl-C).")
+@click.option("--sample-every", type=click.IntRange(min=0), default=TrainConfig.sample_every, help="Steps between identity x attribute sample grids (0 = none).")
+@click.option("--seed", type=int, default=TrainConfig.seed, help="Seed of the data order.")
 @device_option
 def train_command(data, out, generator, identity_encoder, attribute_encoder, landmark_encoder, steps, batch_size, resume,
                   precision, gpus, checkpoint_every, sample_every, seed, device):
@@ -314,10 +315,6 @@ def train_command(data, out, generator, identity_encoder, attribute_encoder, lan
       deid train --data generated/ --out runs/ffhq256 --gpus 4          # torchrun, 4 processes
       tensorboard --logdir runs/ffhq256/tensorboard
     """
-    from deid.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoderConfig
-    from deid.model import ModelConfig
-    from train.config import TrainConfig
-    from train.launch import launch
 
     model = ModelConfig(generator=generator, identity=IdentityEncoderConfig(source=identity_encoder),
                         attributes=AttributeEncoderConfig(source=attribute_encoder),
@@ -327,14 +324,22 @@ def train_command(data, out, generator, identity_encoder, attribute_encoder, lan
                          sample_every=sample_every, gpus=gpus)
     launch(config)
 
+
+@cli.command("train-worker", hidden=True)
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def train_worker(config_file):
+    """One process of a `deid train --gpus N` run, started by torchrun with the launch file it wrote."""
+    run_worker(config_file)
+
+
 # --------------------------------------------------------------------------- anonymize and reenact
 # (video issue: `deid anonymize`, `deid reenact`)
 
 
 def encode_options(func):
     """`--crf` and `--codec`: how output video is encoded."""
-    func = click.option("--codec", default="libx264", help="Video encoder (libx264, libx265, libvpx-vp9, ...).")(func)
-    func = click.option("--crf", type=click.IntRange(0, 63), default=18, help="Encoder quality (lower is better; x264: 0-51).")(func)
+    func = click.option("--codec", default=EncodeOptions.codec, help="Video encoder (libx264, libx265, libvpx-vp9, ...).")(func)
+    func = click.option("--crf", type=click.IntRange(0, 63), default=EncodeOptions.crf, help="Encoder quality (lower is better; x264: 0-51).")(func)
     return func
 
 
@@ -344,9 +349,9 @@ def encode_options(func):
               help="Output file (one input) or directory (mirrors the inputs' tree).")
 @click.option("--identity", type=click.Path(path_type=Path),
               help="Photo whose identity every face takes (its largest face); omit for a random identity per person.")
-@click.option("--seed", type=int, default=0, help="Seed of the random identities (without --identity).")
+@click.option("--seed", type=int, default=AnonymizeJob.seed, help="Seed of the random identities (without --identity).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise: error for one file, skip in a batch).")
-@click.option("--batch-size", type=click.IntRange(1), default=8, help="Frames per detection batch and faces per generation batch.")
+@click.option("--batch-size", type=click.IntRange(1), default=AnonymizeJob.batch_size, help="Frames per detection batch and faces per generation batch.")
 @encode_options
 @click.option("--preview", is_flag=True, help="Also write OUTPUT.preview.mp4 with input and output side by side.")
 @click.option("--save-crops", is_flag=True, help="Also save the aligned input and generated heads to OUTPUT_crops/.")
@@ -362,8 +367,6 @@ def anonymize(inputs, output, identity, seed, overwrite, batch_size, crf, codec,
       deid anonymize 'clips/*.mov' -o out/ --model runs/ffhq256 --preview
       deid anonymize videos/ -o out/ --shard 3/8                # array job 3 of 8; re-runs skip finished files
     """
-    from deid.video import EncodeOptions
-    from pipelines.anonymize import AnonymizeJob, run_anonymize
 
     job = AnonymizeJob(inputs=tuple(inputs), output=output, identity=identity, seed=seed, overwrite=overwrite,
                        batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf), preview=preview,
@@ -379,7 +382,7 @@ def anonymize(inputs, output, identity, seed, overwrite, batch_size, crf, codec,
 @click.option("--paste", is_flag=True, help="Paste the heads into the portrait's frame instead of writing the heads alone.")
 @click.option("--preview", is_flag=True, help="Also write OUTPUT.preview.mp4: aligned driving head | generated head.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-@click.option("--batch-size", type=click.IntRange(1), default=8, help="Frames per detection and generation batch.")
+@click.option("--batch-size", type=click.IntRange(1), default=ReenactJob.batch_size, help="Frames per detection and generation batch.")
 @encode_options
 @model_options
 def reenact(portrait, driving, output, paste, preview, overwrite, batch_size, crf, codec, model, device, precision):
@@ -390,8 +393,6 @@ def reenact(portrait, driving, output, paste, preview, overwrite, batch_size, cr
       deid reenact portrait.png driving.mp4 -o reenacted.mp4
       deid reenact portrait.png driving.mp4 -o reenacted.mp4 --paste --preview --model runs/ffhq256
     """
-    from deid.video import EncodeOptions
-    from pipelines.reenact import ReenactJob, run_reenact
 
     job = ReenactJob(portrait=portrait, driving=driving, output=output, overwrite=overwrite, paste=paste,
                      preview=preview, batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf))
@@ -419,18 +420,18 @@ def evaluate_group() -> None:
               help="A folder of face photos (each is detected and aligned).")
 @click.option("--dataset", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Or a generated dataset (from `deid make-dataset`) as the real images.")
-@click.option("--n", "n", type=click.IntRange(1), default=10000,
+@click.option("--n", "n", type=click.IntRange(1), default=PairsJob.n,
               help="Random (I_id, I_attr) pairs for Table 1; Table 2 reconstructs up to this many images.")
 @click.option("--max-items", type=click.IntRange(2), default=None, help="Use only the first K source images.")
-@click.option("--seed", type=int, default=0, help="Seed of the random pairs.")
-@click.option("--batch-size", type=click.IntRange(1), default=8, help="Pairs per model call.")
-@click.option("--reconstruction/--no-reconstruction", default=True, help="Also compute Table 2 (I_id = I_attr).")
-@click.option("--fid/--no-fid", default=True, help="Compute FID (needs the `inception-v3-fid` weights).")
-@click.option("--fid-weights", default="inception-v3-fid", show_default=True,
+@click.option("--seed", type=int, default=PairsJob.seed, help="Seed of the random pairs.")
+@click.option("--batch-size", type=click.IntRange(1), default=PairsJob.batch_size, help="Pairs per model call.")
+@click.option("--reconstruction/--no-reconstruction", default=PairsJob.reconstruction, help="Also compute Table 2 (I_id = I_attr).")
+@click.option("--fid/--no-fid", default=PairsJob.fid, help="Compute FID (needs the `inception-v3-fid` weights).")
+@click.option("--fid-weights", default=PairsJob.fid_weights, show_default=True,
               help="FID Inception weights: registry name or file (pytorch-fid's pt_inception-2015-12-05-6726825d.pth).")
-@click.option("--fid-dims", type=click.Choice(["2048", "768", "192", "64"]), default="2048",
+@click.option("--fid-dims", type=click.Choice(["2048", "768", "192", "64"]), default=str(PairsJob.fid_dims),
               help="Inception features for FID: 2048 is the standard (comparable) FID; fewer are cheaper previews.")
-@click.option("--samples", type=click.IntRange(0), default=8, help="Sample rows shown in index.html per table.")
+@click.option("--samples", type=click.IntRange(0), default=PairsJob.samples, help="Sample rows shown in index.html per table.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Report directory to create.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report (or discard an interrupted run).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command from its last checkpoint.")
@@ -447,7 +448,6 @@ def evaluate_pairs(images, dataset, n, max_items, seed, batch_size, reconstructi
       deid evaluate pairs --model runs/ffhq256 --dataset generated/ --n 10000 -o report/ --resume
       deid evaluate pairs --model runs/ffhq256 --images photos/ --n 200 --no-fid -o quick/
     """
-    from pipelines.evaluate import PairsJob, run_pairs
 
     job = PairsJob(output=output, images=images, dataset=dataset, n=n, max_items=max_items, seed=seed, batch_size=batch_size,
                    reconstruction=reconstruction, fid=fid, fid_weights=fid_weights, fid_dims=int(fid_dims), samples=samples,
@@ -461,9 +461,9 @@ def evaluate_pairs(images, dataset, n, max_items, seed, batch_size, reconstructi
 @click.argument("anonymized", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Report directory to create.")
 @click.option("--max-items", type=click.IntRange(1), default=None, help="Audit only the first K frames.")
-@click.option("--unchanged-psnr", type=float, default=35.0,
+@click.option("--unchanged-psnr", type=float, default=VideoAuditJob.unchanged_psnr,
               help="A face region at least this close (dB) to the original counts as missed (not anonymized).")
-@click.option("--samples", type=click.IntRange(0), default=6, help="Sample frame pairs shown in index.html.")
+@click.option("--samples", type=click.IntRange(0), default=VideoAuditJob.samples, help="Sample frame pairs shown in index.html.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report.")
 @device_option
 def evaluate_video(original, anonymized, output, max_items, unchanged_psnr, samples, overwrite, device):
@@ -478,8 +478,6 @@ def evaluate_video(original, anonymized, output, max_items, unchanged_psnr, samp
       deid evaluate video talk.mp4 talk_anon.mp4 -o audit/
       deid evaluate video talk.mp4 talk_anon.mp4 -o audit/ --max-items 300
     """
-    from deid.runtime import resolve_device
-    from pipelines.evaluate import VideoAuditJob, run_video_audit
 
     job = VideoAuditJob(original=original, anonymized=anonymized, output=output, max_items=max_items,
                         unchanged_psnr=unchanged_psnr, samples=samples, overwrite=overwrite)
@@ -495,7 +493,7 @@ def evaluate_video(original, anonymized, output, max_items, unchanged_psnr, samp
               help="Photos whose pose, expression and lighting run down the left.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The grid image (.png or .jpg).")
 @click.option("--cell-size", type=click.IntRange(16, 4096), default=None, help="Side of each cell in pixels [default: the generator's resolution].")
-@click.option("--labels/--no-labels", default=True, help="Write each input's file name under it.")
+@click.option("--labels/--no-labels", default=MixJob.labels, help="Write each input's file name under it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @model_options
 def mix(identities, attributes, output, cell_size, labels, overwrite, **model_opts) -> None:
@@ -509,7 +507,6 @@ def mix(identities, attributes, output, cell_size, labels, overwrite, **model_op
       deid mix --identity alice.jpg bob.jpg --attributes talk1.png talk2.png talk3.png -o grid.png
       deid mix --identity a.png b.png c.png --attributes a.png b.png c.png -o grid.png --cell-size 128
     """
-    from pipelines.figures import MixJob, run_mix
 
     job = MixJob(tuple(identities), tuple(attributes), output, cell_size, labels, overwrite)
     run_mix(job, *load_model_from_options(**model_opts))
@@ -522,10 +519,10 @@ def mix(identities, attributes, output, cell_size, labels, overwrite, **model_op
 @click.option("--from", "start", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Photo at the start.")
 @click.option("--to", "end", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Photo at the end.")
 @click.option("--fixed", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Photo that supplies the code that does not change.")
-@click.option("--steps", type=click.IntRange(2, 1000), default=9, help="Images in a .png/.jpg strip.")
+@click.option("--steps", type=click.IntRange(2, 1000), default=InterpolateJob.steps, help="Images in a .png/.jpg strip.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="A strip (.png/.jpg) or a video (.mp4/.gif).")
-@click.option("--fps", type=click.FloatRange(1, 120), default=25.0, help="Frame rate of a video output.")
-@click.option("--seconds", type=click.FloatRange(0.2, 600), default=3.0, help="Length of a video output (eased at both ends).")
+@click.option("--fps", type=click.FloatRange(1, 120), default=InterpolateJob.fps, help="Frame rate of a video output.")
+@click.option("--seconds", type=click.FloatRange(0.2, 600), default=InterpolateJob.seconds, help="Length of a video output (eased at both ends).")
 @click.option("--cell-size", type=click.IntRange(16, 4096), default=None, help="Side of each image [default: the generator's resolution].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @model_options
@@ -537,9 +534,9 @@ def interpolate(vary, space, start, end, fixed, steps, output, fps, seconds, cel
       deid interpolate --vary identity --space w --from alice.jpg --to bob.jpg --fixed talk.png --steps 9 -o strip.png
       deid interpolate --vary attributes --space z --from smile.jpg --to frown.jpg --fixed alice.jpg -o morph.mp4
     """
-    from pipelines.figures import InterpolateJob, run_interpolate
 
-    job = InterpolateJob(vary, space, start, end, fixed, steps, output, fps, seconds, cell_size, overwrite)
+    job = InterpolateJob(vary, space, start, end, fixed, output, steps=steps, fps=fps, seconds=seconds, cell_size=cell_size,
+                         overwrite=overwrite)
     run_interpolate(job, *load_model_from_options(**model_opts))
     console.print(f"wrote {output}")
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from deid.console import set_quiet
-from deid.stylegan import GeneratorConfig, load_generator
-from train.dataset import GeneratedDataset
-from train.make_dataset import MakeDatasetConfig, make_dataset
+from deid.dataset import GeneratedDataset
+from deid.stylegan.config import GeneratorConfig
+from deid.stylegan.loading import load_generator
+from deid.train.make_dataset import MakeDatasetConfig, make_dataset
 
 
 def main() -> None:

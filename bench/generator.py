@@ -15,7 +15,8 @@ import time
 import torch
 
 from deid.runtime import resolve_device, resolve_dtype
-from deid.stylegan import GeneratorConfig, load_generator
+from deid.stylegan.config import GeneratorConfig
+from deid.stylegan.loading import load_generator
 
 
 def time_batch(G, batch: int, device, repeats: int) -> float:

@@ -17,12 +17,13 @@ import time
 
 import torch
 
-from deid.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoder, LandmarkEncoderConfig
-from deid.model import Disentangler, ModelConfig, build_discriminator
+from deid.nets.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoder, LandmarkEncoderConfig
+from deid.nets.model import Disentangler, ModelConfig, build_discriminator
 from deid.runtime import resolve_device, resolve_dtype
-from deid.stylegan import GeneratorConfig, load_generator
-from train.config import TrainConfig
-from train.trainer import Trainer
+from deid.stylegan.config import GeneratorConfig
+from deid.stylegan.loading import load_generator
+from deid.train.config import TrainConfig
+from deid.train.trainer import Trainer
 
 
 def main() -> None:

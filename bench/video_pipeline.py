@@ -35,8 +35,8 @@ def _make_clip(path: Path, seconds: float, size: str, fps: str = "30000/1001", a
     """Carphone looped to `seconds`, scaled to `size`, at `fps`, with a sine audio track."""
     import ffmpeg
 
-    from deid.video import ffmpeg_exe
-    from tests.fixtures.media import carphone_file
+    from deid.media.samples import carphone_file
+    from deid.media.video import ffmpeg_exe
 
     if path.exists():
         return path
@@ -51,13 +51,13 @@ def _make_clip(path: Path, seconds: float, size: str, fps: str = "30000/1001", a
 
 
 def _model(kind: str):
-    from deid.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoderConfig
-    from deid.model import Disentangler, ModelConfig
-    from deid.stylegan import GeneratorConfig, load_generator
+    from deid.nets.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoderConfig
+    from deid.nets.model import Disentangler, ModelConfig
+    from deid.stylegan.config import GeneratorConfig
+    from deid.stylegan.loading import load_generator
 
     if kind == "tiny":
-        from tests.fixtures.generator import TINY_GENERATOR_CONFIG
-        from tests.fixtures.model import TINY_MODEL_CONFIG
+        from deid.nets.presets import TINY_GENERATOR_CONFIG, TINY_MODEL_CONFIG
 
         return Disentangler(TINY_MODEL_CONFIG, load_generator("random", config=TINY_GENERATOR_CONFIG, seed=0)).eval()
     config = ModelConfig(generator="random", identity=IdentityEncoderConfig(source="random"),
@@ -79,12 +79,13 @@ def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8) 
     """Each stage alone on the same frames, then the whole threaded pipeline."""
     import torch
 
-    from deid.faces import FaceDetector, ffhq_affine, warp_crop
-    from deid.paste import paste_head
-    from deid.tracking import TrackConfig, track
-    from deid.video import VideoWriter, probe, read_frames
-    from pipelines.anonymize import AnonymizeJob, run_anonymize
-    from pipelines.common import HeadSynthesizer, batched
+    from deid.faces.alignment import ffhq_affine, warp_crop
+    from deid.faces.detection import FaceDetector
+    from deid.faces.paste import paste_head
+    from deid.faces.tracking import TrackConfig, track
+    from deid.media.video import VideoWriter, probe, read_frames
+    from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
+    from deid.pipelines.common import HeadSynthesizer, batched
 
     info = probe(clip)
     count = min(frames or info.frame_count, info.frame_count)
@@ -142,7 +143,7 @@ def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8) 
 def _cut(src: Path, dst: Path, frames: int) -> None:
     import ffmpeg
 
-    from deid.video import ffmpeg_exe
+    from deid.media.video import ffmpeg_exe
 
     ffmpeg.input(str(src)).output(str(dst), vframes=frames, c="copy").overwrite_output().global_args("-loglevel", "error").run(cmd=ffmpeg_exe())
 
@@ -154,8 +155,8 @@ def run_memory(clip: Path) -> dict:
     """The whole pipeline on one clip; the peak RSS of this process is the figure."""
     import torch
 
-    from deid.video import probe
-    from pipelines.anonymize import AnonymizeJob, run_anonymize
+    from deid.media.video import probe
+    from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
 
     info = probe(clip)
     model = _model("tiny")
@@ -208,10 +209,11 @@ class _RssSampler:
 
 def run_jitter() -> dict:
     """Mean frame-to-frame change of the aligned crop box (centre x, y and side, pixels) on carphone."""
-    from deid.faces import FaceDetector, crop_box, ffhq_affine
-    from deid.tracking import TrackConfig, track
-    from deid.video import read_frames
-    from tests.fixtures.media import carphone_file
+    from deid.faces.alignment import crop_box, ffhq_affine
+    from deid.faces.detection import FaceDetector
+    from deid.faces.tracking import TrackConfig, track
+    from deid.media.samples import carphone_file
+    from deid.media.video import read_frames
 
     frames = [f.image for f in read_frames(carphone_file())]
     detections = FaceDetector()(frames)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+import codecs
+import collections
+import io
 import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from deid.atomic import atomic_output
 from deid.errors import WeightsError
 
 
@@ -61,13 +69,11 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
 
 
 def _load_storage(blob: bytes):
-    import io
 
     return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
 
 
 def _numpy_scalar(dtype, data=None):
-    import numpy as np
 
     if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or not isinstance(data, (bytes, bytearray)):
         raise WeightsError("the pickle holds a numpy scalar of a non-numeric type; refusing it.")
@@ -75,10 +81,7 @@ def _numpy_scalar(dtype, data=None):
 
 
 def _allowed_globals() -> dict[tuple[str, str], object]:
-    import codecs
-    import collections
 
-    import numpy as np
 
     allowed = {
         ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_stub,
@@ -167,7 +170,6 @@ def module_tensors(obj: PersistentObject, prefix: str = "") -> dict[str, torch.T
 def read_torch_checkpoint(path: str | Path) -> dict:
     """torch.load with weights_only=True, also admitting argparse.Namespace (the `args` that rosinality's
     train.py stores beside the weights) and nothing else beyond torch's safe list."""
-    import argparse
 
     path = Path(path)
     try:
@@ -185,9 +187,7 @@ def read_torch_checkpoint(path: str | Path) -> dict:
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write tensors (and string metadata) atomically: a temp file beside the target, then a rename."""
-    from safetensors.torch import save_file
 
-    from deid.atomic import atomic_output
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,6 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors (CPU) and the string metadata of a .safetensors file."""
-    from safetensors import safe_open
 
     path = Path(path)
     try:

@@ -9,6 +9,7 @@ exists, otherwise the sha256 recorded at first download, checked again by `deid 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -21,8 +22,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
+from rich.progress import DownloadColumn, TransferSpeedColumn
+
 from deid.atomic import atomic_output, write_text_atomic
+from deid.console import progress
 from deid.errors import WeightsError
+from deid.runs import latest_checkpoint
 
 RANDOM = "random"
 CHUNK = 1 << 20
@@ -371,7 +376,6 @@ def import_file(name: str, path: str | Path) -> Path:
     entry = entry_for(name)
     path = Path(path).expanduser()
     if entry.kind == "model" and path.is_dir():
-        from deid.model import latest_checkpoint
 
         path = latest_checkpoint(path)
     if not path.is_file():
@@ -430,7 +434,6 @@ def statuses(rehash: bool = False) -> Iterator[Status]:
 
 
 def _bundled_status(name: str, description: str, package: str, relative: str) -> Status:
-    import importlib.util
 
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -443,9 +446,7 @@ def _bundled_status(name: str, description: str, package: str, relative: str) ->
 
 def fetch_with_progress(name: str, force: bool = False) -> Path:
     """`fetch` with a rich progress bar (bytes, speed, ETA)."""
-    from rich.progress import DownloadColumn, TransferSpeedColumn
 
-    from deid.console import progress
 
     entry_for(name)
     if offline() or (cache_path(name).is_file() and not force):

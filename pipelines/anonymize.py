@@ -7,7 +7,6 @@ person's fixed identity code -> M -> G -> paste back -> encode with the source's
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import time
 from dataclasses import dataclass, field
@@ -15,25 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.table import Table
 
-from deid.atomic import atomic_output, check_output_path
+from deid.atomic import check_output_path
 from deid.console import console, info, progress, warn
 from deid.errors import MediaError
-from deid.faces import (
-    AlignConfig,
-    DetectConfig,
-    FaceDetector,
-    align_photo_file,
-    ffhq_affine,
-    load_image,
-    save_image,
-    warp_crop,
-)
-from deid.paste import PasteConfig, paste_head
-from deid.tracking import Face, TrackConfig, track
-from deid.video import EncodeOptions, Frame, VideoWriter, probe, read_frames, to_display
-from pipelines.common import (
-    BackgroundSink,
+from deid.faces.alignment import AlignConfig, align_photo_file, ffhq_affine, warp_crop
+from deid.faces.detection import DetectConfig, FaceDetector
+from deid.faces.paste import PasteConfig, paste_head
+from deid.faces.tracking import Face, TrackConfig, track
+from deid.media.images import load_image, save_image
+from deid.media.video import EncodeOptions, Frame, probe, to_display
+from deid.pipelines.common import (
     FramesPerSecond,
     HeadSynthesizer,
     Task,
@@ -41,8 +33,9 @@ from pipelines.common import (
     detect_frames,
     expand_inputs,
     parse_shard,
-    prefetch,
+    preview_path,
     shard,
+    video_job,
 )
 
 
@@ -95,7 +88,7 @@ def run_anonymize(job: AnonymizeJob, model, device: torch.device | str | None = 
     detector = FaceDetector(job.detect, synth.device)
     identity = None
     if job.identity is not None:
-        identity = synth.identity_of(align_photo_file(job.identity, synth.resolution, detector=detector, scale=job.align.scale))
+        identity = synth.identity_of(align_photo_file(job.identity, synth.resolution, detector=detector, scale=job.align.scale).tensor)
     reports = []
     with progress(FramesPerSecond()) as bar:
         for task in tasks:
@@ -159,8 +152,8 @@ class _FaceSwapper:
             paste_head(outputs[owner], head, affine, original=crop, config=self.job.paste)
             if self.crops_dir is not None:
                 stem = f"{group[owner][0].index:06d}_p{tid}"
-                save_image(crop, self.crops_dir / f"{stem}_in.png")
-                save_image(head, self.crops_dir / f"{stem}_out.png")
+                save_image(crop, self.crops_dir / f"{stem}_in.png", overwrite=True)
+                save_image(head, self.crops_dir / f"{stem}_out.png", overwrite=True)
         for frame, faces in group:
             report.frames += 1
             report.faces += len(faces)
@@ -183,15 +176,9 @@ def _anonymize_image(task: Task, job: AnonymizeJob, detector: FaceDetector, swap
     faces = [Face(i, detections.boxes[i], detections.landmarks[i], False) for i in range(len(detections))]
     swapper.crops_dir = _crops_dir(task, job)
     (output,) = swapper([(Frame(0, 0, 0, image), faces)], report)
-    with atomic_output(task.target, overwrite=job.overwrite) as tmp:
-        save_image(output, tmp)
+    save_image(output, task.target, overwrite=job.overwrite)
     if job.preview:
-        with atomic_output(_preview_path(task.target, task.target.suffix), overwrite=True) as tmp:
-            save_image(np.concatenate([image, output], axis=1), tmp)
-
-
-def _preview_path(target: Path, suffix: str = ".mp4") -> Path:
-    return target.with_name(f"{target.stem}.preview{suffix}")
+        save_image(np.concatenate([image, output], axis=1), preview_path(task.target, task.target.suffix), overwrite=True)
 
 
 def _anonymize_video(task: Task, job: AnonymizeJob, detector: FaceDetector, swapper: _FaceSwapper,
@@ -201,24 +188,17 @@ def _anonymize_video(task: Task, job: AnonymizeJob, detector: FaceDetector, swap
     swapper.crops_dir = _crops_dir(task, job)
     batch = max(1, job.batch_size)
     bar_task = bar.add_task(task.source.name, total=info.frame_count)
-    with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(atomic_output(task.target, overwrite=job.overwrite))
-        writer = stack.enter_context(VideoWriter(tmp, info, job.encode))
-        preview = None
+    width, height = info.display_size
+
+    def render(item):
+        frame, output = item
+        side = None
         if job.preview:
-            preview_tmp = stack.enter_context(atomic_output(_preview_path(task.target), overwrite=True))
-            width, height = info.display_size
-            preview = stack.enter_context(VideoWriter(preview_tmp, info, job.encode, size=(2 * width, height), keep_audio=True, rotation=0))
+            side = np.concatenate([to_display(frame.image, info.rotation), to_display(output, info.rotation)], axis=1)
+        return frame, output, side
 
-        def encode(item) -> None:
-            frame, output = item
-            writer.write(output, frame.pts, frame.duration)
-            if preview is not None:
-                side = np.concatenate([to_display(frame.image, info.rotation), to_display(output, info.rotation)], axis=1)
-                preview.write(side, frame.pts, frame.duration)
-
-        sink = stack.enter_context(BackgroundSink(encode, maxsize=2 * batch))
-        frames = stack.enter_context(contextlib.closing(prefetch(read_frames(task.source), maxsize=2 * batch)))
+    with video_job(info, task.target, job.encode, overwrite=job.overwrite, queue_size=2 * batch, render=render,
+                   preview_size=(2 * width, height) if job.preview else None) as (frames, sink):
         for group in batched(track(detect_frames(frames, detector, info.rotation, stored_size, batch), job.tracking), batch):
             for (frame, _), output in zip(group, swapper(group, report)):
                 sink.put((frame, output))
@@ -228,7 +208,6 @@ def _anonymize_video(task: Task, job: AnonymizeJob, detector: FaceDetector, swap
 
 
 def _print_summary(reports: list[FileReport]) -> None:
-    from rich.table import Table
 
     if not reports:
         info("nothing to do: this shard holds no inputs.")

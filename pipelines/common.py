@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import queue
@@ -15,10 +16,21 @@ import torch
 from rich.progress import ProgressColumn
 from rich.text import Text
 
+from deid.atomic import atomic_output
 from deid.errors import DeidError, MediaError
-from deid.faces import IMAGE_EXTENSIONS, Detections, FaceDetector, to_tensor, to_uint8
+from deid.faces.detection import Detections, FaceDetector
+from deid.media.images import IMAGE_EXTENSIONS, to_tensor, to_uint8
+from deid.media.video import (
+    VIDEO_EXTENSIONS,
+    EncodeOptions,
+    Frame,
+    VideoInfo,
+    VideoWriter,
+    points_to_stored,
+    read_frames,
+    to_display,
+)
 from deid.runtime import autocast
-from deid.video import VIDEO_EXTENSIONS, points_to_stored, to_display
 
 T = TypeVar("T")
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
@@ -184,6 +196,42 @@ class BackgroundSink:
             self.close()
         else:
             self.abandon()
+
+
+def preview_path(target: Path, suffix: str = ".mp4") -> Path:
+    """Where `--preview` writes the side-by-side view of `target`: NAME.preview.mp4 beside it."""
+    return target.with_name(f"{target.stem}.preview{suffix}")
+
+
+@contextlib.contextmanager
+def video_job(source: VideoInfo, target: Path, encode: EncodeOptions, *, overwrite: bool, queue_size: int,
+              render: Callable[[T], tuple[Frame, np.ndarray, np.ndarray | None]], size: tuple[int, int] | None = None,
+              rotation: int | None = None, preview_size: tuple[int, int] | None = None
+              ) -> Iterator[tuple[Iterator[Frame], BackgroundSink]]:
+    """The skeleton of a video-to-video job: decoded frames in, encoded frames out, both in background threads.
+
+    Yields (frames, sink): `frames` streams the source's frames (decoded `queue_size` ahead); each item put into
+    `sink` is turned by `render` (on the encoder thread) into (source frame whose timing it takes, output image,
+    preview image or None). The output goes to `target` through `atomic_output`, with `size`/`rotation` passed to
+    its VideoWriter; with `preview_size` a side-by-side preview goes to `preview_path(target)` as well. On an
+    error nothing is left behind."""
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_output(target, overwrite=overwrite))
+        writer = stack.enter_context(VideoWriter(tmp, source, encode, size=size, rotation=rotation))
+        preview = None
+        if preview_size is not None:
+            preview_tmp = stack.enter_context(atomic_output(preview_path(target), overwrite=True))
+            preview = stack.enter_context(VideoWriter(preview_tmp, source, encode, size=preview_size, rotation=0))
+
+        def encode_item(item: T) -> None:
+            frame, image, side = render(item)
+            writer.write(image, frame.pts, frame.duration)
+            if preview is not None:
+                preview.write(side, frame.pts, frame.duration)
+
+        sink = stack.enter_context(BackgroundSink(encode_item, maxsize=queue_size))
+        frames = stack.enter_context(contextlib.closing(prefetch(read_frames(source.path), maxsize=queue_size)))
+        yield frames, sink
 
 
 # ------------------------------------------------------------------------------------------- synthesis

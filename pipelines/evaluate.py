@@ -1,7 +1,7 @@
 """`deid evaluate`: the paper's Table 1 (random identity/attribute pairs) and Table 2 (reconstruction), and a
 re-identification audit of an anonymized video against its original.
 
-Every number comes from networks independent of deid's training (deid.metrics: dlib landmarks and ResNet
+Every number comes from networks independent of deid's training (deid.evaluation.metrics: dlib landmarks and ResNet
 recognizer, solvePnP pose, pytorch-fid's Inception). Reports are built in `.NAME.partial/` beside the target
 directory and renamed into place when complete; `--resume` continues an interrupted pairs run from its last
 checkpoint (per-item records in JSONL, FID statistics in an .npz).
@@ -15,18 +15,20 @@ import json
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Iterator
 
+import cv2
 import numpy as np
 import torch
 
 from deid import __version__
 from deid.atomic import atomic_output, write_text_atomic
 from deid.console import info, progress, warn
+from deid.dataset import GeneratedDataset, verify_dataset
 from deid.errors import DatasetError, DeidError, MediaError, NoFaceError
-from deid.faces import box_iou
-from deid.metrics import (
+from deid.evaluation.metrics import (
     FID_CROP,
     FID_FEATURES,
     FaceMeter,
@@ -41,10 +43,14 @@ from deid.metrics import (
     rmse,
     square_crop,
 )
-from deid.recognizers import DLIB_SAME_PERSON_DISTANCE
-from deid.runtime import autocast
-from deid.tracking import track
-from pipelines.report import (
+from deid.evaluation.recognizers import DLIB_SAME_PERSON_DISTANCE
+from deid.faces.alignment import align_photo
+from deid.faces.detection import FaceDetector, box_iou
+from deid.faces.tracking import track
+from deid.media.images import IMAGE_EXTENSIONS, load_image, save_image, to_tensor, to_uint8
+from deid.media.video import probe, read_frames, to_display
+from deid.nets.encoders import weights_fingerprint
+from deid.pipelines.report import (
     Report,
     Table,
     draw_boxes,
@@ -56,6 +62,7 @@ from pipelines.report import (
     write_html,
     write_metrics,
 )
+from deid.runtime import autocast
 
 # Detection and dlib's landmarks need faces of roughly 80+ pixels; smaller crops (tiny test models) are
 # measured upscaled. Landmark errors are divided by the image side and the pose camera scales with the
@@ -71,7 +78,7 @@ class PairsJob:
     """`deid evaluate pairs`: Table 1 on `n` random (I_id, I_attr) pairs, Table 2 on up to `n` images."""
 
     output: Path
-    images: Path | None = None  # a folder of photos (aligned with deid.faces)
+    images: Path | None = None  # a folder of photos (aligned with deid.faces.alignment)
     dataset: Path | None = None  # or a generated dataset (train/make_dataset.py)
     n: int = 10000
     max_items: int | None = None  # use only the first K source images
@@ -137,7 +144,6 @@ def _publish(work: Path, output: Path) -> None:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
 
     found = {"deid": __version__, "python": sys.version.split()[0]}
     for name in ("torch", "torchvision", "numpy", "opencv-python", "facenet-pytorch", "dlib-bin", "pytorch-fid", "scipy", "av"):
@@ -151,7 +157,6 @@ def _versions() -> dict[str, str]:
 def _model_identity(model, source: str | None) -> dict:
     """What identifies the model under test: its checkpoint header (config, step, generator fingerprint)
     and the fingerprints of its trained parts."""
-    from deid.encoders import weights_fingerprint
 
     identity = {"source": source}
     if hasattr(model, "header"):
@@ -179,7 +184,6 @@ class FaceSource:
         if (job.images is None) == (job.dataset is None):
             raise DeidError("give exactly one of --images DIR or --dataset DIR.")
         if job.images is not None:
-            from deid.faces import IMAGE_EXTENSIONS, FaceDetector
 
             folder = Path(job.images)
             if not folder.is_dir():
@@ -190,7 +194,6 @@ class FaceSource:
             count = len(self.files)
             self.description = f"photos in {folder}"
         else:
-            from train.dataset import GeneratedDataset, verify_dataset
 
             verify_dataset(job.dataset)
             self.dataset = GeneratedDataset(job.dataset)
@@ -213,12 +216,11 @@ class FaceSource:
     @functools.lru_cache(maxsize=64)
     def head(self, index: int) -> np.ndarray | None:
         """The aligned head [R, R, 3] uint8, or None for a photo without a face."""
-        from deid.faces import align_photo, load_image, to_uint8
 
         if self.dataset is not None:
             return self.dataset.image_uint8(index)
         try:
-            return to_uint8(align_photo(load_image(self.files[index]), self.resolution, detector=self.detector))
+            return align_photo(load_image(self.files[index]), self.resolution, detector=self.detector).crop
         except NoFaceError:
             return None
 
@@ -228,7 +230,6 @@ def _measure_size(resolution: int) -> int:
 
 
 def _for_measuring(image: np.ndarray) -> np.ndarray:
-    import cv2
 
     size = _measure_size(image.shape[0])
     return image if image.shape[0] == size else cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
@@ -307,7 +308,6 @@ class _Measurer:
 
 def _run_model(model, id_heads: list[np.ndarray], attr_heads: list[np.ndarray]) -> list[np.ndarray]:
     """I_out [R, R, 3] uint8 for each (I_id, I_attr) head pair, on the model's device."""
-    from deid.faces import to_tensor, to_uint8
 
     weight = next(model.parameters())
     id_t = to_tensor(np.stack(id_heads), weight.device)
@@ -318,7 +318,6 @@ def _run_model(model, id_heads: list[np.ndarray], attr_heads: list[np.ndarray]) 
 
 
 def _evaluate_batch(p: _Pass, batch: list[int], source: FaceSource, measurer: _Measurer, model, samples: int) -> None:
-    from deid.faces import save_image
 
     usable, records = [], {}
     for k in batch:
@@ -351,7 +350,7 @@ def _evaluate_batch(p: _Pass, batch: list[int], source: FaceSource, measurer: _M
                 fake_crops.append(square_crop(big_out, face_out.box, FID_CROP))
             if k < samples:
                 heads = [source.head(i), source.head(j), out] if p.kind == "pairs" else [source.head(j), out]
-                save_image(image_row(heads), p.work / "samples" / f"{p.kind}_{k:03d}.png")
+                save_image(image_row(heads), p.work / "samples" / f"{p.kind}_{k:03d}.png", overwrite=True)
         if p.fid is not None:
             p.real.update(p.fid.features(np.stack(real_crops)))
             p.fake.update(p.fid.features(np.stack(fake_crops)))
@@ -562,7 +561,6 @@ class _TrackStats:
 
 def _frames(path: Path) -> Iterator[np.ndarray]:
     """Upright frames [H, W, 3] uint8 RGB, one at a time."""
-    from deid.video import probe, read_frames, to_display
 
     rotation = probe(path).rotation
     for frame in read_frames(path):
@@ -572,7 +570,7 @@ def _frames(path: Path) -> Iterator[np.ndarray]:
 def _audit_frame(index: int, original: np.ndarray, anonymized: np.ndarray, detections: np.ndarray, faces: list,
                  meter: FaceMeter, tracks: dict[int, _TrackStats], job: VideoAuditJob) -> tuple[list[dict], list[tuple[np.ndarray, np.ndarray]]]:
     """Every original face of one frame against the output face at the same place. `detections` [K, 4] are the
-    original's boxes, `faces` the same faces tracked (deid.tracking) for their track ids.
+    original's boxes, `faces` the same faces tracked (deid.faces.tracking) for their track ids.
     Returns the per-face records and the (original box, output box) pairs for drawing."""
     out_boxes = meter.detect(anonymized)
     records, drawn = [], []
@@ -652,7 +650,6 @@ def _video_summary(frames_file: Path, frames: int, tracks: dict[int, _TrackStats
 
 def run_video_audit(job: VideoAuditJob, device: torch.device | str = "cpu") -> dict:
     """Compare an anonymized video with its original frame by frame; write the report; return metrics.json's content."""
-    from deid.video import probe
 
     src, out = probe(job.original), probe(job.anonymized)
     if src.display_size != out.display_size:
@@ -676,7 +673,6 @@ def run_video_audit(job: VideoAuditJob, device: torch.device | str = "cpu") -> d
 
 def _audit(job: VideoAuditJob, work: Path, src, out, total: int, device) -> dict:
     """The frame loop of `run_video_audit`, writing into `work`."""
-    from deid.faces import save_image
 
     sample_at = set(np.linspace(0, max(total - 1, 0), job.samples).round().astype(int).tolist()) if job.samples else set()
     meter, tracks = FaceMeter(device=device), {}
@@ -700,7 +696,7 @@ def _audit(job: VideoAuditJob, work: Path, src, out, total: int, device) -> dict
                 colours = [(255, 0, 0) if f["reidentified"] else (0, 200, 0) for f in faces_out]  # red: re-identified
                 row = image_row([draw_boxes(original, [o for o, _ in drawn], colours), draw_boxes(anonymized, [a for _, a in drawn], colours)],
                                 height=max(SAMPLE_HEIGHT, original.shape[0]))
-                save_image(row, work / "samples" / f"frame_{index:06d}.png")
+                save_image(row, work / "samples" / f"frame_{index:06d}.png", overwrite=True)
             count += 1
             bar.advance(task)
     summary, per_frame = _video_summary(frames_file, count, tracks, job)

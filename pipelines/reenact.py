@@ -7,7 +7,6 @@ the heads go back into the portrait's own frame instead.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deid.atomic import atomic_output, check_output_path
+from deid.atomic import check_output_path
 from deid.console import info, progress
-from deid.errors import MediaError, NoFaceError
-from deid.faces import AlignConfig, DetectConfig, FaceDetector, ffhq_affine, load_image, to_tensor, warp_crop
-from deid.paste import PasteConfig, paste_head
-from deid.tracking import Face, TrackConfig, track
-from deid.video import EncodeOptions, VideoWriter, probe, read_frames
-from pipelines.common import BackgroundSink, FramesPerSecond, HeadSynthesizer, batched, detect_frames, prefetch
+from deid.errors import MediaError
+from deid.faces.alignment import AlignConfig, align_photo_file, ffhq_affine, warp_crop
+from deid.faces.detection import DetectConfig, FaceDetector
+from deid.faces.paste import PasteConfig, paste_head
+from deid.faces.tracking import Face, TrackConfig, track
+from deid.media.images import load_image
+from deid.media.video import EncodeOptions, probe
+from deid.pipelines.common import FramesPerSecond, HeadSynthesizer, batched, detect_frames, video_job
 
 
 @dataclass(frozen=True)
@@ -78,13 +79,9 @@ def run_reenact(job: ReenactJob, model, device: torch.device | str | None = None
     synth = HeadSynthesizer(model, device, dtype)
     size, scale = synth.resolution, job.align.scale
     detector = FaceDetector(job.detect, synth.device)
-    portrait = load_image(job.portrait)
-    found = detector([portrait])[0]
-    if not len(found):
-        raise NoFaceError(f"{job.portrait}: no face found. Use a photo where one face is clearly visible.")
-    portrait_affine = ffhq_affine(found.landmarks[found.largest()], size, scale)
-    portrait_crop = warp_crop(portrait, portrait_affine, size)
-    identity = synth.identity_of(to_tensor(portrait_crop))
+    aligned = align_photo_file(job.portrait, size, detector=detector, scale=scale)
+    portrait, portrait_crop, portrait_affine = aligned.image, aligned.crop, aligned.affine
+    identity = synth.identity_of(aligned.tensor)
     source = probe(job.driving)
     report = ReenactReport()
 
@@ -97,22 +94,13 @@ def run_reenact(job: ReenactJob, model, device: torch.device | str | None = None
     last_head = synth(portrait_crop[None], identity[None])[0]
     last_crop = portrait_crop
     out_size = (portrait.shape[1], portrait.shape[0]) if job.paste else (size, size)
-    with contextlib.ExitStack() as stack, progress(FramesPerSecond()) as bar:
-        tmp = stack.enter_context(atomic_output(job.output, overwrite=job.overwrite))
-        writer = stack.enter_context(VideoWriter(tmp, source, job.encode, size=out_size, rotation=0))
-        preview = None
-        if job.preview:
-            preview_tmp = stack.enter_context(atomic_output(job.output.with_name(f"{job.output.stem}.preview.mp4"), overwrite=True))
-            preview = stack.enter_context(VideoWriter(preview_tmp, source, job.encode, size=(2 * size, size), rotation=0))
+    def render_item(item):
+        frame, crop, head = item
+        return frame, render(head), np.concatenate([crop, head], axis=1) if job.preview else None
 
-        def encode(item) -> None:
-            frame, crop, head = item
-            writer.write(render(head), frame.pts, frame.duration)
-            if preview is not None:
-                preview.write(np.concatenate([crop, head], axis=1), frame.pts, frame.duration)
-
-        sink = stack.enter_context(BackgroundSink(encode, maxsize=2 * job.batch_size))
-        frames = stack.enter_context(contextlib.closing(prefetch(read_frames(job.driving), maxsize=2 * job.batch_size)))
+    with progress(FramesPerSecond()) as bar, video_job(
+            source, job.output, job.encode, overwrite=job.overwrite, queue_size=2 * job.batch_size, render=render_item,
+            size=out_size, rotation=0, preview_size=(2 * size, size) if job.preview else None) as (frames, sink):
         bar_task = bar.add_task(job.driving.name, total=source.frame_count)
         main_face = _MainFace()
         tracked = track(detect_frames(frames, detector, source.rotation, (source.width, source.height), job.batch_size), job.tracking)

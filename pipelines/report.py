@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import numpy as np
 
 from deid.atomic import write_text_atomic
@@ -73,7 +74,6 @@ def fmt(stat: dict | float | None, digits: int = 3) -> str:
 
 def image_row(images: Sequence[np.ndarray], height: int | None = None) -> np.ndarray:
     """Images [H_i, W_i, 3] uint8 side by side on white, each scaled to `height` (default: the first one's)."""
-    import cv2
 
     height = height or images[0].shape[0]
     scaled = [im if im.shape[0] == height else cv2.resize(
@@ -90,7 +90,6 @@ def image_row(images: Sequence[np.ndarray], height: int | None = None) -> np.nda
 
 def draw_boxes(image: np.ndarray, boxes: Sequence[np.ndarray], colours: Sequence[tuple[int, int, int]]) -> np.ndarray:
     """A copy of image [H, W, 3] uint8 with each box (x0, y0, x1, y1) outlined in its RGB colour."""
-    import cv2
 
     out = np.ascontiguousarray(image).copy()
     for box, colour in zip(boxes, colours):
@@ -103,6 +102,7 @@ def draw_boxes(image: np.ndarray, boxes: Sequence[np.ndarray], colours: Sequence
 
 
 def _pyplot():
+    # lazy: matplotlib is needed only for report plots (slow import)
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never open a window (and work without a display)

@@ -16,12 +16,13 @@ import shutil
 import time
 from pathlib import Path
 
-from deid.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoderConfig
-from deid.model import ModelConfig
-from deid.stylegan import GeneratorConfig, load_generator
-from train.config import TrainConfig
-from train.make_dataset import MakeDatasetConfig, make_dataset
-from train.trainer import train
+from deid.nets.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoderConfig
+from deid.nets.model import ModelConfig
+from deid.stylegan.config import GeneratorConfig
+from deid.stylegan.loading import load_generator
+from deid.train.config import TrainConfig
+from deid.train.make_dataset import MakeDatasetConfig, make_dataset
+from deid.train.trainer import train
 
 GENERATOR = GeneratorConfig(resolution=32, z_dim=64, w_dim=64, mapping_layers=2, channel_base=256, channel_max=32)
 ENCODERS = dict(

@@ -10,21 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-import cli
+from deid import cli
 from deid.errors import DeidError, MediaError, NoFaceError
-from deid.faces import FaceDetector, load_image
+from deid.faces.detection import FaceDetector
+from deid.media.images import load_image
+from deid.media.video import VideoWriter, audio_duration, ffmpeg_exe, frame_times, probe, read_frames, to_display
+from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
+from deid.pipelines.common import HeadSynthesizer, expand_inputs, parse_shard, shard
 from deid.runtime import rank_device
-from deid.video import (
-    VideoWriter,
-    audio_duration,
-    ffmpeg_exe,
-    frame_times,
-    probe,
-    read_frames,
-    to_display,
-)
-from pipelines.anonymize import AnonymizeJob, run_anonymize
-from pipelines.common import HeadSynthesizer, expand_inputs, parse_shard, shard
 
 
 def _anonymize(tiny_model, inputs, output, **kwargs):

@@ -15,8 +15,8 @@ import torch
 from deid.atomic import TEMPORARY_GLOB
 from deid.checkpoints import read_network_pickle, read_state_dict
 from deid.errors import WeightsError
-from deid.stylegan import convert_generator, load_generator
-from deid.stylegan_ops import fir_filter
+from deid.stylegan.loading import convert_generator, load_generator
+from deid.stylegan.ops import fir_filter
 from tests.fixtures.generator import TINY_GENERATOR_CONFIG, reference_generate
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deid.encoders import (
+from deid.errors import WeightsError
+from deid.nets.encoders import (
     AttributeEncoder,
     AttributeEncoderConfig,
     IdentityEncoder,
@@ -15,7 +16,6 @@ from deid.encoders import (
     LandmarkEncoderConfig,
     weights_fingerprint,
 )
-from deid.errors import WeightsError
 
 ID_SMALL = IdentityEncoderConfig(source="random", seed=1, input_size=80)
 ATTR_SMALL = AttributeEncoderConfig(source="random", seed=2, input_size=75)

@@ -7,9 +7,10 @@ import json
 
 from click.testing import CliRunner
 
-import cli
-from deid.model import latest_checkpoint, read_checkpoint
-from deid.video import probe
+from deid import cli
+from deid.media.video import probe
+from deid.nets.model import read_checkpoint
+from deid.runs import latest_checkpoint
 
 
 def invoke(*args: str):

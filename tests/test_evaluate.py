@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deid.errors import DeidError, MediaError
-from pipelines.evaluate import PairsJob, VideoAuditJob, run_pairs, run_video_audit
+from deid.pipelines.evaluate import PairsJob, VideoAuditJob, run_pairs, run_video_audit
 
 AUDIT_FRAMES = 12  # enough frames for the rates to mean something, few enough to stay fast
 
@@ -39,8 +39,8 @@ def faces_dir(tmp_path_factory, carphone, astronaut_png, no_face_png):
     """Three carphone frames (one man), the astronaut (a woman) and an image without a face."""
     import shutil
 
-    from deid.faces import save_image
-    from deid.video import read_frames
+    from deid.media.images import save_image
+    from deid.media.video import read_frames
 
     folder = tmp_path_factory.mktemp("faces")
     for frame in read_frames(carphone):
@@ -54,8 +54,8 @@ def faces_dir(tmp_path_factory, carphone, astronaut_png, no_face_png):
 @pytest.fixture(scope="module")
 def blurred_clip(ntsc_clip, tmp_path_factory):
     """ntsc_clip with every face blurred heavily (Gaussian, sigma = 15% of the face box), audio kept."""
-    from deid.metrics import FaceMeter
-    from deid.video import VideoWriter, probe, read_frames
+    from deid.evaluation.metrics import FaceMeter
+    from deid.media.video import VideoWriter, probe, read_frames
 
     out = tmp_path_factory.mktemp("blurred") / "blurred.mp4"
     meter = FaceMeter()
@@ -116,7 +116,7 @@ def test_audit_refuses_existing_report_and_mismatched_frames(ntsc_clip, odd_clip
 
 
 def test_video_cli_writes_the_report_and_refuses_to_overwrite_it(ntsc_clip, tmp_path, capsys):
-    import cli
+    from deid import cli
 
     out = tmp_path / "audit"
     args = ["evaluate", "video", str(ntsc_clip), str(ntsc_clip), "-o", str(out), "--max-items", "3", "--samples", "1"]
@@ -179,7 +179,7 @@ def test_pairs_with_a_passthrough_model_give_the_known_answers(faces_dir, passth
 
 
 def test_pairs_resume_after_an_interruption_matches_an_uninterrupted_run(faces_dir, passthrough_report, tmp_path, monkeypatch):
-    import pipelines.evaluate as evaluate
+    import deid.pipelines.evaluate as evaluate
 
     fresh, fresh_dir, _ = passthrough_report
     monkeypatch.setattr(evaluate, "CHECKPOINT_EVERY", 1)
@@ -202,7 +202,7 @@ def test_pairs_resume_after_an_interruption_matches_an_uninterrupted_run(faces_d
 
 
 def test_pairs_cli_with_a_tiny_trained_model_checkpoint(faces_dir, tiny_model_path, tmp_path):
-    import cli
+    from deid import cli
 
     out = tmp_path / "tiny"
     cli.main(["evaluate", "pairs", "--model", str(tiny_model_path), "--images", str(faces_dir), "--n", "3", "--max-items", "4",
@@ -220,7 +220,7 @@ def test_pairs_cli_with_a_tiny_trained_model_checkpoint(faces_dir, tiny_model_pa
 
 
 def test_pairs_cli_without_fid_weights_is_a_one_line_error(faces_dir, tiny_model_path, tmp_path, capsys):
-    import cli
+    from deid import cli
 
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["evaluate", "pairs", "--model", str(tiny_model_path), "--images", str(faces_dir), "--n", "2",

@@ -8,22 +8,12 @@ import pytest
 import torch
 
 from deid.errors import MediaError, NoFaceError
-from deid.faces import (
-    DetectConfig,
-    Detections,
-    FaceDetector,
-    align_photo,
-    align_photo_file,
-    crop_box,
-    ffhq_affine,
-    load_image,
-    to_tensor,
-    to_uint8,
-    warp_crop,
-)
-from deid.paste import face_mask, match_colour, paste_head
-from deid.tracking import FaceTracker, TrackConfig, track
-from deid.video import read_frames
+from deid.faces.alignment import align_photo, align_photo_file, crop_box, ffhq_affine, warp_crop
+from deid.faces.detection import DetectConfig, Detections, FaceDetector
+from deid.faces.paste import face_mask, match_colour, paste_head
+from deid.faces.tracking import FaceTracker, TrackConfig, track
+from deid.media.images import load_image, to_tensor, to_uint8
+from deid.media.video import read_frames
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +96,7 @@ def test_ffhq_affine_follows_rotation_and_scale():
 
 
 def test_align_photo_astronaut(astronaut):
-    crop = align_photo(astronaut, 128)
+    crop = align_photo(astronaut, 128).tensor
     assert crop.shape == (3, 128, 128) and crop.dtype == torch.float32
     assert -1.0 <= crop.min() and crop.max() <= 1.0 and crop.std() > 0.2
     # The aligned face's eyes sit level and symmetric about the vertical centre line.

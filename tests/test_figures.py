@@ -9,17 +9,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import cli
+from deid import cli
 from deid.atomic import TEMPORARY_GLOB
 from deid.errors import DeidError
-from pipelines.figures import (
-    GRID_GAP,
+from deid.grid import GRID_GAP
+from deid.nets.model import mix_grid
+from deid.pipelines.figures import (
     InterpolateJob,
     MixJob,
     aligned_heads,
     interpolation_codes,
     interpolation_weights,
-    mix_grid,
     run_interpolate,
     run_mix,
 )

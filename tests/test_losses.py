@@ -7,7 +7,7 @@ import pytorch_msssim
 import torch
 import torch.nn.functional as F
 
-from deid.losses import (
+from deid.nets.losses import (
     discriminator_loss,
     generator_adversarial_loss,
     identity_loss,
@@ -17,7 +17,7 @@ from deid.losses import (
     r1_penalty,
     reconstruction_loss,
 )
-from deid.mapper import DiscriminatorConfig, LatentDiscriminator
+from deid.nets.mapper import DiscriminatorConfig, LatentDiscriminator
 
 
 def _pair(size, seed=0, noise=0.1):

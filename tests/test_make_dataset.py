@@ -7,10 +7,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import train.make_dataset as md
+import deid.train.make_dataset as md
+from deid.dataset import GeneratedDataset, image_relpath, verify_dataset
 from deid.errors import DatasetError
-from train.dataset import GeneratedDataset, image_relpath, verify_dataset
-from train.make_dataset import MakeDatasetConfig, make_dataset, sample_z
+from deid.media.images import to_uint8
+from deid.train.make_dataset import MakeDatasetConfig, make_dataset, sample_z
 
 
 def _files(root):
@@ -29,7 +30,7 @@ def test_samples_are_the_generator_output_for_their_own_z(tiny_dataset, tiny_gen
         assert torch.allclose(w, expect_w[0], atol=1e-6)
         expect = tiny_generator.synthesis(expect_w).clamp(-1, 1)[0]
         assert (image - expect).abs().max() <= 1 / 127.5 + 1e-6  # 8-bit quantisation only
-        assert np.array_equal(ds.image_uint8(i), md.to_uint8(tiny_generator.synthesis(expect_w))[0])
+        assert np.array_equal(ds.image_uint8(i), to_uint8(tiny_generator.synthesis(expect_w))[0])
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_generator, monkeypatch):
@@ -113,7 +114,7 @@ def test_verify_catches_truncated_missing_and_corrupted(tmp_path, tiny_dataset):
 
 
 def test_cli_make_dataset_and_verify(tmp_path, monkeypatch, tiny_generator):
-    import cli
+    from deid import cli
 
     real = md.load_generator
     monkeypatch.setattr(md, "load_generator", lambda source, device="cpu": tiny_generator if source == "tiny" else real(source, device))
@@ -132,7 +133,7 @@ def test_cli_make_dataset_and_verify(tmp_path, monkeypatch, tiny_generator):
 
 
 def test_manifest_names_the_generator_file(tmp_path, tiny_generator, tiny_generator_file):
-    from deid.stylegan import convert_generator
+    from deid.stylegan.loading import convert_generator
     from deid.weights import file_sha256
 
     copy = convert_generator(tiny_generator_file, tmp_path / "copy.safetensors")  # also exercises the import converter

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from deid.errors import WeightsError
-from deid.faces import box_iou
-from deid.metrics import (
+from deid.evaluation.metrics import (
+    FaceMeter,
     FeatureStats,
     FIDInception,
-    FaceMeter,
     compare_faces,
     cosine_similarity,
     descriptor_distance,
@@ -24,9 +23,16 @@ from deid.metrics import (
     rmse,
     square_crop,
 )
-from deid.pose import HeadPose, angle_difference, estimate_pose, euler_to_rotation, project_model, rotation_to_euler
-from deid.recognizers import DLIB_SAME_PERSON_DISTANCE
-
+from deid.evaluation.pose import (
+    HeadPose,
+    angle_difference,
+    estimate_pose,
+    euler_to_rotation,
+    project_model,
+    rotation_to_euler,
+)
+from deid.evaluation.recognizers import DLIB_SAME_PERSON_DISTANCE
+from deid.faces.detection import box_iou
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +43,7 @@ def meter():
 @pytest.fixture(scope="module")
 def carphone_frames(carphone):
     """Frames 0, 60 and 119 of carphone: one man, different moments (head moves, mouth talks)."""
-    from deid.video import read_frames
+    from deid.media.video import read_frames
 
     return [f.image for f in read_frames(carphone) if f.index in (0, 60, 119)]
 
@@ -188,7 +194,7 @@ def test_fid_inception_random_and_file_weights_agree(tmp_path, astronaut):
     assert features.shape == (3, 64) and np.isfinite(features).all()
     assert np.linalg.norm(features[0] - features[1]) > 1e-3  # different images, different features
     # the published file format is a plain state dict of the TF-FID Inception: load one written that way
-    from deid.metrics import _fid_inception_net
+    from deid.evaluation.metrics import _fid_inception_net
 
     path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(_fid_inception_net(None, seed=0).state_dict(), path)

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from deid.errors import WeightsError
-from deid.mapper import DiscriminatorConfig, LatentDiscriminator, LatentMapper, MapperConfig
-from deid.model import checkpoint_path, latest_checkpoint, load_model
+from deid.nets.mapper import DiscriminatorConfig, LatentDiscriminator, LatentMapper, MapperConfig
+from deid.nets.model import load_model
+from deid.runs import checkpoint_path, latest_checkpoint
 
 
 def _layers(module):
@@ -70,7 +71,7 @@ def test_saved_model_round_trips_without_pickle(tiny_model, tiny_model_path, tin
 
 
 def test_model_refuses_another_generator(tiny_model_path):
-    from deid.stylegan import load_generator
+    from deid.stylegan.loading import load_generator
     from tests.fixtures.generator import TINY_GENERATOR_CONFIG
 
     other = load_generator("random", config=TINY_GENERATOR_CONFIG, seed=1)

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import cli
+from deid import cli
 from deid.errors import MediaError, NoFaceError
-from deid.faces import FaceDetector, load_image
-from deid.tracking import Face
-from deid.video import audio_duration, ffmpeg_exe, frame_times, probe, read_frames
-from pipelines.reenact import ReenactJob, _MainFace, run_reenact
-
+from deid.faces.detection import FaceDetector
+from deid.faces.tracking import Face
+from deid.media.images import load_image
+from deid.media.video import audio_duration, ffmpeg_exe, frame_times, probe, read_frames
+from deid.pipelines.reenact import ReenactJob, _MainFace, run_reenact
 
 
 def _reenact(model, portrait, driving, output, **kwargs):

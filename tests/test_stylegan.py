@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 
-from deid.stylegan import EqualizedLinear, Generator, GeneratorConfig, load_generator
-from deid.stylegan_ops import demod_coefficients, fir_filter, modulated_conv2d, upsample2d
-import deid.stylegan_ops as ops
+import deid.stylegan.ops as ops
+from deid.stylegan.config import GeneratorConfig
+from deid.stylegan.loading import load_generator
+from deid.stylegan.network import EqualizedLinear, Generator
+from deid.stylegan.ops import demod_coefficients, fir_filter, modulated_conv2d, upsample2d
 from tests.fixtures.generator import TINY_GENERATOR_CONFIG, _modconv, reference_generate
 
 

@@ -13,14 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deid.encoders import LandmarkEncoder
 from deid.errors import DatasetError, DeidError
-from deid.losses import ms_ssim
-from deid.model import Disentangler, build_discriminator, latest_checkpoint
-from tests.fixtures.model import TINY_MODEL_CONFIG
-from train.config import TrainConfig
+from deid.nets.encoders import LandmarkEncoder
+from deid.nets.losses import ms_ssim
+from deid.nets.model import Disentangler, build_discriminator
+from deid.nets.presets import TINY_MODEL_CONFIG
+from deid.runs import latest_checkpoint
 from deid.runtime import Dist
-from train.trainer import DataOrder, Trainer, TrainingInterrupted, load_batch, state_path_for, train
+from deid.train.config import TrainConfig
+from deid.train.trainer import DataOrder, Trainer, TrainingInterrupted, load_batch, state_path_for, train
 
 
 def _config(tiny_generator, data, out, **kw) -> TrainConfig:
@@ -32,7 +33,7 @@ def _config(tiny_generator, data, out, **kw) -> TrainConfig:
 @pytest.fixture(scope="module")
 def parts(tiny_generator, tiny_dataset, tmp_path_factory):
     """A fresh trainer (not the shared tiny_model: steps change it) and a fixed batch."""
-    from train.dataset import GeneratedDataset
+    from deid.dataset import GeneratedDataset
 
     config = _config(tiny_generator, tiny_dataset, tmp_path_factory.mktemp("run"))
     model = Disentangler(config.model, tiny_generator)
@@ -160,14 +161,14 @@ def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tiny_generator, tiny_da
     grid = tmp_path / "full" / "samples" / "step-00000003.png"
     from PIL import Image
 
-    from pipelines.figures import GRID_GAP
+    from deid.grid import GRID_GAP
 
     assert Image.open(grid).size == (3 * 32 + 2 * GRID_GAP,) * 2  # (K + 1) x (K + 1) cells, `deid mix` layout
     assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_bad_datasets_are_refused_before_training(tiny_generator, tiny_dataset, tmp_path):
-    from deid.stylegan import load_generator
+    from deid.stylegan.loading import load_generator
 
     other = _config(tiny_generator, tiny_dataset, tmp_path / "a")
     other = dataclasses.replace(other, model=dataclasses.replace(other.model, generator_seed=7))  # another generator
@@ -189,7 +190,7 @@ def test_bad_datasets_are_refused_before_training(tiny_generator, tiny_dataset, 
 def test_cli_train_refuses_a_missing_dataset(tmp_path):
     from click.testing import CliRunner
 
-    from cli import cli
+    from deid.cli import cli
 
     result = CliRunner().invoke(cli, ["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
                                       "--generator", "random", "--identity-encoder", "random",
@@ -201,9 +202,9 @@ def test_cli_train_refuses_a_missing_dataset(tmp_path):
 def _r1_rank(rank: int, world: int, port: int, w: torch.Tensor, fake: torch.Tensor, out_dir: str) -> None:
     import torch.distributed as tdist
 
-    from deid.losses import discriminator_loss, r1_penalty
-    from deid.model import ModelConfig
-    from train.trainer import average_across_ranks
+    from deid.nets.losses import discriminator_loss, r1_penalty
+    from deid.nets.model import ModelConfig
+    from deid.train.trainer import average_across_ranks
 
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -223,8 +224,8 @@ def test_discriminator_and_r1_gradients_across_two_ranks_equal_the_global_batch(
 
     import torch.multiprocessing as mp
 
-    from deid.losses import discriminator_loss, r1_penalty
-    from deid.model import ModelConfig
+    from deid.nets.losses import discriminator_loss, r1_penalty
+    from deid.nets.model import ModelConfig
 
     g = torch.Generator().manual_seed(0)
     w, fake = torch.randn(6, 512, generator=g), torch.randn(6, 512, generator=g)
@@ -244,11 +245,11 @@ def test_discriminator_and_r1_gradients_across_two_ranks_equal_the_global_batch(
 def test_cli_train_builds_the_papers_defaults(monkeypatch, tmp_path):
     from click.testing import CliRunner
 
-    import train.launch
-    from cli import cli
+    import deid.cli
+    from deid.cli import cli
 
     seen = []
-    monkeypatch.setattr(train.launch, "launch", seen.append)
+    monkeypatch.setattr(deid.cli, "launch", seen.append)
     result = CliRunner().invoke(cli, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"),
                                       "--attribute-encoder", "random", "--steps", "10"])
     assert result.exit_code == 0, result.output
@@ -266,7 +267,7 @@ def test_cli_train_builds_the_papers_defaults(monkeypatch, tmp_path):
 def test_cli_train_checks_the_dataset_before_fetching_any_network(tmp_path):
     from click.testing import CliRunner
 
-    from cli import cli
+    from deid.cli import cli
 
     # Default (registry) networks are not in the test cache and the tests are offline: the dataset error must
     # come first, not a complaint about weights the run would never have needed.

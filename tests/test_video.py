@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from deid.errors import MediaError
-from deid.video import (
+from deid.media.video import (
     VideoWriter,
     audio_duration,
     ffmpeg_exe,

@@ -9,8 +9,7 @@ import threading
 import pytest
 from click.testing import CliRunner
 
-import cli
-from deid import weights
+from deid import cli, weights
 from deid.errors import WeightsError
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB of known bytes
@@ -236,7 +235,7 @@ def test_list_shows_every_design_network_as_missing_with_the_fetch_command():
 
 
 def test_convert_writes_a_safetensors_generator_with_the_same_fingerprint(tmp_path, tiny_generator, tiny_generator_file):
-    from deid.stylegan import load_generator
+    from deid.stylegan.loading import load_generator
 
     source = tiny_generator_file
     out = tmp_path / "converted.safetensors"

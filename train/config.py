@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from deid.model import ModelConfig
+from deid.nets.model import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Sample i depends only on (seed, i): its z comes from its own torch.Generator seeded with (seed << 32) + i,
 and batches are aligned to multiples of the batch size (kept in run.json), so a resumed run writes exactly
 the files an uninterrupted one would. Under torchrun each rank generates every WORLD_SIZE-th batch and rank 0
-writes the one manifest. The dataset layout is described in train/dataset.py.
+writes the one manifest. The dataset layout is described in deid/dataset.py.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from rich.progress import ProgressColumn
@@ -24,10 +25,13 @@ from rich.text import Text
 
 from deid.atomic import TEMPORARY_GLOB, write_bytes_atomic
 from deid.console import info, progress
+from deid.dataset import FORMAT, MANIFEST, RUN_FILE, image_relpath, read_manifest, verify_dataset
 from deid.errors import DatasetError
+from deid.media.images import to_uint8
 from deid.runtime import Dist, init_distributed
-from deid.stylegan import Generator, load_generator
-from train.dataset import FORMAT, MANIFEST, RUN_FILE, image_relpath, read_manifest, verify_dataset
+from deid.stylegan.loading import load_generator
+from deid.stylegan.network import Generator
+from deid.weights import source_sha256
 
 # Settings that define the samples; a run or dataset with other values is a different dataset.
 IDENTITY_KEYS = ("format", "generator_fingerprint", "seed", "truncation", "noise_mode", "count", "resolution", "w_dim")
@@ -65,17 +69,11 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def encode_png(image: np.ndarray) -> bytes:
     """[R, R, 3] uint8 RGB -> PNG bytes (lossless)."""
-    import cv2
 
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(image[:, :, ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 3])
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()
-
-
-def to_uint8(img: torch.Tensor) -> np.ndarray:
-    """[N, 3, R, R] float in [-1, 1] -> [N, R, R, 3] uint8 (round to nearest; the published convention)."""
-    return (img * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class RateColumn(ProgressColumn):
@@ -87,7 +85,6 @@ class RateColumn(ProgressColumn):
 
 def generator_identity(G: Generator) -> dict:
     """Source, fingerprint (content hash) and the file's sha256 (None for seeded random weights)."""
-    from deid.weights import source_sha256
 
     return {"generator": G.source, "generator_fingerprint": G.fingerprint, "generator_sha256": source_sha256(G.source)}
 

@@ -22,21 +22,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+from rich.progress import TextColumn
 from torch import Tensor
 
 from deid.atomic import write_text_atomic
 from deid.checkpoints import read_safetensors, write_safetensors
 from deid.console import info, progress
-from deid.encoders import LandmarkEncoder
+from deid.dataset import GeneratedDataset, verify_dataset
 from deid.errors import DatasetError, DeidError
-from deid.losses import (
+from deid.grid import grid_image
+from deid.media.images import save_image
+from deid.nets.encoders import LandmarkEncoder
+from deid.nets.losses import (
     discriminator_loss,
     generator_adversarial_loss,
     identity_loss,
@@ -44,20 +49,19 @@ from deid.losses import (
     r1_penalty,
     reconstruction_loss,
 )
-from deid.mapper import LatentDiscriminator
-from deid.model import (
+from deid.nets.mapper import LatentDiscriminator
+from deid.nets.model import (
     Disentangler,
     ModelConfig,
     build_discriminator,
     build_generator,
-    checkpoint_path,
-    latest_checkpoint,
-    list_checkpoints,
+    mix_grid,
     read_checkpoint,
     unprefixed,
 )
-from deid.runtime import Dist, init_distributed, resolve_dtype
-from train.config import TrainConfig
+from deid.runs import checkpoint_path, latest_checkpoint, list_checkpoints
+from deid.runtime import Dist, autocast, init_distributed, resolve_dtype
+from deid.train.config import TrainConfig
 
 STATE_FORMAT = "deid-train-state"
 
@@ -125,7 +129,6 @@ def load_batch(dataset, indices: list[int], device: torch.device) -> tuple[Tenso
 def check_dataset(root: Path, generator, min_count: int):
     """Open a dataset that `verify_dataset` passed, and refuse one that was not made by `generator` at its
     resolution or is too small. Runs on the CPU before any network touches a GPU."""
-    from train.dataset import GeneratedDataset
 
     dataset = GeneratedDataset(root)
     manifest = dataset.manifest
@@ -175,11 +178,6 @@ class Trainer:
     def is_adversarial(self, step: int) -> bool:
         return step % self.config.schedule.adversarial_every == 0
 
-    def _autocast(self, device: torch.device):
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(device.type, dtype=self.dtype)
-
     def compute_losses(self, step: int, I_id: Tensor, I_attr: Tensor, w_real: Tensor) -> dict[str, Tensor]:  # noqa: N803
         """The losses of step `step` on one batch (images [B, 3, R, R] in [-1, 1], w_real [B, w_dim]).
 
@@ -187,7 +185,7 @@ class Trainer:
         sum that updates E_attr and M), and on adversarial steps: adversarial (M's non-saturating loss,
         unweighted), discriminator (D_W's logistic loss) and r1."""
         weights, m = self.config.losses, self.model
-        with self._autocast(I_id.device):
+        with autocast(I_id.device, self.dtype):
             with torch.no_grad():
                 id_ref = m.encode_identity(I_id).float()
                 lnd_ref = self.landmarks(I_attr).float()
@@ -313,6 +311,7 @@ class RunLog:
         self.file = open(self.path, "a", encoding="utf-8")
         self.writer = None
         if tensorboard:
+            # lazy: tensorboard is a slow import needed only on rank 0 of a training run
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step)
@@ -334,7 +333,6 @@ class RunLog:
 def save_sample_grid(model: Disentangler, identities: Tensor, attributes: Tensor, path: Path) -> Path:
     """The paper's Fig. 4 table in `deid mix`'s layout: identity images along the top, attribute images down
     the left, each cell the model's output for that pair. identities/attributes: [K, 3, R, R] in [-1, 1]."""
-    from pipelines.figures import grid_image, mix_grid, write_image
 
     was_training = model.training
     model.eval()
@@ -343,7 +341,7 @@ def save_sample_grid(model: Disentangler, identities: Tensor, attributes: Tensor
     finally:
         model.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_image(path, grid_image(cells, identities, attributes), overwrite=True)
+    save_image(grid_image(cells, identities, attributes), path, overwrite=True)
     return path
 
 
@@ -387,7 +385,6 @@ class StopFlag:
 
 
 def _in_main_thread() -> bool:
-    import threading
 
     return threading.current_thread() is threading.main_thread()
 
@@ -434,7 +431,6 @@ def train(config: TrainConfig, on_step=None) -> Path:
 
     # Everything that can refuse the run happens on the CPU, before any GPU work; an incomplete dataset is
     # refused even before the networks are loaded (or downloaded).
-    from train.dataset import verify_dataset
 
     verify_dataset(config.data)
     generator = build_generator(model_config, "cpu")
@@ -502,7 +498,6 @@ class _Run:
 
 
 def _loop(run: _Run, start: int, on_step) -> Path:
-    from rich.progress import TextColumn
 
     config, trainer, dist = run.config, run.trainer, run.dist
     stop = StopFlag()

@@ -2,11 +2,11 @@
 
 identity     cosine similarity of dlib ResNet descriptors (and dlib's own same-person test: distance < 0.6)
 expression   mean Euclidean distance of the 68 dlib landmarks, divided by the image (or face box) side
-pose         Euclidean norm of the (yaw, pitch, roll) difference in degrees (deid.pose, cv2.solvePnP)
+pose         Euclidean norm of the (yaw, pitch, roll) difference in degrees (deid.evaluation.pose, cv2.solvePnP)
 RMSE, PSNR   on pixel values in [0, 1]
 FID          Frechet distance of pytorch-fid's Inception (TF FID weights) pool features of face crops
 
-Faces are located with deid.faces' MTCNN; dlib places landmarks and describes the face (deid.recognizers).
+Faces are located with deid.faces.detection's MTCNN; dlib places landmarks and describes the face (deid.evaluation.recognizers).
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import cv2
 import numpy as np
 import torch
 
+from deid import weights
+from deid.checkpoints import read_state_dict
 from deid.errors import WeightsError
-from deid.faces import DetectConfig, FaceDetector
-from deid.pose import HeadPose, angle_difference, estimate_pose
-from deid.recognizers import DLIB_SAME_PERSON_DISTANCE, DlibFaceAnalyzer, FaceMeasurement
+from deid.evaluation.pose import HeadPose, angle_difference, estimate_pose
+from deid.evaluation.recognizers import DLIB_SAME_PERSON_DISTANCE, DlibFaceAnalyzer, FaceMeasurement
+from deid.faces.detection import DetectConfig, FaceDetector
 
 # ---------------------------------------------------------------------------------- per-face numbers
 
@@ -93,7 +95,7 @@ class MeasuredFace:
 
 
 class FaceMeter:
-    """Locates faces (MTCNN, deid.faces) and measures them (dlib landmarks + descriptor, solvePnP pose)."""
+    """Locates faces (MTCNN, deid.faces.detection) and measures them (dlib landmarks + descriptor, solvePnP pose)."""
 
     def __init__(self, device: torch.device | str = "cpu", detect: DetectConfig = DetectConfig()):
         self.detector = FaceDetector(detect, device=device)
@@ -175,6 +177,7 @@ class FeatureStats:
 
 def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     """Frechet distance of the Gaussians fitted to two feature sets (pytorch-fid's implementation)."""
+    # lazy: pytorch-fid (scipy) is needed only by FID
     from pytorch_fid.fid_score import calculate_frechet_distance
 
     # the distance is never negative; rounding in the matrix square root can leave about -1e-8 for equal sets
@@ -188,6 +191,7 @@ FID_CROP = 299  # the Inception input side; crops are cut at it so no second res
 
 def _fid_inception_net(state: dict[str, torch.Tensor] | None, seed: int) -> torch.nn.Module:
     """The TF-FID variant of InceptionV3 (pytorch-fid's blocks), with `state` or seeded random weights."""
+    # lazy: pytorch-fid (scipy) is needed only by FID
     from pytorch_fid import inception as pf
 
     with torch.random.fork_rng(devices=[]):
@@ -230,10 +234,9 @@ class FIDInception(torch.nn.Module):
         super().__init__()
         from unittest import mock
 
+        # lazy: pytorch-fid (scipy) is needed only by FID
         from pytorch_fid import inception as pf
 
-        from deid import weights
-        from deid.checkpoints import read_state_dict
 
         path = weights.resolve(source)  # raises WeightsError naming the fix when the file is missing
         if dims not in pf.InceptionV3.BLOCK_INDEX_BY_DIM:

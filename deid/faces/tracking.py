@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from deid.faces import Detections, box_iou
+from deid.faces.detection import Detections, box_iou
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Interpret generator files: NVIDIA pickles, rosinality `.pt`, deid `.safetensors` -> (GeneratorConfig, state).
 
-The state dict uses deid's canonical (NVIDIA) names; see deid/stylegan.py. Variants that deid does not
+The state dict uses deid's canonical (NVIDIA) names; see deid/stylegan/network.py. Variants that deid does not
 implement (StyleGAN3 synthesis, conditional models, orig/resnet toRGB) are refused, never loaded wrong.
 """
 
@@ -13,10 +13,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from deid.checkpoints import PersistentObject, module_tensors, read_network_pickle, read_safetensors, read_torch_checkpoint
+from deid.checkpoints import (
+    PersistentObject,
+    module_tensors,
+    read_network_pickle,
+    read_safetensors,
+    read_torch_checkpoint,
+)
 from deid.errors import WeightsError
-from deid.stylegan import GeneratorConfig
-from deid.stylegan_ops import fir_filter
+from deid.stylegan.config import GeneratorConfig
+from deid.stylegan.network import MappingNetwork
+from deid.stylegan.ops import fir_filter
 
 DEID_FORMAT = "deid-stylegan2"
 STANDARD_FILTER = fir_filter()
@@ -223,7 +230,6 @@ def rosinality_rename(sd: dict[str, Tensor], config: GeneratorConfig) -> dict[st
 @torch.no_grad()
 def estimate_w_avg(config: GeneratorConfig, state: dict[str, Tensor], n: int = 10000, seed: int = 0) -> Tensor:
     """Mean w over n seeded z, for checkpoints without a stored average (rosinality's train.py keeps none)."""
-    from deid.stylegan import MappingNetwork
 
     mapping = MappingNetwork(config)
     mapping.load_state_dict({k[len("mapping."):]: v.float() for k, v in state.items()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from deid.checkpoints import read_safetensors, write_safetensors
-from deid.encoders import (
+from deid.errors import WeightsError
+from deid.nets.encoders import (
     AttributeEncoder,
     AttributeEncoderConfig,
     IdentityEncoder,
@@ -28,14 +28,19 @@ from deid.encoders import (
     seeded,
     weights_fingerprint,
 )
-from deid.errors import WeightsError
-from deid.mapper import DiscriminatorConfig, LatentDiscriminator, LatentMapper, MapperConfig
+from deid.nets.mapper import DiscriminatorConfig, LatentDiscriminator, LatentMapper, MapperConfig
+from deid.runs import latest_checkpoint
+from deid.stylegan.config import GeneratorConfig
+from deid.stylegan.loading import load_generator
+from deid.weights import REGISTRY, resolve, source_sha256
 
 FORMAT = "deid-model"
+
+
 FORMAT_VERSION = 1
+
+
 DEFAULT_MODEL = "deid-ffhq256"
-CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_RE = re.compile(r"^step-(\d+)\.safetensors$")
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class ModelConfig:
     identity: IdentityEncoderConfig = IdentityEncoderConfig()
     attributes: AttributeEncoderConfig = AttributeEncoderConfig()
     landmarks: LandmarkEncoderConfig = LandmarkEncoderConfig()  # training only; recorded for provenance
-    mapper_hidden: tuple[int, ...] = MapperConfig.hidden  # the paper's widths, defined once in deid.mapper
+    mapper_hidden: tuple[int, ...] = MapperConfig.hidden  # the paper's widths, defined once in deid.nets.mapper
     discriminator_hidden: tuple[int, ...] = DiscriminatorConfig.hidden
     init_seed: int = 0  # initial weights of M and D_W (PyTorch's default initialisers, seeded)
 
@@ -100,7 +105,6 @@ class ModelConfig:
 
 def build_generator(config: ModelConfig, device: str | torch.device = "cpu"):
     """The frozen generator a config names."""
-    from deid.stylegan import GeneratorConfig, load_generator
 
     if config.generator == "random":
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in (config.generator_config or {}).items()}
@@ -182,7 +186,6 @@ class Disentangler(nn.Module):
     def _frozen_hashes(self) -> dict:
         """The generator file's sha256 and E_id's content hash: frozen parts, so hashed once, not per checkpoint."""
         if not hasattr(self, "_frozen_hashes_cache"):
-            from deid.weights import source_sha256
 
             self._frozen_hashes_cache = {"generator_sha256": source_sha256(self.config.generator),
                                          "identity_fingerprint": weights_fingerprint(self.identity_encoder)}
@@ -225,26 +228,6 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
     return header, tensors
 
 
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every checkpoint of a training run directory, oldest first."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    return sorted((int(m.group(1)), p) for p in folder.glob("step-*.safetensors") if (m := CHECKPOINT_RE.match(p.name)))
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path:
-    """The highest-step checkpoint of a training run directory."""
-    run_dir = Path(run_dir)
-    found = list_checkpoints(run_dir)
-    if not found:
-        raise WeightsError(f"{run_dir}: no checkpoint in {run_dir / CHECKPOINT_DIR}. "
-                           f"Train one with `deid train --data DIR --out {run_dir}`.")
-    return found[-1][1]
-
-
-def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}.safetensors"
-
-
 def _resolve_model_file(source: str | os.PathLike) -> Path:
     text = os.fspath(source)
     path = Path(text).expanduser()
@@ -252,7 +235,6 @@ def _resolve_model_file(source: str | os.PathLike) -> Path:
         return latest_checkpoint(path)
     if path.is_file():
         return path
-    from deid.weights import REGISTRY, resolve
 
     if text in REGISTRY:
         try:
@@ -304,6 +286,21 @@ def build_discriminator(config: ModelConfig, w_dim: int) -> LatentDiscriminator:
 
 
 __all__ = [
-    "ModelConfig", "Disentangler", "load_model", "list_checkpoints", "latest_checkpoint", "checkpoint_path", "read_checkpoint",
+    "ModelConfig", "Disentangler", "load_model", "read_checkpoint", "mix_grid",
     "unprefixed", "build_generator", "build_discriminator", "DEFAULT_MODEL",
 ]
+
+
+@torch.no_grad()
+def mix_grid(model, identity_heads: torch.Tensor, attribute_heads: torch.Tensor) -> torch.Tensor:
+    """Every (attribute source, identity) pair through the model.
+
+    identity_heads: [C, 3, R, R], attribute_heads: [Rows, 3, R, R], both in [-1, 1].
+    Returns [Rows, C, 3, R, R]: cell (r, c) has identity c and the attributes of row r.
+    """
+    id_codes = model.encode_identity(identity_heads)
+    attr_codes = model.encode_attributes(attribute_heads)
+    rows, cols = attr_codes.shape[0], id_codes.shape[0]
+    w = model.map(id_codes.repeat(rows, 1), attr_codes.repeat_interleave(cols, dim=0))
+    images = model.generate(w)
+    return images.reshape(rows, cols, *images.shape[1:])

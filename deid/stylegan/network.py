@@ -2,7 +2,7 @@
 
 Parameter names and shapes are those of NVIDIA's published networks (`mapping.fc0.weight`,
 `synthesis.b64.conv0.affine.bias`, ...), so an NVIDIA pickle loads by name; rosinality files are renamed on
-reading (deid/stylegan_formats.py). Weights are stored raw and scaled at run time (equalized learning rate).
+reading (deid/stylegan/formats.py). Weights are stored raw and scaled at run time (equalized learning rate).
 
     G = load_generator("stylegan2-ffhq-256", device="cuda")      # or a .pkl / .pt / .safetensors path, or "random"
     w = G.mapping(z, truncation_psi=0.7)                          # z: [N, z_dim] -> w: [N, w_dim]
@@ -18,15 +18,13 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deid.errors import WeightsError
-from deid.stylegan_ops import (
+from deid.stylegan.config import NOISE_MODES, GeneratorConfig
+from deid.stylegan.ops import (
     LRELU_GAIN,
     LRELU_SLOPE,
     DerivedWeights,
@@ -36,55 +34,6 @@ from deid.stylegan_ops import (
     normalize_2nd_moment,
     upsample2d,
 )
-
-NOISE_MODES = ("const", "random", "none")
-
-
-@dataclass(frozen=True)
-class GeneratorConfig:
-    """Architecture of a StyleGAN2 generator (config-f style, skip toRGB)."""
-
-    resolution: int = 256               # output side in pixels, a power of two >= 4
-    z_dim: int = 512                    # latent z size
-    w_dim: int = 512                    # intermediate latent w size
-    mapping_layers: int = 8             # fully connected layers in the mapping network
-    channel_base: int = 16384           # feature maps at resolution r: min(channel_base // r, channel_max)
-    channel_max: int = 512
-    conv_clamp: float | None = 256.0     # clamp of conv outputs (NVIDIA); None = no clamp (rosinality)
-    img_channels: int = 3
-    mapping_lr_multiplier: float = 0.01  # equalized-lr multiplier of the mapping layers
-    num_fp16_res: int = 0               # informational: how many top resolutions NVIDIA ran in fp16
-
-    def __post_init__(self):
-        r = self.resolution
-        if r < 4 or r & (r - 1):
-            raise ValueError(f"resolution must be a power of two >= 4, got {r}")
-        if self.conv_clamp is not None:  # 256 and 256.0 are the same network (and must hash the same)
-            object.__setattr__(self, "conv_clamp", float(self.conv_clamp))
-
-    @property
-    def block_resolutions(self) -> list[int]:
-        return [2 ** i for i in range(2, int(math.log2(self.resolution)) + 1)]
-
-    def channels(self, res: int) -> int:
-        return min(self.channel_base // res, self.channel_max)
-
-    @property
-    def num_ws(self) -> int:
-        return 2 * len(self.block_resolutions)  # one per conv (2 per block, 1 in b4) plus the last toRGB
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> GeneratorConfig:
-        data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise WeightsError(f"generator config has unknown fields {sorted(unknown)}: the file was written by a "
-                               "newer deid. Upgrade deid.")
-        return cls(**data)
 
 
 class EqualizedLinear(nn.Module):
@@ -330,54 +279,3 @@ def random_generator(config: GeneratorConfig, seed: int = 0) -> Generator:
         z = torch.randn(4096, config.z_dim, generator=gen)
         G.mapping.w_avg.copy_(G.mapping(z).mean(dim=0))
     return G.eval().requires_grad_(False)
-
-
-def load_generator(source: str | Path, device: str | torch.device = "cpu", config: GeneratorConfig | None = None,
-                   seed: int = 0) -> Generator:
-    """A frozen generator in eval mode on `device`.
-
-    source: "random" (seeded random weights with `config`, default GeneratorConfig()), a registry name
-    (e.g. "stylegan2-ffhq-256"), or a file: NVIDIA StyleGAN2 `.pkl`, rosinality `.pt`, deid `.safetensors`.
-    """
-    from deid.weights import resolve
-
-    if str(source) == "random":
-        return random_generator(config or GeneratorConfig(), seed).to(device)
-    if config is not None:
-        raise ValueError("config is only used with source='random'; files carry their own architecture")
-    path = resolve(source)
-    if path is None:  # resolve() only answers None for "random"
-        raise WeightsError(f"{source}: not a generator file or registry name.")
-    from deid.stylegan_formats import read_generator_file
-
-    cfg, state = read_generator_file(path)
-    with torch.device("meta"):
-        G = Generator(cfg, source=str(source))
-    missing = set(G.state_dict()) - set(state)
-    extra = set(state) - set(G.state_dict())
-    if missing or extra:
-        raise WeightsError(f"{path}: tensors do not match a StyleGAN2 generator of resolution {cfg.resolution} "
-                           f"(missing {sorted(missing)[:4]}, unexpected {sorted(extra)[:4]}). The file is not a "
-                           "supported StyleGAN2 generator; use an NVIDIA StyleGAN2(-ADA) pickle or a rosinality .pt.")
-    for name, t in G.state_dict().items():
-        if tuple(state[name].shape) != tuple(t.shape):
-            raise WeightsError(f"{path}: tensor {name} has shape {list(state[name].shape)}, expected {list(t.shape)} "
-                               "for this architecture. The file is damaged or of an unsupported variant.")
-    G.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
-    return G.to(device).eval().requires_grad_(False)
-
-
-def save_generator(G: Generator, dst: str | Path) -> Path:
-    """Write `G` as deid's .safetensors (tensors under canonical names; architecture JSON and fingerprint in
-    the metadata), atomically. Returns dst."""
-    from deid.checkpoints import write_safetensors
-
-    dst = Path(dst)
-    write_safetensors(dst, G.state_dict(), {"format": "deid-stylegan2", "config": G.config.to_json(),
-                                            "fingerprint": G.fingerprint})
-    return dst
-
-
-def convert_generator(src: str | Path, dst: str | Path) -> Path:
-    """Convert a generator file (NVIDIA .pkl, rosinality .pt or deid .safetensors) into deid's .safetensors."""
-    return save_generator(load_generator(Path(src)), dst)

@@ -30,6 +30,7 @@ def ffmpeg_exe() -> str:
     on_path = shutil.which("ffmpeg")
     if on_path:
         return on_path
+    # lazy: optional, only when neither $DEID_FFMPEG nor PATH has ffmpeg
     import imageio_ffmpeg
 
     return imageio_ffmpeg.get_ffmpeg_exe()
@@ -49,7 +50,7 @@ class AudioInfo:
 
 @dataclass(frozen=True)
 class VideoInfo:
-    path: Path
+    path: Path | None  # None: frames made in memory (see `for_frames`)
     width: int  # stored frame size (before the display rotation)
     height: int
     frame_rate: Fraction  # average frame rate, exact (30000/1001 stays that)
@@ -62,6 +63,12 @@ class VideoInfo:
     start_pts: int
     constant_rate: bool  # every frame starts within a time_base tick of the frame_rate grid
     audio: tuple[AudioInfo, ...] = field(default=())
+
+    @classmethod
+    def for_frames(cls, width: int, height: int, frame_rate: Fraction) -> VideoInfo:
+        """The timing of frames made in memory (no source file, no audio): frame i starts at i / frame_rate."""
+        return cls(path=None, width=width, height=height, frame_rate=frame_rate, time_base=1 / frame_rate, frame_count=0,
+                   duration=0.0, rotation=0, sar=Fraction(1), codec="", start_pts=0, constant_rate=True)
 
     @property
     def display_size(self) -> tuple[int, int]:
@@ -247,6 +254,8 @@ class EncodeOptions:
 class VideoWriter:
     """Encode frames with the source's exact timestamps, copying the source's audio and metadata alongside.
 
+    `source` is a probed video, or `VideoInfo.for_frames(...)` for frames made in memory (figures, clips).
+
     Audio packets are copied (no re-encode) when the output container takes the codec, else re-encoded to AAC;
     they are interleaved with the video as it is written, so memory stays flat. Use as a context manager; on an
     exception the file is closed and left for the caller (who writes to a temporary path) to delete.
@@ -258,7 +267,8 @@ class VideoWriter:
         self.source = source
         width, height = size or (source.width, source.height)
         self.container = av.open(str(self.path), mode="w", format=_format_for(self.path))
-        self.container.metadata.update(_container_metadata(source.path))
+        if source.path is not None:
+            self.container.metadata.update(_container_metadata(source.path))
         stream = self.container.add_stream(options.codec, rate=source.frame_rate)
         stream.width, stream.height = width, height
         odd = width % 2 or height % 2
@@ -384,7 +394,7 @@ class _AudioPassthrough:
 
 
 def _format_for(path: Path) -> str | None:
-    return {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi"}.get(path.suffix.lower())
+    return {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi", ".gif": "gif"}.get(path.suffix.lower())
 
 
 # Container tags that the muxer writes itself, and tags that identify where or with what device a video was shot:

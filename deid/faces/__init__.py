@@ -1,0 +1,1 @@
+"""Faces in frames: detection (MTCNN), FFHQ-style alignment, tracking and smoothing across frames, paste-back."""
