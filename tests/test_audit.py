@@ -3,6 +3,7 @@ networks independent of the pipeline, and the fail-safe covers what the audit st
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
 from deid.pipelines.common import HeadSynthesizer
 
 
+@functools.lru_cache(maxsize=1)
 def _dlib_check():
     """dlib's own networks, set up here without deid's audit code: the independent reference of these tests."""
     import dlib
@@ -29,24 +31,21 @@ def _dlib_check():
             dlib.face_recognition_model_v1(models.face_recognition_model_location()))
 
 
-def _recognised(pairs) -> list[bool]:
-    """Per (source, output) frame pair: does dlib (HOG with its own 2x upsampling, on all four quarter turns) find a
-    face in the output that its recogniser matches (distance < 0.6) to the source person, as described by the
-    largest face it finds in the source frame? (Matching the person, not the same place: an unchanged background
-    patch that HOG takes for a face would otherwise match itself.)"""
+def _faces(image):
+    """(area, descriptor [128]) of each face dlib's HOG (with its own 2x upsampling) finds on any quarter turn."""
     detector, shape, recognizer = _dlib_check()
+    for turns in range(4):
+        view = np.ascontiguousarray(np.rot90(image, turns))
+        for rect in detector(view, 1):
+            yield rect.area(), np.array(recognizer.compute_face_descriptor(view, shape(view, rect)))
 
-    def faces(image):
-        for turns in range(4):
-            view = np.ascontiguousarray(np.rot90(image, turns))
-            for rect in detector(view, 1):
-                yield rect.area(), np.array(recognizer.compute_face_descriptor(view, shape(view, rect)))
 
-    found = []
-    for source, output in pairs:
-        _, person = max(faces(source), key=lambda f: f[0])
-        found.append(any(np.linalg.norm(d - person) < 0.6 for _, d in faces(output)))
-    return found
+def _recognised(source: np.ndarray, outputs) -> list[bool]:
+    """Per output frame: does dlib find a face there that its recogniser matches (distance < 0.6) to the person of
+    `source` (its largest face)? Matching the person, not the same place: an unchanged background patch that HOG
+    takes for a face would otherwise match itself."""
+    _, person = max(_faces(source), key=lambda f: f[0])
+    return [any(np.linalg.norm(d - person) < 0.6 for _, d in _faces(output)) for output in outputs]
 
 
 @pytest.fixture
@@ -115,7 +114,7 @@ def test_rolled_stream_searches_few_views(rolled_clip):
 def test_default_blur_defeats_the_recogniser(carphone, astronaut_png):
     """The fail-safe's strength, checked against dlib directly: every covered face is another person to it."""
     detector, shape, recognizer = _dlib_check()
-    images = [cv2.resize(f.image, (352, 288)) for f in list(read_frames(carphone))[::10]] + [load_image(astronaut_png)]
+    images = [cv2.resize(f.image, (352, 288)) for f in list(read_frames(carphone))[::20]] + [load_image(astronaut_png)]
     config = AuditConfig()
     for method in ("blur", "pixelate"):
         distances = []
@@ -127,7 +126,7 @@ def test_default_blur_defeats_the_recogniser(carphone, astronaut_png):
             before = np.array(recognizer.compute_face_descriptor(image, shape(image, rect)))
             after = np.array(recognizer.compute_face_descriptor(covered, shape(covered, rect)))
             distances.append(np.linalg.norm(before - after))
-        assert len(distances) == 13 and min(distances) > 0.65, (method, distances)
+        assert len(distances) == 7 and min(distances) > 0.65, (method, distances)
 
 
 def test_leaky_model_on_rolled_video_is_caught_and_covered(rolled_clip, tiny_model, tmp_path, leaky):
@@ -145,7 +144,7 @@ def test_leaky_model_on_rolled_video_is_caught_and_covered(rolled_clip, tiny_mod
         assert totals["leaks"] == totals["faces"] and totals["leaked_frames"] == totals["frames_with_faces"]
         faces = [face for frame in audit["frames"] for face in frame["faces"]]
         assert all(face["replaced"] and face["distance"] < 0.6 for face in faces)
-        results[fail_safe] = (_recognised(zip(sources, _frames(out))), totals)
+        results[fail_safe] = (_recognised(sources[0], _frames(out)), totals)
     recognised, totals = results["blur"]
     assert sum(recognised) == 0
     assert totals["covered_frames"] == totals["leaked_frames"] and totals["residual_leaked_frames"] == 0
@@ -156,7 +155,7 @@ def test_leaky_model_on_rolled_video_is_caught_and_covered(rolled_clip, tiny_mod
 
 def test_leaky_model_on_a_photo(astronaut_png, tiny_model, tmp_path, leaky):
     source = load_image(astronaut_png)
-    for fail_safe, expected in (("blur", False), ("black", False), ("none", True)):
+    for fail_safe, expected in (("blur", False), ("none", True)):
         out = tmp_path / f"{fail_safe}.png"
         report = _anonymize(tiny_model, astronaut_png, out, audit=AuditConfig(fail_safe=fail_safe))
         audit = json.loads(audit_path(out).read_text())
@@ -165,7 +164,7 @@ def test_leaky_model_on_a_photo(astronaut_png, tiny_model, tmp_path, leaky):
         assert face["leak"] and face["distance"] < 0.6
         assert audit["totals"]["leaked_frames"] == 1 == report.audit.leaked_frames
         assert len(frame["covered"]) == (0 if fail_safe == "none" else frame["leaks"])
-        assert _recognised([(source, load_image(out))]) == [expected]
+        assert _recognised(source, [load_image(out)]) == [expected]
 
 
 def test_clean_output_has_no_leaks_and_no_audit_means_no_file(carphone, tiny_model, tmp_path):
