@@ -12,6 +12,7 @@ import signal
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -22,7 +23,7 @@ from deid import cli
 from deid.atomic import atomic_output
 from deid.errors import MediaError
 from deid.faces.detection import FaceDetector
-from deid.media.stills import load_still
+from deid.media.stills import load_still, save_still
 from deid.media.video import VideoWriter, probe
 from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
 from deid.pipelines.common import expand_inputs
@@ -345,3 +346,44 @@ def test_summary_names_what_an_output_loses(tmp_path, hdr_clip, extra_streams_cl
     assert f"note: {out / 'hdr10.mp4'}: 10-bit video processed at 8 bits per channel, written as 10-bit" in err
     assert (f"note: {out / 'extra_streams.mkv'}: 1 extra video stream and 1 subtitle stream not carried over" in err)
     assert probe(out / "hdr10.mp4").bits == 10 and probe(out / "hdr10.mp4").color == probe(hdr_clip).color
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "L16", "RGB", "RGBA", "RGB16", "RGBA16", "CMYK", "P"])
+def test_still_round_trip_per_mode(tmp_path, mode):
+    """Every mode comes back in its own format: untouched pixels exact, changed ones in the new colour."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    source = tmp_path / ("in.jpg" if mode == "CMYK" else "in.png")
+    if mode in ("RGB16", "RGBA16"):
+        deep = rng.integers(0, 65536, (24, 32, 4 if mode == "RGBA16" else 3), dtype=np.uint16)
+        cv2.imwrite(str(source), deep)
+    elif mode == "L16":
+        Image.fromarray(rng.integers(0, 65536, (24, 32), dtype=np.uint16)).save(source)
+    else:
+        Image.fromarray(rgb).convert("RGBA" if mode == "RGBA" else mode).save(source)
+    still = load_still(source)
+    assert still.rgb.shape == (24, 32, 3) and still.rgb.dtype == np.uint8
+    assert still.mode == ("RGB" if mode == "P" else mode)  # a palette photo comes back as RGB
+    changed = still.rgb.copy()
+    changed[4:10, 4:10] = (250, 10, 10)
+    out = tmp_path / f"out{source.suffix}"
+    assert save_still(still, changed, out) == []
+    back = load_still(out)
+    assert back.mode == still.mode and back.pixels.dtype == still.pixels.dtype
+    keep = np.ones((24, 32), bool)
+    keep[4:10, 4:10] = False
+    if mode != "CMYK":  # (JPEG: lossy)
+        np.testing.assert_array_equal(back.pixels[keep], still.pixels[keep])
+    red = back.rgb[6, 6].astype(int)
+    if mode == "1":
+        assert red[0] == 0  # its luma, 82, is below the threshold
+    elif mode in ("L", "LA", "L16"):
+        assert abs(red[0] - round(0.299 * 250 + 0.587 * 10 + 0.114 * 10)) <= 1
+    else:
+        assert red[0] > 200 and red[1] < 60
+
+
+def test_still_format_that_cannot_hold_the_mode_says_so(tmp_path, astronaut_variants):
+    still = load_still(astronaut_variants["rgba"])
+    assert save_still(still, still.rgb, tmp_path / "out.jpg") == [".jpg cannot hold the photo's RGBA pixels: written as 8-bit RGB"]
+    assert Image.open(tmp_path / "out.jpg").mode == "RGB"

@@ -51,7 +51,7 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
 def _open(path: Path) -> Image.Image:
     if path.suffix.lower() in HEIF_EXTENSIONS:
         try:
-            import pillow_heif  # optional and heavy: only HEIC/HEIF photos need it
+            import pillow_heif  # lazy: optional (pip install pillow-heif), only HEIC/HEIF photos need it
         except ImportError:
             raise MediaError(f"{path}: reading HEIC/HEIF photos needs the pillow-heif package (pip install pillow-heif). "
                              "Or convert it to JPEG or PNG first.") from None
