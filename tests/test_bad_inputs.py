@@ -22,11 +22,12 @@ import deid.pipelines.anonymize as anonymize_module
 from deid import cli
 from deid.atomic import atomic_output
 from deid.errors import MediaError
-from deid.faces.detection import FaceDetector
 from deid.media.stills import load_still, save_still
 from deid.media.video import VideoWriter, probe
 from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
 from deid.pipelines.common import expand_inputs
+
+from tests.test_anonymize import _face_and_far_masks
 
 
 def _run(capsys, *args: str) -> tuple[int, str]:
@@ -53,16 +54,6 @@ def _one_line_error(code: int, err: str, *parts: str) -> None:
     assert err.count("\n") == 0 and err.startswith("error: "), err
     for part in parts:
         assert part in err, err
-
-
-def _faces(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Masks of the inner half of each detected face box, and of everything a box's side away from any face."""
-    inner, far = np.zeros(image.shape[:2], bool), np.ones(image.shape[:2], bool)
-    for x0, y0, x1, y1 in FaceDetector()([image])[0].boxes:
-        w, h = x1 - x0, y1 - y0
-        inner[int(y0 + h / 4):int(y1 - h / 4), int(x0 + w / 4):int(x1 - w / 4)] = True
-        far[max(0, int(y0 - h)):int(y1 + h), max(0, int(x0 - w)):int(x1 + w)] = False
-    return inner, far
 
 
 # ------------------------------------------------------------------------- 1. concurrent runs
@@ -287,7 +278,7 @@ def test_reenact_output_must_be_a_video_file(tmp_path, astronaut_png, ntsc_clip,
 def test_photos_keep_their_channels_and_bit_depth(tmp_path, astronaut_variants, astronaut_png, tiny_model):
     reports = run_anonymize(AnonymizeJob(inputs=tuple(astronaut_variants.values()), output=tmp_path), tiny_model)
     assert all(r.faces == 1 and r.error is None for r in reports)
-    inner, far = _faces(load_still(astronaut_png).rgb)
+    inner, far = _face_and_far_masks(load_still(astronaut_png).rgb)
     for name, source in astronaut_variants.items():
         before, after = Image.open(source), Image.open(tmp_path / source.name)
         assert after.mode == before.mode, name  # I;16 stays I;16, RGBA stays RGBA, L stays L
