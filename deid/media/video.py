@@ -310,8 +310,9 @@ class EncodeOptions:
 
 # Pixel formats an encoder is tried with first: MJPEG wants full-range "j" formats, ProRes is 4:2:2 10-bit at least.
 _PIX_FMT_FIRST = {"mjpeg": ("yuvj420p", "yuvj444p"), "prores_ks": ("yuv422p10le", "yuv444p10le"), "gif": ("rgb8", "pal8")}
-# Encoders that write interlaced pictures (the field order) when told to.
-_INTERLACED_CODECS = ("libx264", "mpeg2video")
+# Encoders that write interlaced pictures in a given field order when told to. (MPEG-2 takes the order from a frame
+# flag that PyAV cannot set: it would write every clip bottom field first.)
+_INTERLACED_CODECS = ("libx264",)
 # libav's AVColorSpace -> swscale's matrix numbering (they differ for SMPTE 170M and BT.2020 CL).
 _SWS_MATRIX = {1: 1, 4: 4, 5: 5, 6: 5, 7: 7, 9: 9, 10: 9}
 
@@ -347,6 +348,12 @@ def _codec_options(codec: str, options: EncodeOptions, reorder: bool, interlaced
     if interlaced:
         result["flags"] = result.get("flags", "") + "+ildct+ilme"
     return result
+
+
+def _x264_field_order(field_order: int) -> dict[str, str]:
+    """x264 takes the field order from its own parameters (the codec context's is not read): 2/4 top first,
+    3/5 bottom first (libav's AVFieldOrder)."""
+    return {"x264-params": "bff=1" if field_order in (3, 5) else "tff=1"}
 
 
 class VideoWriter:
@@ -410,6 +417,8 @@ class VideoWriter:
         if interlaced:
             stream.codec_context.field_order = source.field_order
         stream.options = _codec_options(codec, options, spec.reorder, interlaced)
+        if interlaced and codec == "libx264":
+            stream.options = {**stream.options, **_x264_field_order(source.field_order)}
         self._set_colour(stream)
         rotation = source.rotation if rotation is None else rotation
         if rotation:
