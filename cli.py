@@ -14,6 +14,7 @@ from deid import __version__
 from deid.atomic import check_output_path
 from deid.console import console, set_quiet
 from deid.errors import DeidError, WeightsError
+from deid.interrupts import Terminated, sigterm_as_interrupt
 from deid.media.video import EncodeOptions
 from deid.nets.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoderConfig
 from deid.nets.model import DEFAULT_MODEL, ModelConfig, load_model
@@ -338,7 +339,9 @@ def train_worker(config_file):
 
 def encode_options(func):
     """`--crf` and `--codec`: how output video is encoded."""
-    func = click.option("--codec", default=EncodeOptions.codec, help="Video encoder (libx264, libx265, libvpx-vp9, ...).")(func)
+    func = click.option("--codec", default=EncodeOptions.codec, show_default=False,
+                        help="Video encoder (libx264, libx265, libvpx-vp9, ...) [default: the output type's usual one: "
+                             "H.264 for .mp4/.mkv/.mov/.ts, VP9 for .webm, MPEG-4 for .avi].")(func)
     func = click.option("--crf", type=click.IntRange(0, 63), default=EncodeOptions.crf, help="Encoder quality (lower is better; x264: 0-51).")(func)
     return func
 
@@ -541,13 +544,22 @@ def interpolate(vary, space, start, end, fixed, steps, output, fps, seconds, cel
     console.print(f"wrote {output}")
 
 
+def _terminated() -> None:
+    set_quiet(False)
+    console.print("[red]error:[/red] terminated (SIGTERM); no partial output was left.")
+    sys.exit(143)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit 1 (runtime) or 2 (usage)."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="deid", standalone_mode=False)
-    except click.exceptions.Abort:
+        with sigterm_as_interrupt():  # `timeout`, `docker stop`, Slurm: clean up as on Ctrl-C
+            cli.main(args=args, prog_name="deid", standalone_mode=False)
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__ or exc.__context__, Terminated):  # click turns it into Abort
+            _terminated()
         console.print("[red]error:[/red] interrupted.")
         sys.exit(130)
     except click.ClickException as exc:
@@ -558,8 +570,11 @@ def main(argv: list[str] | None = None) -> None:
     except DeidError as exc:
         if debug:
             traceback.print_exc()
+        set_quiet(False)  # --quiet silences everything but errors
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         sys.exit(1)
+    except Terminated:
+        _terminated()
     except KeyboardInterrupt:
         console.print("[red]error:[/red] interrupted.")
         sys.exit(130)

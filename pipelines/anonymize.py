@@ -16,14 +16,16 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from deid.atomic import check_output_path
+from deid.atomic import atomic_output, check_not_input, check_output_path, check_writable_folder
 from deid.console import console, info, progress, warn
-from deid.errors import MediaError
+from deid.errors import DeidError, MediaError
 from deid.faces.alignment import AlignConfig, align_photo_file, ffhq_affine, warp_crop
 from deid.faces.detection import DetectConfig, FaceDetector
 from deid.faces.paste import PasteConfig, paste_head
 from deid.faces.tracking import Face, TrackConfig, track
+from deid.media.containers import resolve_codec
 from deid.media.images import load_image, save_image
+from deid.media.stills import load_still, save_still
 from deid.media.video import EncodeOptions, Frame, probe, to_display
 from deid.pipelines.common import (
     FramesPerSecond,
@@ -32,8 +34,10 @@ from deid.pipelines.common import (
     batched,
     detect_frames,
     expand_inputs,
+    make_folders,
     parse_shard,
     preview_path,
+    remove_empty,
     shard,
     video_job,
 )
@@ -63,6 +67,12 @@ class AnonymizeJob:
             check_output_path(self.output, self.overwrite)
         elif not self.output.parent.is_dir():
             raise MediaError(f"{self.output}: the directory {self.output.parent} does not exist. Create it first.")
+        else:
+            check_writable_folder(self.output)
+        for task in tasks:
+            check_not_input(task.target, task.source)  # `-o` spelled differently, links: never destroy an input
+            if not task.is_image:
+                resolve_codec(self.encode.codec, task.target)  # a bad --codec fails here, before the model loads
         if self.identity is not None:
             load_image(self.identity)
         return tasks
@@ -78,6 +88,8 @@ class FileReport:
     persons: set[int] = field(default_factory=set)  # track ids seen
     seconds: float = 0.0
     skipped: bool = False
+    error: str | None = None  # why this file failed (a batch goes on past it)
+    notes: list[str] = field(default_factory=list)  # what the output could not keep (bit depth, streams, ...)
 
 
 def run_anonymize(job: AnonymizeJob, model, device: torch.device | str | None = None,
@@ -95,27 +107,51 @@ def run_anonymize(job: AnonymizeJob, model, device: torch.device | str | None = 
             if task.target.exists() and not job.overwrite:
                 reports.append(FileReport(task.source, task.target, skipped=True))
                 continue
-            task.target.parent.mkdir(parents=True, exist_ok=True)
             swapper = _FaceSwapper(job, synth, identity)
-            reports.append(_run_task(task, job, detector, swapper, bar))
+            reports.append(_run_task(task, job, detector, swapper, bar, batch=len(tasks) > 1))
     _print_summary(reports)
+    _raise_failures(reports)
     return reports
 
 
-def _run_task(task: Task, job: AnonymizeJob, detector: FaceDetector, swapper: "_FaceSwapper", bar) -> FileReport:
+def _run_task(task: Task, job: AnonymizeJob, detector: FaceDetector, swapper: "_FaceSwapper", bar,
+              batch: bool = False) -> FileReport:
+    """One file. In a batch, a file that fails (unreadable, corrupt, ...) is reported and the batch goes on; the
+    mirror folders made for it are removed again when they stay empty."""
     report = FileReport(task.source, task.target)
     start = time.perf_counter()
+    created: list[Path] = []
     try:
+        created = make_folders(task.target.parent)
         if task.is_image:
             _anonymize_image(task, job, detector, swapper, report)
         else:
             _anonymize_video(task, job, detector, swapper, report, bar)
     except OSError as exc:
+        remove_empty(created)
         if exc.errno == errno.ENOSPC:
             raise MediaError(f"{task.target}: the disk is full. Free space or write elsewhere; no partial file was left.") from None
         raise
+    except DeidError as exc:
+        remove_empty(created)
+        if not batch:
+            raise
+        report.error = str(exc)
+        warn(f"{task.source}: failed; going on with the other files.")
+    except BaseException:
+        remove_empty(created)
+        raise
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _raise_failures(reports: list[FileReport]) -> None:
+    """A batch with failed files ends in an error (exit 1) once every other file is done."""
+    failed = [r for r in reports if r.error]
+    if failed:
+        names = ", ".join(str(r.source) for r in failed[:3]) + (", ..." if len(failed) > 3 else "")
+        raise MediaError(f"{len(failed)} of {len(reports)} files failed ({names}; the reasons are listed above). "
+                         "Fix or remove them and run again: finished files are skipped.")
 
 
 class _FaceSwapper:
@@ -171,12 +207,14 @@ def _crops_dir(task: Task, job: AnonymizeJob) -> Path | None:
 
 
 def _anonymize_image(task: Task, job: AnonymizeJob, detector: FaceDetector, swapper: _FaceSwapper, report: FileReport) -> None:
-    image = load_image(task.source)
+    still = load_still(task.source)  # the networks see 8-bit RGB; the file keeps its own channels and depth
+    image = still.rgb.copy()  # heads are pasted in place; still.rgb stays the reference for what changed
     detections = detector([image])[0]
     faces = [Face(i, detections.boxes[i], detections.landmarks[i], False) for i in range(len(detections))]
     swapper.crops_dir = _crops_dir(task, job)
     (output,) = swapper([(Frame(0, 0, 0, image), faces)], report)
-    save_image(output, task.target, overwrite=job.overwrite)
+    with atomic_output(task.target, overwrite=job.overwrite, clean_stale=True) as tmp:
+        report.notes += save_still(still, output, tmp)
     if job.preview:
         save_image(np.concatenate([image, output], axis=1), preview_path(task.target, task.target.suffix), overwrite=True)
 
@@ -198,7 +236,7 @@ def _anonymize_video(task: Task, job: AnonymizeJob, detector: FaceDetector, swap
         return frame, output, side
 
     with video_job(info, task.target, job.encode, overwrite=job.overwrite, queue_size=2 * batch, render=render,
-                   preview_size=(2 * width, height) if job.preview else None) as (frames, sink):
+                   preview_size=(2 * width, height) if job.preview else None, notes=report.notes) as (frames, sink):
         for group in batched(track(detect_frames(frames, detector, info.rotation, stored_size, batch), job.tracking), batch):
             for (frame, _), output in zip(group, swapper(group, report)):
                 sink.put((frame, output))
@@ -218,6 +256,14 @@ def _print_summary(reports: list[FileReport]) -> None:
     for r in reports:
         if r.skipped:
             table.add_row(str(r.target), "-", "-", "-", "-", "skipped (exists; --overwrite to redo)")
+        elif r.error:
+            table.add_row(str(r.source), "-", "-", "-", "-", "[red]failed[/red] (below)")
         else:
             table.add_row(str(r.target), str(r.frames), str(r.faces), str(r.frames_without_faces), str(len(r.persons)), f"{r.seconds:.1f} s")
     console.print(table)
+    for r in reports:
+        for note in r.notes:
+            console.print(f"note: {r.target}: {note}", soft_wrap=True)
+    for r in reports:
+        if r.error:
+            console.print(f"[red]failed:[/red] {r.error}", soft_wrap=True)

@@ -17,6 +17,7 @@ pytest_plugins = [
     "tests.fixtures.media",
     "tests.fixtures.generator",
     "tests.fixtures.model",
+    "tests.fixtures.inputs",
 ]
 
 
