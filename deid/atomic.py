@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -30,14 +31,29 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     check_output_path(path, overwrite)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_temporary(path)
+    mode = stat.S_IMODE(tmp_path.stat().st_mode)
     try:
         yield tmp_path
+        os.chmod(tmp_path, mode)  # writers that replace the file (safetensors does) create it owner-only
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _new_temporary(path: Path) -> Path:
+    """Create an empty, uniquely named file beside `path` with the usual mode, 0666 minus the umask.
+
+    Not `tempfile.mkstemp`: its mode 0600 survives the rename, and an output that only its owner can read is no
+    use to a tool whose job is to share video."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: could not create a temporary file beside {path.name}")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -30,7 +30,7 @@ from deid.media.video import (
     read_frames,
     to_display,
 )
-from deid.runtime import autocast
+from deid.runtime import FACE_BUCKETS, autocast, bucket_chunks, bucket_size, pad_batch
 
 T = TypeVar("T")
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
@@ -279,11 +279,16 @@ class HeadSynthesizer:
         """crops: [N, R, R, 3] uint8 aligned heads; identities: [N, 512]. Returns heads [N, R, R, 3] uint8."""
         if not len(crops):
             return np.zeros_like(crops)
-        images = to_tensor(crops, self.device)
-        with self._autocast():
-            w = self.model.map(identities.to(self.device), self.model.encode_attributes(images))
-            heads = self.model.generate(w)
-        return to_uint8(heads)
+        heads = []
+        # batches padded to FACE_BUCKETS sizes: the number of faces per batch changes with every frame, the
+        # shapes the networks see do not (see deid.runtime)
+        for part in bucket_chunks(len(crops), FACE_BUCKETS):
+            size = bucket_size(part.stop - part.start, FACE_BUCKETS)
+            images = pad_batch(to_tensor(crops[part], self.device), size)
+            with self._autocast():
+                w = self.model.map(pad_batch(identities[part].to(self.device), size), self.model.encode_attributes(images))
+                heads.append(to_uint8(self.model.generate(w)[: part.stop - part.start]))
+        return np.concatenate(heads)
 
 
 def batched(items: Iterator[T], size: int) -> Iterator[list[T]]:
