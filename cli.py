@@ -337,9 +337,12 @@ def train_worker(config_file):
 
 
 def encode_options(func):
-    """`--crf` and `--codec`: how output video is encoded."""
+    """`--crf`, `--codec` and `--keep-metadata`: how output video is encoded."""
     func = click.option("--codec", default=EncodeOptions.codec, help="Video encoder (libx264, libx265, libvpx-vp9, ...).")(func)
     func = click.option("--crf", type=click.IntRange(0, 63), default=EncodeOptions.crf, help="Encoder quality (lower is better; x264: 0-51).")(func)
+    func = click.option("--keep-metadata", is_flag=True,
+                        help="Copy every container tag of the source (title, comment, GPS, vendor keys...); by default "
+                             "only creation_time and language are kept.")(func)
     return func
 
 
@@ -357,7 +360,7 @@ def encode_options(func):
 @click.option("--save-crops", is_flag=True, help="Also save the aligned input and generated heads to OUTPUT_crops/.")
 @click.option("--shard", metavar="K/N", help="Process only share K (0-based) of N of the inputs (default: torchrun's RANK/WORLD_SIZE).")
 @model_options
-def anonymize(inputs, output, identity, seed, overwrite, batch_size, crf, codec, preview, save_crops, shard, model, device, precision):
+def anonymize(inputs, output, identity, seed, overwrite, batch_size, crf, codec, keep_metadata, preview, save_crops, shard, model, device, precision):
     """Replace the identity of every face in videos or images.
 
     \b
@@ -369,7 +372,7 @@ def anonymize(inputs, output, identity, seed, overwrite, batch_size, crf, codec,
     """
 
     job = AnonymizeJob(inputs=tuple(inputs), output=output, identity=identity, seed=seed, overwrite=overwrite,
-                       batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf), preview=preview,
+                       batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf, keep_metadata=keep_metadata), preview=preview,
                        save_crops=save_crops, shard=shard)
     job.check()  # bad paths fail before the model loads
     run_anonymize(job, *load_model_from_options(model, device, precision))
@@ -385,7 +388,7 @@ def anonymize(inputs, output, identity, seed, overwrite, batch_size, crf, codec,
 @click.option("--batch-size", type=click.IntRange(1), default=ReenactJob.batch_size, help="Frames per detection and generation batch.")
 @encode_options
 @model_options
-def reenact(portrait, driving, output, paste, preview, overwrite, batch_size, crf, codec, model, device, precision):
+def reenact(portrait, driving, output, paste, preview, overwrite, batch_size, crf, codec, keep_metadata, model, device, precision):
     """Make the portrait's person perform a driving video (its pose, expression, timing and audio).
 
     \b
@@ -395,7 +398,7 @@ def reenact(portrait, driving, output, paste, preview, overwrite, batch_size, cr
     """
 
     job = ReenactJob(portrait=portrait, driving=driving, output=output, overwrite=overwrite, paste=paste,
-                     preview=preview, batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf))
+                     preview=preview, batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf, keep_metadata=keep_metadata))
     job.check()  # bad paths fail before the model loads
     run_reenact(job, *load_model_from_options(model, device, precision))
 
