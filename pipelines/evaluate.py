@@ -62,6 +62,7 @@ from deid.pipelines.report import (
     write_html,
     write_metrics,
 )
+from deid.runs import complete_lines
 from deid.runtime import autocast
 
 # Detection and dlib's landmarks need faces of roughly 80+ pixels; smaller crops (tiny test models) are
@@ -265,7 +266,7 @@ class _Pass:
             if self.fid is not None:
                 self.real = FeatureStats.from_state({k[5:]: state[k] for k in state.files if k.startswith("real_")})
                 self.fake = FeatureStats.from_state({k[5:]: state[k] for k in state.files if k.startswith("fake_")})
-        kept = [line for line in _read_lines(self.records) if json.loads(line)["index"] < self.done]
+        kept = [line for line in complete_lines(self.records) if json.loads(line)["index"] < self.done]
         write_text_atomic(self.records, "".join(line + "\n" for line in kept))
 
     def save_checkpoint(self) -> None:
@@ -277,7 +278,7 @@ class _Pass:
             np.savez(tmp, **state)
 
     def items(self) -> Iterator[dict]:
-        for line in _read_lines(self.records):
+        for line in complete_lines(self.records):
             yield json.loads(line)
 
 
@@ -288,10 +289,6 @@ def _psnr_to_json(value: float) -> float | None:
 
 def _psnr_from_json(value: float | None) -> float:
     return float("inf") if value is None else value
-
-
-def _read_lines(path: Path) -> list[str]:
-    return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 class _Measurer:

@@ -191,6 +191,8 @@ def test_pairs_resume_after_an_interruption_matches_an_uninterrupted_run(faces_d
         run_pairs(_pairs_job(faces_dir, target, reconstruction=False), Passthrough(), "passthrough")
     with pytest.raises(DeidError, match="different job"):
         run_pairs(_pairs_job(faces_dir, target, reconstruction=False, resume=True, n=5), Passthrough(), "passthrough")
+    with (tmp_path / ".resumed.partial" / "pairs.jsonl").open("a") as records:  # cut by a kill mid-record
+        records.write('{"index": 5, "id": 1, "at')
     model = Passthrough()
     resumed = run_pairs(_pairs_job(faces_dir, target, reconstruction=False, resume=True), model, "passthrough")
     # the model runs once per batch with a usable pair; the batch finished before the interruption is not run again

@@ -59,7 +59,7 @@ from deid.nets.model import (
     read_checkpoint,
     unprefixed,
 )
-from deid.runs import checkpoint_path, latest_checkpoint, list_checkpoints
+from deid.runs import checkpoint_path, complete_lines, latest_checkpoint, list_checkpoints
 from deid.runtime import Dist, autocast, init_distributed, resolve_dtype
 from deid.train.config import TrainConfig
 
@@ -306,7 +306,8 @@ class RunLog:
     def __init__(self, out: Path, start_step: int, tensorboard: bool):
         self.path = out / "losses.jsonl"
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] < start_step]
+            # (a line cut by a kill is dropped with the rest of the steps that will be redone)
+            kept = [line for line in complete_lines(self.path) if json.loads(line)["step"] < start_step]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         self.file = open(self.path, "a", encoding="utf-8")
         self.writer = None
