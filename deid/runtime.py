@@ -141,6 +141,52 @@ class Dist:
         if self.world > 1:
             torch.distributed.barrier()
 
+    @contextlib.contextmanager
+    def failures_shared(self) -> Iterator[None]:
+        """Every rank runs the block; when it raises on any rank, every rank raises at the block's end.
+
+        Without this, the ranks that did not fail wait in their next collective until its timeout (NCCL's is
+        ten minutes). The exchange (one all-gather) also acts as a barrier. The failed rank raises its own
+        exception, the others a RankFailed carrying the lowest failed rank's message. Blocks may nest, but
+        must hold no collectives other than nested `failures_shared` blocks: a failing rank skips the rest of
+        its block, so its next collective is this exchange."""
+        if self.world == 1:
+            yield
+            return
+        error: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:  # noqa: BLE001 - shared with the other ranks, then raised again
+            if getattr(exc, "shared_with_ranks", False):  # an inner block already told everyone
+                raise
+            error = exc
+        reports: list[str | None] = [None] * self.world
+        torch.distributed.all_gather_object(reports, None if error is None else _one_line(error))
+        failed = [(rank, message) for rank, message in enumerate(reports) if message is not None]
+        if error is not None:
+            error.shared_with_ranks = True
+            raise error
+        if failed:
+            rank, message = failed[0]
+            raise RankFailed(f"rank {rank} failed: {message}")
+
+    def first_on_each_node(self, fn: Callable[[], object]) -> None:
+        """Run fn() on the first rank of each node while the others wait (e.g. downloads into a shared cache);
+        a failure there stops every rank with its message."""
+        with self.failures_shared():
+            if self.local_rank == 0:
+                fn()
+
+    def from_main(self, fn: Callable[[], T]) -> T:
+        """fn() on rank 0 and its (picklable) result on every rank; a failure there stops every rank."""
+        result: list = [None]
+        with self.failures_shared():
+            if self.main:
+                result[0] = fn()
+        if self.world > 1:
+            torch.distributed.broadcast_object_list(result, src=0)
+        return result[0]
+
 
 def init_distributed(device_spec: str = "auto") -> tuple[Dist, torch.device]:
     """Join the torchrun job described by the environment, if any, and choose this process's device.
@@ -158,3 +204,18 @@ def init_distributed(device_spec: str = "auto") -> tuple[Dist, torch.device]:
     dist = Dist(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size(),
                 local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     return dist, device
+
+
+class RankFailed(DeidError):
+    """Another process of a torchrun job failed; the message is its own."""
+
+    shared_with_ranks = True
+
+
+def _one_line(error: BaseException) -> str:
+    """What another rank prints of this rank's error: a DeidError's message, else the exception's type and first line."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    if isinstance(error, DeidError):
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
