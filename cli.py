@@ -455,6 +455,7 @@ def evaluate_pairs(images, dataset, n, max_items, seed, batch_size, reconstructi
     job = PairsJob(output=output, images=images, dataset=dataset, n=n, max_items=max_items, seed=seed, batch_size=batch_size,
                    reconstruction=reconstruction, fid=fid, fid_weights=fid_weights, fid_dims=int(fid_dims), samples=samples,
                    overwrite=overwrite, resume=resume)
+    job.check()  # bad paths and options fail before the model loads
     loaded, _, dtype = load_model_from_options(model, device, precision)
     run_pairs(job, loaded, model_source=model, dtype=dtype)
 
@@ -512,6 +513,7 @@ def mix(identities, attributes, output, cell_size, labels, overwrite, **model_op
     """
 
     job = MixJob(tuple(identities), tuple(attributes), output, cell_size, labels, overwrite)
+    job.check()  # bad paths fail before the model loads
     run_mix(job, *load_model_from_options(**model_opts))
     console.print(f"wrote {output}")
 
@@ -540,6 +542,7 @@ def interpolate(vary, space, start, end, fixed, steps, output, fps, seconds, cel
 
     job = InterpolateJob(vary, space, start, end, fixed, output, steps=steps, fps=fps, seconds=seconds, cell_size=cell_size,
                          overwrite=overwrite)
+    job.check()  # bad paths fail before the model loads
     run_interpolate(job, *load_model_from_options(**model_opts))
     console.print(f"wrote {output}")
 

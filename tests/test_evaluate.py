@@ -245,3 +245,26 @@ def test_pairs_on_a_generated_dataset_reads_it_and_counts_faceless_samples(tiny_
     with pytest.raises(DeidError, match="32 px but the model makes 128 px"):
         run_pairs(PairsJob(output=tmp_path / "ds2", dataset=tiny_dataset, n=2, fid=False), Passthrough())
 
+
+
+def test_pairs_cli_checks_paths_and_options_before_loading_the_model(faces_dir, tmp_path, capsys):
+    """The model named here does not exist: an error about anything else was found before loading it."""
+    from deid import cli
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    not_a_dataset = tmp_path / "empty"
+    not_a_dataset.mkdir()
+    model = ["--model", str(tmp_path / "no-such-model.safetensors"), "--device", "cpu"]
+    cases = [(["--images", str(faces_dir), "-o", str(taken)], "already exists"),
+             (["--images", str(faces_dir), "-o", str(tmp_path / "nowhere" / "r")], "does not exist"),
+             (["--dataset", str(not_a_dataset), "-o", str(tmp_path / "r")], "not a complete generated dataset"),
+             (["--images", str(faces_dir), "--dataset", str(not_a_dataset), "-o", str(tmp_path / "r")], "exactly one"),
+             (["--images", str(faces_dir), "--fid-weights", "inception-v3-fid", "-o", str(tmp_path / "r")], "inception-v3-fid")]
+    for args, words in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["evaluate", "pairs", "--n", "2", *args, *model])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and words in err and "no-such-model" not in err, (args, err)
+    assert (taken / "notes.txt").read_text() == "mine" and not (tmp_path / "r").exists()
