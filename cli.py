@@ -353,6 +353,8 @@ def encode_options(func):
 @click.option("--identity", type=click.Path(path_type=Path),
               help="Photo whose identity every face takes (its largest face); omit for a random identity per person.")
 @click.option("--seed", type=int, default=AnonymizeJob.seed, help="Seed of the random identities (without --identity).")
+@click.option("--shared-identities", is_flag=True,
+              help="Give person k of every file the same random identity (default: every person of every file differs).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise: error for one file, skip in a batch).")
 @click.option("--batch-size", type=click.IntRange(1), default=AnonymizeJob.batch_size, help="Frames per detection batch and faces per generation batch.")
 @encode_options
@@ -360,7 +362,7 @@ def encode_options(func):
 @click.option("--save-crops", is_flag=True, help="Also save the aligned input and generated heads to OUTPUT_crops/.")
 @click.option("--shard", metavar="K/N", help="Process only share K (0-based) of N of the inputs (default: torchrun's RANK/WORLD_SIZE).")
 @model_options
-def anonymize(inputs, output, identity, seed, overwrite, batch_size, crf, codec, keep_metadata, preview, save_crops, shard, model, device, precision):
+def anonymize(inputs, output, identity, seed, shared_identities, overwrite, batch_size, crf, codec, keep_metadata, preview, save_crops, shard, model, device, precision):
     """Replace the identity of every face in videos or images.
 
     \b
@@ -371,7 +373,8 @@ def anonymize(inputs, output, identity, seed, overwrite, batch_size, crf, codec,
       deid anonymize videos/ -o out/ --shard 3/8                # array job 3 of 8; re-runs skip finished files
     """
 
-    job = AnonymizeJob(inputs=tuple(inputs), output=output, identity=identity, seed=seed, overwrite=overwrite,
+    job = AnonymizeJob(inputs=tuple(inputs), output=output, identity=identity, seed=seed,
+                       shared_identities=shared_identities, overwrite=overwrite,
                        batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf, keep_metadata=keep_metadata), preview=preview,
                        save_crops=save_crops, shard=shard)
     job.check()  # bad paths fail before the model loads

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import queue
 import threading
@@ -260,13 +261,19 @@ class HeadSynthesizer:
             return self.model.encode_identity(crop[None].to(self.device)).float()[0]
 
     @torch.inference_mode()
-    def random_identity(self, seed: int, person: int) -> torch.Tensor:
-        """The identity of a random person the generator imagines, fixed by (seed, person) -> [512].
+    def random_identity(self, seed: int, person: int, file_key: str | None = None) -> torch.Tensor:
+        """The identity of a random person the generator imagines, fixed by (seed, file_key, person) -> [512].
 
-        Sampling the generator (z -> w -> image -> E_id) keeps the code on the manifold of real identities,
-        unlike a random unit vector in E_id's space.
+        `file_key` (a file's name in the job) makes person k of one file another person than person k of the next
+        file; without it person k looks the same in every file. Sampling the generator (z -> w -> image -> E_id)
+        keeps the code on the manifold of real identities, unlike a random unit vector in E_id's space.
         """
-        rng = torch.Generator().manual_seed(seed * 1_000_003 + person)
+        if file_key is None:
+            stream = seed * 1_000_003 + person
+        else:
+            digest = hashlib.sha256(f"{seed}/{person}/{file_key}".encode()).digest()
+            stream = int.from_bytes(digest[:8], "little") >> 1  # a non-negative 63-bit seed
+        rng = torch.Generator().manual_seed(stream)
         generator = self.model.generator
         z = torch.randn(1, generator.z_dim, generator=rng).to(self.device)
         w = generator.mapping(z, truncation_psi=0.7)  # float32: a cheap MLP, and its truncation lerp wants one dtype
