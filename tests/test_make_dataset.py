@@ -200,3 +200,25 @@ def test_when_rank_0_fails_while_preparing_rank_1_stops_at_once_with_its_message
     assert reports[1][0] == f"rank 0 failed: {reports[0][0]}"
     assert abs(reports[1][1] - reports[0][1]) < 5.0  # seconds, not the collective's timeout
     assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_make_dataset_restores_the_process_wide_cudnn_and_tf32_flags(tmp_path, tiny_generator):
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    seen = []
+    real_generate = md.DatasetWriter.generate
+
+    def generate(self, start, stop, device):
+        seen.append((cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32))
+        return real_generate(self, start, stop, device)
+
+    try:
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = False, True, True, True
+        md.DatasetWriter.generate = generate
+        make_dataset(MakeDatasetConfig(out=tmp_path / "ds", n=3, generator="random", batch_size=2, device="cpu"),
+                     generator=tiny_generator)
+        assert seen and set(seen) == {(True, False, False, False)}  # exact arithmetic while generating
+        assert (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == (False, True, True, True)
+    finally:
+        md.DatasetWriter.generate = real_generate
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved
