@@ -156,21 +156,28 @@ def test_pairs_with_a_passthrough_model_give_the_known_answers(faces_dir, passth
     table1, table2 = metrics["pairs"], metrics["reconstruction"]
     # I_out = I_attr: its expression and pose are I_attr's exactly
     assert table1["expression"]["mean"] == 0.0 and table1["pose"]["mean"] == 0.0
-    assert table1["fid"] == pytest.approx(0.0, abs=1e-3) and table1["fid_samples"] == table1["counts"]["evaluated"]
-    assert table1["counts"]["items"] == 6
-    assert table1["counts"]["evaluated"] + table1["counts"]["skipped_no_face"] == 6
+    # The counts against the records: every pair is recorded once, and it is skipped exactly when one of its two
+    # images is the faceless gradient (so a pipeline that skipped a good pair, or measured a faceless one, fails).
+    names = sorted(p.name for p in faces_dir.iterdir())
+    records = [json.loads(line) for line in (report / "pairs.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in records) == list(range(6))
+    with_gradient = sum("zz_gradient.png" in (names[r["id"]], names[r["attr"]]) for r in records)
+    assert 0 < with_gradient < 6  # seed 3 draws both kinds, so both counts below are tested
+    assert table1["counts"] == {**table1["counts"], "items": 6, "skipped_no_face": with_gradient, "evaluated": 6 - with_gradient}
+    assert table1["fid"] == pytest.approx(0.0, abs=1e-3) and table1["fid_samples"] == 6 - with_gradient
+    assert table1["identity"]["n"] == table1["expression"]["n"] == 6 - with_gradient
     # I_id = I_attr: a perfect reconstruction
     assert table2["rmse"]["mean"] == 0.0 and table2["psnr"]["mean"] == float("inf")
     on_disk = json.loads((report / "metrics.json").read_text())
     assert on_disk["reconstruction"]["psnr"]["mean"] is None  # JSON has no infinity: stored as null
     assert table2["identity"]["mean"] == pytest.approx(1.0) and table2["expression"]["mean"] == 0.0
     assert table2["counts"]["items"] == 5 and table2["counts"]["skipped_no_face"] == 1  # the gradient image
+    assert table2["counts"]["evaluated"] == 4 and table2["rmse"]["n"] == 4
     # per pair: the output is I_attr, so dlib matches I_id exactly when both show the carphone man
-    names = sorted(p.name for p in faces_dir.iterdir())
-    for line in (report / "pairs.jsonl").read_text().splitlines():
-        item = json.loads(line)
-        if "skipped" in item:
-            assert names[item["id"]] == "zz_gradient.png" or names[item["attr"]] == "zz_gradient.png"
+    for item in records:
+        gradient = "zz_gradient.png" in (names[item["id"]], names[item["attr"]])
+        assert ("skipped" in item) == gradient
+        if gradient:
             continue
         both_carphone = names[item["id"]].startswith("carphone") and names[item["attr"]].startswith("carphone")
         assert item["same_person"] == both_carphone
@@ -268,3 +275,51 @@ def test_pairs_cli_checks_paths_and_options_before_loading_the_model(faces_dir, 
         err = capsys.readouterr().err
         assert exit_info.value.code == 1 and words in err and "no-such-model" not in err, (args, err)
     assert (taken / "notes.txt").read_text() == "mine" and not (tmp_path / "r").exists()
+
+
+class FaceGenerator(torch.nn.Module):
+    """A stand-in generator whose samples are real aligned faces, in turn: sample i is faces[i % K]. Lets
+    make-dataset write a generated dataset that holds faces (the tiny generator's 32x32 samples hold none)."""
+
+    source, fingerprint, z_dim, w_dim, num_ws = "random", "real-faces-for-tests", 4, 4, 1
+
+    def __init__(self, faces: torch.Tensor):
+        super().__init__()
+        self.faces, self.resolution, self.next = faces, faces.shape[-1], 0
+
+    def mapping(self, z, truncation_psi=1.0):
+        return z
+
+    def synthesis(self, w, noise_mode="const"):
+        picked = [self.faces[(self.next + k) % len(self.faces)] for k in range(len(w))]
+        self.next += len(w)
+        return torch.stack(picked)
+
+
+@pytest.fixture(scope="module")
+def face_dataset(faces_dir, tmp_path_factory):
+    """A generated dataset of 8 real faces at 128 px: carphone frames 0, 60, 119 and the astronaut, twice.
+    Returns (dataset dir, the person of each sample)."""
+    from deid.faces.alignment import align_photo_file
+    from deid.train.make_dataset import MakeDatasetConfig, make_dataset
+
+    photos = sorted(p for p in faces_dir.iterdir() if not p.name.startswith("zz_"))
+    # (crops as [-1, 1] tensors: make-dataset's x * 127.5 + 128, rounded down, gives back the same bytes)
+    faces = torch.stack([align_photo_file(p, Passthrough.resolution).tensor for p in photos])
+    out = tmp_path_factory.mktemp("faces_dataset") / "ds"
+    make_dataset(MakeDatasetConfig(out=out, n=8, generator="random", batch_size=4, device="cpu"), generator=FaceGenerator(faces))
+    return out, [photos[i % len(photos)].name.split("_")[0].removesuffix(".png") for i in range(8)]
+
+
+def test_pairs_on_a_generated_dataset_of_real_faces_give_the_known_answers(face_dataset, tmp_path):
+    dataset, person = face_dataset
+    job = PairsJob(output=tmp_path / "ds", dataset=dataset, n=6, seed=5, batch_size=4, fid_weights="random", fid_dims=64, samples=1)
+    metrics = run_pairs(job, Passthrough(), model_source="passthrough")
+    assert metrics["source"]["images"] == 8 and "generated dataset" in metrics["source"]["description"]
+    table1, table2 = metrics["pairs"], metrics["reconstruction"]
+    assert table1["counts"]["evaluated"] == 6 and table1["counts"]["skipped_no_face"] == 0
+    assert table1["expression"]["mean"] == 0.0 and table1["pose"]["mean"] == 0.0
+    assert table2["counts"]["evaluated"] == 6 and table2["rmse"]["mean"] == 0.0
+    for line in (tmp_path / "ds" / "pairs.jsonl").read_text().splitlines():
+        item = json.loads(line)
+        assert item["same_person"] == (person[item["id"]] == person[item["attr"]])
