@@ -10,6 +10,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 
+from deid.atomic import atomic_output
 from deid.errors import MediaError
 from deid.media.video import EncodeOptions, VideoInfo, VideoWriter, read_frames
 
@@ -69,7 +70,8 @@ def _crowd_tiles(index: int, carphone: list[np.ndarray], astronaut: np.ndarray) 
 def make_crowd_clip(path: str | Path, seconds: float, fps: int = 5, seed: int = 0) -> Path:
     """Encode `crowd_frames` as an H.264 video, `seconds` long at `fps` (PyAV only: no ffmpeg binary needed)."""
     path = Path(path)
-    with VideoWriter(path, VideoInfo.for_frames(*CROWD_SIZE, Fraction(fps)), EncodeOptions(crf=20, preset="veryfast")) as writer:
+    info = VideoInfo.for_frames(*CROWD_SIZE, Fraction(fps))
+    with atomic_output(path, overwrite=True) as tmp, VideoWriter(tmp, info, EncodeOptions(crf=20, preset="veryfast")) as writer:
         for index, (image, _) in enumerate(crowd_frames(round(seconds * fps), fps, seed)):
             writer.write(image, index)
     return path
