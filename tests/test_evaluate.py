@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import cv2
@@ -183,6 +185,12 @@ def test_pairs_with_a_passthrough_model_give_the_known_answers(faces_dir, passth
         assert item["same_person"] == both_carphone
     html = (report / "index.html").read_text()
     assert "Table 1" in html and "Table 2" in html and "FID" in html and "samples/pairs_000.png" in html
+    # a report is made to be shared: the usual modes (0666/0777 minus the umask), not owner-only
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [report, *report.rglob("*")]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
 
 
 def test_pairs_resume_after_an_interruption_matches_an_uninterrupted_run(faces_dir, passthrough_report, tmp_path, monkeypatch):
