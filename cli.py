@@ -338,11 +338,14 @@ def train_worker(config_file):
 
 
 def encode_options(func):
-    """`--crf` and `--codec`: how output video is encoded."""
+    """`--crf`, `--codec` and `--keep-metadata`: how output video is encoded."""
     func = click.option("--codec", default=EncodeOptions.codec, show_default=False,
                         help="Video encoder (libx264, libx265, libvpx-vp9, ...) [default: the output type's usual one: "
                              "H.264 for .mp4/.mkv/.mov/.ts, VP9 for .webm, MPEG-4 for .avi].")(func)
     func = click.option("--crf", type=click.IntRange(0, 63), default=EncodeOptions.crf, help="Encoder quality (lower is better; x264: 0-51).")(func)
+    func = click.option("--keep-metadata", is_flag=True,
+                        help="Copy every container tag of the source (title, comment, GPS, vendor keys...); by default "
+                             "only creation_time and language are kept.")(func)
     return func
 
 
@@ -353,6 +356,8 @@ def encode_options(func):
 @click.option("--identity", type=click.Path(path_type=Path),
               help="Photo whose identity every face takes (its largest face); omit for a random identity per person.")
 @click.option("--seed", type=int, default=AnonymizeJob.seed, help="Seed of the random identities (without --identity).")
+@click.option("--shared-identities", is_flag=True,
+              help="Give person k of every file the same random identity (default: every person of every file differs).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise: error for one file, skip in a batch).")
 @click.option("--batch-size", type=click.IntRange(1), default=AnonymizeJob.batch_size, help="Frames per detection batch and faces per generation batch.")
 @encode_options
@@ -360,7 +365,7 @@ def encode_options(func):
 @click.option("--save-crops", is_flag=True, help="Also save the aligned input and generated heads to OUTPUT_crops/.")
 @click.option("--shard", metavar="K/N", help="Process only share K (0-based) of N of the inputs (default: torchrun's RANK/WORLD_SIZE).")
 @model_options
-def anonymize(inputs, output, identity, seed, overwrite, batch_size, crf, codec, preview, save_crops, shard, model, device, precision):
+def anonymize(inputs, output, identity, seed, shared_identities, overwrite, batch_size, crf, codec, keep_metadata, preview, save_crops, shard, model, device, precision):
     """Replace the identity of every face in videos or images.
 
     \b
@@ -371,8 +376,9 @@ def anonymize(inputs, output, identity, seed, overwrite, batch_size, crf, codec,
       deid anonymize videos/ -o out/ --shard 3/8                # array job 3 of 8; re-runs skip finished files
     """
 
-    job = AnonymizeJob(inputs=tuple(inputs), output=output, identity=identity, seed=seed, overwrite=overwrite,
-                       batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf), preview=preview,
+    job = AnonymizeJob(inputs=tuple(inputs), output=output, identity=identity, seed=seed,
+                       shared_identities=shared_identities, overwrite=overwrite,
+                       batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf, keep_metadata=keep_metadata), preview=preview,
                        save_crops=save_crops, shard=shard)
     job.check()  # bad paths fail before the model loads
     run_anonymize(job, *load_model_from_options(model, device, precision))
@@ -388,7 +394,7 @@ def anonymize(inputs, output, identity, seed, overwrite, batch_size, crf, codec,
 @click.option("--batch-size", type=click.IntRange(1), default=ReenactJob.batch_size, help="Frames per detection and generation batch.")
 @encode_options
 @model_options
-def reenact(portrait, driving, output, paste, preview, overwrite, batch_size, crf, codec, model, device, precision):
+def reenact(portrait, driving, output, paste, preview, overwrite, batch_size, crf, codec, keep_metadata, model, device, precision):
     """Make the portrait's person perform a driving video (its pose, expression, timing and audio).
 
     \b
@@ -398,7 +404,7 @@ def reenact(portrait, driving, output, paste, preview, overwrite, batch_size, cr
     """
 
     job = ReenactJob(portrait=portrait, driving=driving, output=output, overwrite=overwrite, paste=paste,
-                     preview=preview, batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf))
+                     preview=preview, batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf, keep_metadata=keep_metadata))
     job.check()  # bad paths fail before the model loads
     run_reenact(job, *load_model_from_options(model, device, precision))
 
@@ -455,6 +461,7 @@ def evaluate_pairs(images, dataset, n, max_items, seed, batch_size, reconstructi
     job = PairsJob(output=output, images=images, dataset=dataset, n=n, max_items=max_items, seed=seed, batch_size=batch_size,
                    reconstruction=reconstruction, fid=fid, fid_weights=fid_weights, fid_dims=int(fid_dims), samples=samples,
                    overwrite=overwrite, resume=resume)
+    job.check()  # bad paths and options fail before the model loads
     loaded, _, dtype = load_model_from_options(model, device, precision)
     run_pairs(job, loaded, model_source=model, dtype=dtype)
 
@@ -512,6 +519,7 @@ def mix(identities, attributes, output, cell_size, labels, overwrite, **model_op
     """
 
     job = MixJob(tuple(identities), tuple(attributes), output, cell_size, labels, overwrite)
+    job.check()  # bad paths fail before the model loads
     run_mix(job, *load_model_from_options(**model_opts))
     console.print(f"wrote {output}")
 
@@ -540,6 +548,7 @@ def interpolate(vary, space, start, end, fixed, steps, output, fps, seconds, cel
 
     job = InterpolateJob(vary, space, start, end, fixed, output, steps=steps, fps=fps, seconds=seconds, cell_size=cell_size,
                          overwrite=overwrite)
+    job.check()  # bad paths fail before the model loads
     run_interpolate(job, *load_model_from_options(**model_opts))
     console.print(f"wrote {output}")
 

@@ -7,7 +7,8 @@ import errno
 import glob
 import os
 import re
-import tempfile
+import secrets
+import stat
 import time
 from pathlib import Path
 from typing import Iterator
@@ -21,7 +22,7 @@ except ImportError:  # pragma: no cover - Windows
 
 # What `atomic_output`'s temporary files look like: a process killed mid-write leaves them behind.
 TEMPORARY_GLOB = ".*.partial*"
-# `.NAME.XXXXXXXX.partial.EXT`: mkstemp's eight random characters between the target's stem and `.partial`.
+# `.NAME.XXXXXXXX.partial.EXT`: eight random hex characters between the target's stem and `.partial`.
 _PARTIAL = re.compile(r"^\.(?P<stem>.+)\.[a-z0-9_]{8}\.partial(?P<suffix>\.[^.]*)?$")
 # A partial younger than this is not removed even when unlocked: its writer may be between creating and locking it.
 _STALE_AFTER_S = 2.0
@@ -125,21 +126,36 @@ def atomic_output(path: str | Path, overwrite: bool = False, clean_stale: bool =
     check_output_path(path, overwrite)
     if clean_stale:
         remove_stale_partials(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")
-    except OSError as exc:
-        if exc.errno in _UNWRITABLE:
-            raise unwritable(path, exc) from None
-        raise
-    tmp_path = Path(tmp)
+    fd, tmp_path = _new_temporary(path)
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
     try:
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)  # held until the end: marks the file as a live run's
         yield tmp_path
+        os.chmod(tmp_path, mode)  # writers that replace the file (safetensors does) create it owner-only
         _publish(tmp_path, path, overwrite)
     finally:
         os.close(fd)
         tmp_path.unlink(missing_ok=True)
+
+
+def _new_temporary(path: Path) -> tuple[int, Path]:
+    """Create an empty, uniquely named file `.STEM.XXXXXXXX.partial.EXT` beside `path` with the usual mode, 0666
+    minus the umask; returns its open descriptor (which holds the live-writer lock) and its path.
+
+    Not `tempfile.mkstemp`: its mode 0600 survives the rename, and an output that only its owner can read is no
+    use to a tool whose job is to share video."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp  # the kernel applies the umask
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno in _UNWRITABLE:
+                raise unwritable(path, exc) from None
+            raise
+    raise FileExistsError(f"{path.parent}: could not create a temporary file beside {path.name}")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

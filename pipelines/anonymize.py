@@ -49,6 +49,7 @@ class AnonymizeJob:
     output: Path  # a file (one input) or a directory mirroring the inputs
     identity: Path | None = None  # photo whose identity every face takes; None: a random identity per person
     seed: int = 0  # seeds the random identities
+    shared_identities: bool = False  # person k of every file gets the same random identity (default: all differ)
     overwrite: bool = False
     batch_size: int = 8  # frames per detection batch, faces per generation batch
     encode: EncodeOptions = EncodeOptions()
@@ -107,7 +108,7 @@ def run_anonymize(job: AnonymizeJob, model, device: torch.device | str | None = 
             if task.target.exists() and not job.overwrite:
                 reports.append(FileReport(task.source, task.target, skipped=True))
                 continue
-            swapper = _FaceSwapper(job, synth, identity)
+            swapper = _FaceSwapper(job, synth, identity, _identity_key(task, job))
             reports.append(_run_task(task, job, detector, swapper, bar, batch=len(tasks) > 1))
     _print_summary(reports)
     _raise_failures(reports)
@@ -154,13 +155,22 @@ def _raise_failures(reports: list[FileReport]) -> None:
                          "Fix or remove them and run again: finished files are skipped.")
 
 
+def _identity_key(task: Task, job: AnonymizeJob) -> str | None:
+    """What makes one file's random identities differ from every other file's in the job: its output path inside the
+    output folder (the same on every shard and rerun). None with shared identities: person k is the same everywhere."""
+    if job.shared_identities:
+        return None
+    return task.target.name if task.target == job.output else task.target.relative_to(job.output).as_posix()
+
+
 class _FaceSwapper:
     """Replaces the faces of a few frames at a time, one fixed identity per tracked person."""
 
-    def __init__(self, job: AnonymizeJob, synth: HeadSynthesizer, identity: torch.Tensor | None):
+    def __init__(self, job: AnonymizeJob, synth: HeadSynthesizer, identity: torch.Tensor | None, file_key: str | None = None):
         self.job = job
         self.synth = synth
         self.identity = identity
+        self.file_key = file_key  # see _identity_key
         self.codes: dict[int, torch.Tensor] = {}  # track id -> identity code (the random ones)
         self.crops_dir = None
 
@@ -168,7 +178,7 @@ class _FaceSwapper:
         if self.identity is not None:
             return self.identity
         if track_id not in self.codes:
-            self.codes[track_id] = self.synth.random_identity(self.job.seed, track_id)
+            self.codes[track_id] = self.synth.random_identity(self.job.seed, track_id, self.file_key)
         return self.codes[track_id]
 
     def __call__(self, group: list[tuple[Frame, list[Face]]], report: FileReport) -> list[np.ndarray]:

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import errno
 import glob
+import hashlib
 import os
 import queue
 import threading
@@ -32,7 +33,7 @@ from deid.media.video import (
     read_frames,
     to_display,
 )
-from deid.runtime import autocast
+from deid.runtime import FACE_BUCKETS, autocast, bucket_chunks, bucket_size, pad_batch
 
 T = TypeVar("T")
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
@@ -292,13 +293,19 @@ class HeadSynthesizer:
             return self.model.encode_identity(crop[None].to(self.device)).float()[0]
 
     @torch.inference_mode()
-    def random_identity(self, seed: int, person: int) -> torch.Tensor:
-        """The identity of a random person the generator imagines, fixed by (seed, person) -> [512].
+    def random_identity(self, seed: int, person: int, file_key: str | None = None) -> torch.Tensor:
+        """The identity of a random person the generator imagines, fixed by (seed, file_key, person) -> [512].
 
-        Sampling the generator (z -> w -> image -> E_id) keeps the code on the manifold of real identities,
-        unlike a random unit vector in E_id's space.
+        `file_key` (a file's name in the job) makes person k of one file another person than person k of the next
+        file; without it person k looks the same in every file. Sampling the generator (z -> w -> image -> E_id)
+        keeps the code on the manifold of real identities, unlike a random unit vector in E_id's space.
         """
-        rng = torch.Generator().manual_seed(seed * 1_000_003 + person)
+        if file_key is None:
+            stream = seed * 1_000_003 + person
+        else:
+            digest = hashlib.sha256(f"{seed}/{person}/{file_key}".encode()).digest()
+            stream = int.from_bytes(digest[:8], "little") >> 1  # a non-negative 63-bit seed
+        rng = torch.Generator().manual_seed(stream)
         generator = self.model.generator
         z = torch.randn(1, generator.z_dim, generator=rng).to(self.device)
         w = generator.mapping(z, truncation_psi=0.7)  # float32: a cheap MLP, and its truncation lerp wants one dtype
@@ -311,11 +318,16 @@ class HeadSynthesizer:
         """crops: [N, R, R, 3] uint8 aligned heads; identities: [N, 512]. Returns heads [N, R, R, 3] uint8."""
         if not len(crops):
             return np.zeros_like(crops)
-        images = to_tensor(crops, self.device)
-        with self._autocast():
-            w = self.model.map(identities.to(self.device), self.model.encode_attributes(images))
-            heads = self.model.generate(w)
-        return to_uint8(heads)
+        heads = []
+        # batches padded to FACE_BUCKETS sizes: the number of faces per batch changes with every frame, the
+        # shapes the networks see do not (see deid.runtime)
+        for part in bucket_chunks(len(crops), FACE_BUCKETS):
+            size = bucket_size(part.stop - part.start, FACE_BUCKETS)
+            images = pad_batch(to_tensor(crops[part], self.device), size)
+            with self._autocast():
+                w = self.model.map(pad_batch(identities[part].to(self.device), size), self.model.encode_attributes(images))
+                heads.append(to_uint8(self.model.generate(w)[: part.stop - part.start]))
+        return np.concatenate(heads)
 
 
 def batched(items: Iterator[T], size: int) -> Iterator[list[T]]:

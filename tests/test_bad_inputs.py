@@ -235,10 +235,14 @@ def test_read_only_output_folder_is_one_line(tmp_path, astronaut_png, ntsc_clip,
         _one_line_error(code, err, f"cannot write in {read_only} (read-only or no permission). Choose another output folder.")
     monkeypatch.undo()
     # The folder turns read-only after the checks: the temporary file cannot be made.
-    def read_only_fs(*args, **kwargs):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    real_open = os.open
 
-    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only_fs)
+    def read_only_fs(path, flags, *args, **kwargs):
+        if ".partial" in str(path) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(atomic.os, "open", read_only_fs)
     code, err = _run(capsys, "-q", "anonymize", astronaut_png, "-o", read_only / "a.png", *_model(tiny_model_path))
     _one_line_error(code, err, f"{read_only / 'a.png'}: cannot write in {read_only} (Read-only file system)")
     monkeypatch.undo()

@@ -143,6 +143,8 @@ def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tiny_generator, tiny_da
     assert latest_checkpoint(cut).name == "step-00000002.safetensors"
     with pytest.raises(DeidError, match="--resume"):  # never overwrites a run
         train(_config(tiny_generator, tiny_dataset, cut))
+    with (cut / "losses.jsonl").open("a") as log:  # a kill (OOM, SIGKILL) in the middle of writing a record
+        log.write('{"step": 2, "identity": 0.12')
     resumed = train(_config(tiny_generator, tiny_dataset, cut, resume=True))
 
     a, b = load_file(str(full)), load_file(str(resumed))
@@ -274,3 +276,19 @@ def test_cli_train_checks_the_dataset_before_fetching_any_network(tmp_path):
     result = CliRunner().invoke(cli, ["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--device", "cpu"])
     assert result.exit_code != 0
     assert isinstance(result.exception, DatasetError) and "deid make-dataset" in str(result.exception)
+
+
+def test_record_files_drop_a_last_line_cut_by_a_kill_and_refuse_damage_elsewhere(tmp_path):
+    from deid.runs import complete_lines, read_records
+
+    path = tmp_path / "losses.jsonl"
+    assert complete_lines(path) == []
+    path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "loss": 0.1')  # no newline: cut mid-record
+    assert read_records(path) == [{"step": 0}, {"step": 1}]
+    path.write_text('{"step": 0}\n{"step": 1, "lo\n')  # a cut record that did get a newline
+    assert read_records(path) == [{"step": 0}]
+    path.write_text('{"step": 0}\n{"step": 1}\n')
+    assert complete_lines(path) == ['{"step": 0}', '{"step": 1}']
+    path.write_text('{"step": 0}\n{"st\n{"step": 2}\n')
+    with pytest.raises(DeidError, match="record 2 is not valid JSON"):
+        complete_lines(path)

@@ -59,9 +59,10 @@ from deid.nets.model import (
     read_checkpoint,
     unprefixed,
 )
-from deid.runs import checkpoint_path, latest_checkpoint, list_checkpoints
+from deid.runs import checkpoint_path, complete_lines, latest_checkpoint, list_checkpoints
 from deid.runtime import Dist, autocast, init_distributed, resolve_dtype
 from deid.train.config import TrainConfig
+from deid.weights import resolve
 
 STATE_FORMAT = "deid-train-state"
 
@@ -306,7 +307,8 @@ class RunLog:
     def __init__(self, out: Path, start_step: int, tensorboard: bool):
         self.path = out / "losses.jsonl"
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] < start_step]
+            # (a line cut by a kill is dropped with the rest of the steps that will be redone)
+            kept = [line for line in complete_lines(self.path) if json.loads(line)["step"] < start_step]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         self.file = open(self.path, "a", encoding="utf-8")
         self.writer = None
@@ -419,6 +421,19 @@ def train(config: TrainConfig, on_step=None) -> Path:
 
     on_step(step, losses) is called after every step (scripts use it to collect the loss curve)."""
     dist, device = init_distributed(config.device)
+    # When one rank cannot start (rank 0 alone writes the run folder), every rank stops at once with its message
+    # instead of waiting in the first collective until the timeout.
+    with dist.failures_shared():
+        run, start = _start(config, dist, device)
+    try:
+        return _loop(run, start, on_step)
+    finally:
+        if run.log is not None:
+            run.log.close()
+
+
+def _start(config: TrainConfig, dist: Dist, device: torch.device) -> tuple[_Run, int]:
+    """Check the run folder and the dataset, build the networks (with their resumed state), open the log."""
     dtype = resolve_dtype(config.precision, device)
     if dtype == torch.float16:
         raise DeidError("--precision fp16 is not supported for training (its range is too small for these losses). "
@@ -433,6 +448,10 @@ def train(config: TrainConfig, on_step=None) -> Path:
     # refused even before the networks are loaded (or downloaded).
 
     verify_dataset(config.data)
+    sources = [model_config.generator, model_config.identity.source, model_config.landmarks.source]
+    sources += [model_config.attributes.source] if resume_from is None else []  # a resumed E_attr needs no init
+    if dist.world > 1:  # downloaded once per node, not by every rank into one cache
+        dist.first_on_each_node(lambda: [resolve(source) for source in sources])
     generator = build_generator(model_config, "cpu")
     dataset = check_dataset(config.data, generator, min_count=2 * config.batch_size * dist.world)
     model = Disentangler(model_config, generator, initialise_attributes=resume_from is None)
@@ -456,11 +475,7 @@ def train(config: TrainConfig, on_step=None) -> Path:
     run = _Run(config, trainer, dataset, order, dist, device,
                log=RunLog(config.out, start, config.tensorboard) if dist.main else None,
                samples=_sample_images(dataset, config.sample_count, device) if dist.main and config.sample_every else None)
-    try:
-        return _loop(run, start, on_step)
-    finally:
-        if run.log is not None:
-            run.log.close()
+    return run, start
 
 
 def _load_trained(model: Disentangler, discriminator: LatentDiscriminator, tensors: dict, path: Path) -> None:
@@ -536,10 +551,10 @@ def _loop(run: _Run, start: int, on_step) -> Path:
 
 def _checkpoint(run: _Run, step: int) -> Path:
     path = checkpoint_path(run.config.out, step)
-    if run.dist.main:
-        save_checkpoint(run.config.out, step, run.trainer, run.order)
-        prune_checkpoints(run.config.out, run.config.keep_checkpoints)
-    run.dist.barrier()
+    with run.dist.failures_shared():  # also the barrier: a rank 0 that cannot write stops every rank with its message
+        if run.dist.main:
+            save_checkpoint(run.config.out, step, run.trainer, run.order)
+            prune_checkpoints(run.config.out, run.config.keep_checkpoints)
     return path
 
 

@@ -306,6 +306,9 @@ class EncodeOptions:
     # codec allows (see choose_pix_fmt).
     pix_fmt: str = "yuv420p"
     preset: str = "medium"
+    # Container tags: only when and in what language (KEPT_TAGS) unless True, when every tag of the source is
+    # copied (title, comment, artist, vendor keys, GPS...): those can name or locate the people filmed.
+    keep_metadata: bool = False
 
 
 # Pixel formats an encoder is tried with first: MJPEG wants full-range "j" formats, ProRes is 4:2:2 10-bit at least.
@@ -391,7 +394,7 @@ class VideoWriter:
         width, height = size or (source.width, source.height)
         self.container = av.open(str(self.path), mode="w", format=spec.format)
         if source.path is not None:
-            self.container.metadata.update(_container_metadata(source.path))
+            self.container.metadata.update(_container_metadata(source.path, keep_all=options.keep_metadata))
         stream = self.container.add_stream(codec, rate=source.frame_rate)
         stream.width, stream.height = width, height
         stream.pix_fmt = choose_pix_fmt(codec, options.pix_fmt, source.bits, bool(width % 2 or height % 2))
@@ -580,14 +583,15 @@ class _AudioPassthrough:
         self.input.close()
 
 
-# Container tags that the muxer writes itself, and tags that identify where or with what device a video was shot:
-# an anonymized video must not carry the GPS position or the phone of the person it was meant to protect.
+# Container tags that the muxer writes itself (never copied), and the only source tags an anonymized video keeps by
+# default: they say when and in what language, not who or where. A deny-list would let through a title that names
+# the person filmed, a comment, or any vendor's location key it does not know.
 _MUXER_TAGS = ("encoder", "major_brand", "minor_version", "compatible_brands")
-_IDENTIFYING_TAG_PARTS = ("location", "gps", "xyz", "make", "model", "software", "android", "serial")
+KEPT_TAGS = ("creation_time", "language")
 
 
-def _container_metadata(path: Path) -> dict:
-    """The source's container tags worth keeping (title, creation_time, comment...), without location or device."""
+def _container_metadata(path: Path, keep_all: bool = False) -> dict:
+    """The source's container tags to copy: those in KEPT_TAGS, or (keep_all) every one the muxer does not write."""
     with av.open(str(path)) as container:
         return {k: v for k, v in container.metadata.items()
-                if k.lower() not in _MUXER_TAGS and not any(part in k.lower() for part in _IDENTIFYING_TAG_PARTS)}
+                if k.lower() not in _MUXER_TAGS and (keep_all or k.lower() in KEPT_TAGS)}
