@@ -115,7 +115,7 @@ def test_landmark_loss_is_in_160_pixel_units_at_every_resolution():
     the side is 1.6 units of the official 160-pixel image."""
     losses = []
     for side in (64, 256):
-        ref = torch.rand(2, 68, 2, generator=torch.Generator().manual_seed(0)) * side
+        ref = torch.rand(2, 68, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * side
         out = ref + 0.01 * side
         losses.append(landmark_loss(ref, out, image_side=side).item())
     assert losses[0] == pytest.approx(losses[1]) == pytest.approx(1.6**2)
