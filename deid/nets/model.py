@@ -55,7 +55,8 @@ class ModelConfig:
     landmarks: LandmarkEncoderConfig = LandmarkEncoderConfig()  # training only; recorded for provenance
     mapper_hidden: tuple[int, ...] = MapperConfig.hidden  # the paper's widths, defined once in deid.nets.mapper
     discriminator_hidden: tuple[int, ...] = DiscriminatorConfig.hidden
-    init_seed: int = 0  # initial weights of M and D_W (PyTorch's default initialisers, seeded)
+    init_seed: int = 0  # initial weights of M and D_W (seeded)
+    initialiser: str = MapperConfig.initialiser  # of M and D_W: "official" (Keras', as the official code) or "pytorch"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -76,6 +77,8 @@ class ModelConfig:
             mapper_hidden=tuple(data["mapper_hidden"]),
             discriminator_hidden=tuple(data["discriminator_hidden"]),
             init_seed=int(data.get("init_seed", 0)),
+            # runs recorded before the field existed were initialised with PyTorch's defaults
+            initialiser=data.get("initialiser", "pytorch"),
         )
 
     def with_absolute_paths(self) -> "ModelConfig":
@@ -129,7 +132,8 @@ class Disentangler(nn.Module):
         self.identity_encoder = IdentityEncoder(config.identity)
         self.attribute_encoder = AttributeEncoder(config.attributes, initialise=initialise_attributes)
         mapper_config = MapperConfig(
-            id_dim=IdentityEncoder.dim, attr_dim=AttributeEncoder.dim, w_dim=generator.w_dim, hidden=config.mapper_hidden)
+            id_dim=IdentityEncoder.dim, attr_dim=AttributeEncoder.dim, w_dim=generator.w_dim, hidden=config.mapper_hidden,
+            initialiser=config.initialiser)
         self.mapper = seeded(lambda: LatentMapper(mapper_config), config.init_seed)
         self.step = 0  # training step the weights come from
 
@@ -281,7 +285,8 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, device: str | torch.de
 
 def build_discriminator(config: ModelConfig, w_dim: int) -> LatentDiscriminator:
     """D_W with the config's widths and seeded initial weights."""
-    return seeded(lambda: LatentDiscriminator(DiscriminatorConfig(w_dim=w_dim, hidden=config.discriminator_hidden)),
+    return seeded(lambda: LatentDiscriminator(DiscriminatorConfig(w_dim=w_dim, hidden=config.discriminator_hidden,
+                                                                  initialiser=config.initialiser)),
                   config.init_seed + 1)
 
 
