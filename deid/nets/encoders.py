@@ -182,9 +182,30 @@ class AttributeEncoder(nn.Module):
             _load_weights(self.net, config.source, ("AuxLogits.", "fc."), "torchvision inception_v3")
         if config.batchnorm not in BATCHNORM_MODES:
             raise ValueError(f"batchnorm {config.batchnorm!r}: expected one of {BATCHNORM_MODES}")
+        if random_init:
+            self._estimate_batchnorm_statistics()
         if config.batchnorm == "inference":
             for bn in self.batchnorms():
                 bn.weight.requires_grad_(False)
+        self.train(self.training)  # BatchNorm's mode from the start, not only after the first .train()/.eval()
+
+    @torch.no_grad()
+    def _estimate_batchnorm_statistics(self) -> None:
+        """Random weights with BatchNorm's initial statistics (mean 0, variance 1) grow activations ~10^6-fold
+        over InceptionV3's 94 layers in inference mode; pretrained weights come with statistics that keep them
+        normalised. Set them from one batch of seeded smooth noise images (4 each of 4, 8, 16 and 32 pixels
+        upscaled: white noise alone leaves smooth face images 100x off), so a random E_attr behaves like a
+        trained one in either BatchNorm mode."""
+        size, g = self.config.input_size, torch.Generator().manual_seed(self.config.seed)
+        noise = torch.cat([F.interpolate(torch.rand(4, 3, s, s, generator=g) * 2 - 1, size=(size, size), mode="bilinear",
+                                         align_corners=False) for s in (4, 8, 16, 32)])
+        for bn in self.batchnorms():
+            bn.reset_running_stats()
+            bn.momentum = None  # a cumulative average: one batch sets the statistics to its own
+        self.net.train()
+        self.net(noise)
+        for bn in self.batchnorms():
+            bn.momentum = 0.1  # torchvision's
 
     def batchnorms(self) -> list[nn.BatchNorm2d]:
         return [m for m in self.net.modules() if isinstance(m, nn.BatchNorm2d)]

@@ -29,7 +29,7 @@ from deid.nets.encoders import (
     weights_fingerprint,
 )
 from deid.nets.mapper import DiscriminatorConfig, LatentDiscriminator, LatentMapper, MapperConfig
-from deid.runs import latest_checkpoint
+from deid.runs import latest_checkpoint, named_checkpoint
 from deid.stylegan.config import GeneratorConfig
 from deid.stylegan.loading import load_generator
 from deid.weights import REGISTRY, resolve, source_sha256
@@ -72,8 +72,9 @@ class ModelConfig:
             generator_seed=int(data.get("generator_seed", 0)),
             generator_config=data.get("generator_config"),
             identity=sub(IdentityEncoderConfig, data["identity"]),
-            attributes=sub(AttributeEncoderConfig, data["attributes"]),
-            landmarks=sub(LandmarkEncoderConfig, data["landmarks"]),
+            # runs recorded before these fields existed trained BatchNorm and used the whole-map soft-argmax
+            attributes=sub(AttributeEncoderConfig, {"batchnorm": "train", **data["attributes"]}),
+            landmarks=sub(LandmarkEncoderConfig, {"window": None, **data["landmarks"]}),
             mapper_hidden=tuple(data["mapper_hidden"]),
             discriminator_hidden=tuple(data["discriminator_hidden"]),
             init_seed=int(data.get("init_seed", 0)),
@@ -235,6 +236,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
 def _resolve_model_file(source: str | os.PathLike) -> Path:
     text = os.fspath(source)
     path = Path(text).expanduser()
+    named = None if path.exists() else named_checkpoint(text)
+    if named is not None:  # RUN:best-identity, RUN:best-landmarks, RUN:latest, RUN:step-N
+        return named
     if path.is_dir():
         return latest_checkpoint(path)
     if path.is_file():
@@ -251,13 +255,15 @@ def _resolve_model_file(source: str | os.PathLike) -> Path:
                 "`deid make-dataset --n 70000 --out generated/`, then `deid train --data generated/ --out runs/ffhq256`, "
                 f"then `deid weights import {DEFAULT_MODEL} runs/ffhq256` (or pass --model runs/ffhq256)."
             ) from None
-    raise WeightsError(f"{text}: no such model. Give a run directory, a checkpoint file, or {DEFAULT_MODEL!r}.")
+    raise WeightsError(f"{text}: no such model. Give a run directory (RUN, or RUN:best-identity, RUN:best-landmarks, "
+                       f"RUN:step-N), a checkpoint file, or {DEFAULT_MODEL!r}.")
 
 
 def load_model(source: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu",
                generator: nn.Module | None = None) -> Disentangler:
-    """A trained Disentangler from a run directory (its latest checkpoint), a checkpoint file, or the
-    registry name "deid-ffhq256". The frozen parts are rebuilt from their recorded sources (or `generator`
+    """A trained Disentangler from a run directory (its latest checkpoint; RUN:best-identity,
+    RUN:best-landmarks, RUN:step-N name another), a checkpoint file, or the registry name "deid-ffhq256".
+    The frozen parts are rebuilt from their recorded sources (or `generator`
     is used when given) and must match the fingerprints recorded at training time."""
     path = _resolve_model_file(source)
     header, tensors = read_checkpoint(path)
