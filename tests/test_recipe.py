@@ -134,3 +134,15 @@ def test_encoder_crops_are_calibrated_to_each_networks_own_framing(aligned_boxes
     np.testing.assert_allclose(IdentityEncoderConfig().crop, facenet, atol=0.04)
     # the former fixed 10%-90% crop showed FAN a face about 1.5 times larger than its own framing
     assert (fan[2] - fan[0]) / 0.8 == pytest.approx(1.5, abs=0.08)
+
+
+def test_a_face_alignment_without_models_fan_is_refused_with_the_fix(monkeypatch):
+    """face-alignment 1.3/1.4 have no face_alignment.models.fan; setup.cfg asks for >= 1.5."""
+    import sys
+
+    from deid.errors import DeidError
+    from deid.nets.encoders import LandmarkEncoder, LandmarkEncoderConfig
+
+    monkeypatch.setitem(sys.modules, "face_alignment.models.fan", None)  # as if the module did not exist
+    with pytest.raises(DeidError, match=r"face-alignment>=1.5"):
+        LandmarkEncoder(LandmarkEncoderConfig(source="random", modules=1, input_size=64))

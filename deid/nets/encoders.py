@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchvision.models import inception_v3
 
 from deid.checkpoints import read_state_dict
-from deid.errors import WeightsError
+from deid.errors import DeidError, WeightsError
 from deid.weights import resolve
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -256,8 +256,14 @@ class LandmarkEncoder(FrozenModule):
 
     def __init__(self, config: LandmarkEncoderConfig = LandmarkEncoderConfig()):
         super().__init__()
-        # lazy: face-alignment pulls scikit-image and numba; only training builds E_lnd
-        from face_alignment.models.fan import FAN
+        try:
+            # lazy: face-alignment pulls scikit-image and numba; only training builds E_lnd
+            from face_alignment.models.fan import FAN
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("face_alignment.models", "face_alignment.models.fan"):
+                raise
+            raise DeidError("the installed face-alignment has no face_alignment.models.fan (1.3 and 1.4 ship none), "
+                            "which the landmark encoder needs. Run `pip install 'face-alignment>=1.5'`.") from None
 
         self.config = config
         self.net = seeded(lambda: FAN(config.modules), config.seed)
