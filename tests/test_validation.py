@@ -21,6 +21,7 @@ from deid.train import validation as validation_module
 from deid.train.config import TrainConfig, Validation
 from deid.train.trainer import TrainingInterrupted, train
 from deid.train.validation import ValidationState, Validator, holdout_count, validation_batches
+from deid.weights import import_file
 
 METRICS = {"id_to_pred", "id_to_attr", "attr_to_pred", "score", "landmarks", "reconstruction_mse",
            "reconstruction_psnr", "reconstruction_identity"}
@@ -69,6 +70,8 @@ def test_validation_logs_the_official_numbers_writes_loadable_bests_and_resume_k
         assert header["step"] == step
         model = load_model(f"{full}:{kind}", generator=tiny_generator)
         assert model.step == step
+    imported = import_file("deid-ffhq256", f"{full}:best-landmarks")  # `deid weights import deid-ffhq256 RUN:best-...`
+    assert imported.read_bytes() == best_checkpoint_path(full, "best-landmarks").read_bytes()
     # interrupted after step 1 and resumed with another --holdout: the recorded split (4) is kept, so
     # weights and validation numbers equal the uninterrupted run's
     cut = tmp_path / "cut"
