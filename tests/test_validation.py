@@ -128,3 +128,20 @@ def test_named_checkpoints_and_too_small_training_splits(tiny_generator, tiny_da
         named_checkpoint(f"{run}:best")
     with pytest.raises(DatasetError, match="held out for validation"):  # 24 samples, 21 held out; two batches need 4
         train(_config(tiny_generator, tiny_dataset, tmp_path / "r", validation=Validation(holdout=21)))
+
+
+def test_cli_train_passes_the_validation_and_1024_options(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    import deid.cli
+    from deid.cli import cli
+
+    seen = []
+    monkeypatch.setattr(deid.cli, "launch", seen.append)
+    result = CliRunner().invoke(cli, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"),
+                                      "--holdout", "500", "--validate-every", "200", "--validation-batches", "10",
+                                      "--early-stop", "3", "--recipe-1024", "official"])
+    assert result.exit_code == 0, result.output
+    (config,) = seen
+    assert config.validation == Validation(every=200, batches=10, holdout=500, early_stop=3)
+    assert config.schedule.recipe_1024 == "official"

@@ -1,8 +1,9 @@
 """Validation during training: the official trainer's `test()` on held-out samples.
 
 The last `holdout` samples of the dataset never train (the official code holds out the images past
-`--train_data_size`). Every `every` steps, and before the first one, the model runs on a fixed set of
-`batches` cross-identity batches of them (identity image != attribute image) and these numbers are logged
+`--train_data_size`). Every `every` steps, before the first one and after the last, the model runs on a
+fixed set of `batches` cross-identity batches of them (identity image != attribute image) and these
+numbers are logged
 (console, losses.jsonl as {"step": s, "validation": {...}}, TensorBoard `validation/*`):
 
     id_to_pred      cos(E_id(I_id), E_id(I_out))          identity kept        (higher is better)

@@ -102,8 +102,9 @@ class IdentityEncoderConfig:
     # Fixed face region of the aligned head, (left, top, right, bottom) as fractions of its side (a pair
     # (a, b) means the same fraction of both axes). FaceNet was trained on MTCNN face boxes with a small
     # margin; this is the mean MTCNN box on aligned real faces plus facenet-pytorch's margin of 32 at 160
-    # (the box is 128/160 of the crop), measured in tests/test_recipe.py. The official code, with another
-    # recogniser, keeps 10%-90% of each axis: (0.1, 0.9) here.
+    # (the box is 128/160 of the crop), measured in tests/test_recipe.py. Like MTCNN's boxes it is taller
+    # than wide and is resized to a square, as facenet-pytorch's extract_face (and FaceNet's training data)
+    # did. The official code, with another recogniser, keeps 10%-90% of each axis: (0.1, 0.9) here.
     crop: tuple[float, ...] = (0.16, 0.13, 0.80, 0.98)
 
 
