@@ -3,8 +3,7 @@
 The last `holdout` samples of the dataset never train (the official code holds out the images past
 `--train_data_size`). Every `every` steps, before the first one and after the last, the model runs on a
 fixed set of `batches` cross-identity batches of them (identity image != attribute image) and these
-numbers are logged
-(console, losses.jsonl as {"step": s, "validation": {...}}, TensorBoard `validation/*`):
+numbers are logged (console, losses.jsonl as {"step": s, "validation": {...}}, TensorBoard `validation/*`):
 
     id_to_pred      cos(E_id(I_id), E_id(I_out))          identity kept        (higher is better)
     id_to_attr      cos(E_id(I_id), E_id(I_attr))         baseline: how alike the two people are
