@@ -145,3 +145,45 @@ def test_cli_train_passes_the_validation_and_1024_options(monkeypatch, tmp_path)
     (config,) = seen
     assert config.validation == Validation(every=200, batches=10, holdout=500, early_stop=3)
     assert config.schedule.recipe_1024 == "official"
+
+
+def _measure_rank(rank: int, world: int, port: int, images: torch.Tensor, out_dir: str) -> None:
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save(_tiny_measure(images, Dist(rank=rank, world=world)), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        tdist.destroy_process_group()
+
+
+def _tiny_measure(images: torch.Tensor, dist: Dist) -> dict:
+    from deid.nets.encoders import LandmarkEncoder
+    from deid.nets.model import Disentangler
+    from deid.nets.presets import TINY_GENERATOR_CONFIG
+    from deid.stylegan.loading import load_generator
+    from deid.train.validation import measure
+
+    torch.set_num_threads(1)
+    model = Disentangler(TINY_MODEL_CONFIG, load_generator("random", config=TINY_GENERATOR_CONFIG, seed=0)).eval()
+    pairs = validation_batches(0, len(images), 3, 2, seed=0)  # 3 batches: uneven over 2 ranks
+    return measure(model, LandmarkEncoder(TINY_MODEL_CONFIG.landmarks), pairs, lambda i: images[i], dist, torch.float32, 160)
+
+
+def test_validation_across_two_ranks_equals_one_process(tmp_path):
+    """Each rank measures every other batch and the sums are all-reduced: the numbers of one process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_measure_rank, args=(2, port, images, str(tmp_path)), nprocs=2, join=True)
+    expected = _tiny_measure(images, Dist())
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
