@@ -24,7 +24,7 @@ from deid.pipelines.figures import InterpolateJob, MixJob, run_interpolate, run_
 from deid.pipelines.reenact import ReenactJob, run_reenact
 from deid.runtime import rank_device, resolve_device, resolve_dtype
 from deid.stylegan.loading import convert_generator
-from deid.train.config import TrainConfig
+from deid.train.config import Schedule, TrainConfig, Validation
 from deid.train.launch import launch, run_worker
 from deid.train.make_dataset import MakeDatasetConfig, make_dataset, verify_with_progress
 from deid.weights import REGISTRY, entry_for, fetch_with_progress, import_file, resolve, statuses, weights_home
@@ -72,7 +72,7 @@ def model_options(func):
     func = click.option(
         "--model",
         default=DEFAULT_MODEL,
-        help="A trained deid model: a run directory (its latest checkpoint), a checkpoint file, or a registry name.",
+        help="A trained deid model: a run directory (its latest checkpoint; RUN:best-identity, RUN:best-landmarks or RUN:step-N for another), a checkpoint file, or a registry name.",
     )(func)
     return func
 
@@ -297,16 +297,22 @@ def make_dataset_command(n, out, generator, seed, truncation, batch_size, resume
 @click.option("--attribute-encoder", default=AttributeEncoderConfig.source, help="E_attr initial weights: registry name, file, or random.")
 @click.option("--landmark-encoder", default=LandmarkEncoderConfig.source, help="E_lnd weights (frozen 2D FAN): registry name, file, or random.")
 @click.option("--steps", type=click.IntRange(min=1), default=TrainConfig.steps, help="Total optimisation steps (a resumed run continues up to this).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, help="Images per step and process (the paper: 6).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, help="Images per step and process (default: the recipe's, 6; 2 at 1024 with --recipe-1024 paper).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint (same loss curve as an uninterrupted run).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=TrainConfig.precision, help="Network precision (bf16 autocast; losses stay fp32).")
 @click.option("--gpus", type=click.IntRange(min=1), default=TrainConfig.gpus, help="Processes (GPUs) to train on: >1 relaunches under torchrun.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=TrainConfig.checkpoint_every, help="Steps between checkpoints (one is also written at the end and on Ctrl-C).")
 @click.option("--sample-every", type=click.IntRange(min=0), default=TrainConfig.sample_every, help="Steps between identity x attribute sample grids (0 = none).")
 @click.option("--seed", type=int, default=TrainConfig.seed, help="Seed of the data order.")
+@click.option("--validate-every", type=click.IntRange(min=0), default=Validation.every, help="Steps between validations on held-out samples, one also before the first step (0 = none).")
+@click.option("--validation-batches", type=click.IntRange(min=1), default=Validation.batches, help="Cross-identity batches per validation.")
+@click.option("--holdout", type=click.FloatRange(min=0), default=Validation.holdout, help="Samples held out for validation: a count (>= 1) or a fraction (< 1). A resumed run keeps its own.")
+@click.option("--early-stop", type=click.IntRange(min=0), default=Validation.early_stop, help="Stop after this many validations in a row without a new best (0 = never).")
+@click.option("--recipe-1024", type=click.Choice(["paper", "official"]), default=Schedule.recipe_1024, help="At 1024: the paper's batch 2 and learning rates /10, or the official code's batch 6 and 1e-5.")
 @device_option
 def train_command(data, out, generator, identity_encoder, attribute_encoder, landmark_encoder, steps, batch_size, resume,
-                  precision, gpus, checkpoint_every, sample_every, seed, device):
+                  precision, gpus, checkpoint_every, sample_every, seed, validate_every, validation_batches, holdout,
+                  early_stop, recipe_1024, device):
     """Train the attribute encoder and latent mapper (the paper's schedule and losses) against a frozen generator.
 
     \b
@@ -315,6 +321,7 @@ def train_command(data, out, generator, identity_encoder, attribute_encoder, lan
       deid train --data generated/ --out runs/ffhq256 --resume          # after Ctrl-C or a crash
       deid train --data generated/ --out runs/ffhq256 --gpus 4          # torchrun, 4 processes
       tensorboard --logdir runs/ffhq256/tensorboard
+      deid mix --model runs/ffhq256:best-identity ...                    # the best validated checkpoint
     """
 
     model = ModelConfig(generator=generator, identity=IdentityEncoderConfig(source=identity_encoder),
@@ -322,7 +329,9 @@ def train_command(data, out, generator, identity_encoder, attribute_encoder, lan
                         landmarks=LandmarkEncoderConfig(source=landmark_encoder))
     config = TrainConfig(data=data, out=out, model=model, steps=steps, batch_size=batch_size, resume=resume,
                          precision=precision, device=device, seed=seed, checkpoint_every=checkpoint_every,
-                         sample_every=sample_every, gpus=gpus)
+                         sample_every=sample_every, gpus=gpus, schedule=Schedule(recipe_1024=recipe_1024),
+                         validation=Validation(every=validate_every, batches=validation_batches, holdout=holdout,
+                                               early_stop=early_stop))
     launch(config)
 
 

@@ -1,5 +1,6 @@
-"""The layout of a training run folder: RUN/checkpoints/step-NNNNNNNN.safetensors, and finding its checkpoints;
-and the JSON Lines records that resumable runs append (training losses, evaluation records).
+"""The layout of a training run folder: RUN/checkpoints/step-NNNNNNNN.safetensors (and best-identity /
+best-landmarks.safetensors, written by validation), and finding its checkpoints; and the JSON Lines records
+that resumable runs append (training losses, evaluation records).
 """
 
 from __future__ import annotations
@@ -35,6 +36,41 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}.safetensors"
 
+
+BEST_CHECKPOINTS = ("best-identity", "best-landmarks")  # written by validation during training
+
+
+def best_checkpoint_path(run_dir: str | Path, kind: str) -> Path:
+    """RUN/checkpoints/best-identity.safetensors or best-landmarks.safetensors."""
+    if kind not in BEST_CHECKPOINTS:
+        raise ValueError(f"{kind!r}: expected one of {BEST_CHECKPOINTS}")
+    return Path(run_dir) / CHECKPOINT_DIR / f"{kind}.safetensors"
+
+
+def named_checkpoint(spec: str) -> Path | None:
+    """`RUN:NAME` -> that checkpoint of the run directory RUN, NAME being best-identity, best-landmarks,
+    latest or step-N; None when `spec` is not of that form (so paths with a colon still work)."""
+    run, sep, name = spec.rpartition(":")
+    if not sep or not run or not Path(run).expanduser().is_dir():
+        return None
+    run_dir = Path(run).expanduser()
+    if name == "latest":
+        return latest_checkpoint(run_dir)
+    if name in BEST_CHECKPOINTS:
+        path = best_checkpoint_path(run_dir, name)
+        if not path.is_file():
+            raise WeightsError(f"{run_dir}: no {name} checkpoint yet (validation writes it when a test sets a new "
+                               f"best; see `deid train --validate-every`). Use {run}:latest or another run.")
+        return path
+    match = re.fullmatch(r"step-(\d+)", name)
+    if match:
+        path = checkpoint_path(run_dir, int(match.group(1)))
+        if not path.is_file():
+            raise WeightsError(f"{run_dir}: no checkpoint of step {int(match.group(1))} (kept: "
+                               f"{', '.join(str(s) for s, _ in list_checkpoints(run_dir)) or 'none'}).")
+        return path
+    raise WeightsError(f"{spec}: unknown checkpoint name {name!r}. Use RUN:latest, RUN:step-N, "
+                       f"RUN:{BEST_CHECKPOINTS[0]} or RUN:{BEST_CHECKPOINTS[1]}.")
 
 # ------------------------------------------------------------------------------------ JSON Lines
 

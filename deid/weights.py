@@ -30,7 +30,7 @@ from rich.progress import DownloadColumn, TransferSpeedColumn
 from deid.atomic import atomic_output, write_text_atomic
 from deid.console import info, progress
 from deid.errors import WeightsError
-from deid.runs import latest_checkpoint
+from deid.runs import latest_checkpoint, named_checkpoint
 
 RANDOM = "random"
 CHUNK = 1 << 20
@@ -428,10 +428,12 @@ def _download_once(url: str, partial: Path, progress) -> None:
 def import_file(name: str, path: str | Path) -> Path:
     """Register a file the user obtained by hand (offline machines) as registry entry `name`.
 
-    For the trained-model entry, `path` may be a run directory: its latest checkpoint is imported.
+    For the trained-model entry, `path` may be a run directory: its latest checkpoint is imported (or the
+    one RUN:best-identity, RUN:best-landmarks, RUN:step-N names).
     """
     entry = entry_for(name)
-    path = Path(path).expanduser()
+    named = named_checkpoint(str(path)) if entry.kind == "model" and not Path(path).expanduser().exists() else None
+    path = named or Path(path).expanduser()
     if entry.kind == "model" and path.is_dir():
 
         path = latest_checkpoint(path)
