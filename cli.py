@@ -15,6 +15,7 @@ from deid.atomic import check_output_path
 from deid.console import console, set_quiet
 from deid.errors import DeidError, WeightsError
 from deid.evaluation.audit import FAIL_SAFES, AuditConfig
+from deid.interrupts import Terminated, sigterm_as_interrupt
 from deid.media.video import EncodeOptions
 from deid.nets.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoderConfig
 from deid.nets.model import DEFAULT_MODEL, ModelConfig, load_model
@@ -24,7 +25,7 @@ from deid.pipelines.figures import InterpolateJob, MixJob, run_interpolate, run_
 from deid.pipelines.reenact import ReenactJob, run_reenact
 from deid.runtime import rank_device, resolve_device, resolve_dtype
 from deid.stylegan.loading import convert_generator
-from deid.train.config import TrainConfig
+from deid.train.config import Schedule, TrainConfig, Validation
 from deid.train.launch import launch, run_worker
 from deid.train.make_dataset import MakeDatasetConfig, make_dataset, verify_with_progress
 from deid.weights import REGISTRY, entry_for, fetch_with_progress, import_file, resolve, statuses, weights_home
@@ -72,7 +73,7 @@ def model_options(func):
     func = click.option(
         "--model",
         default=DEFAULT_MODEL,
-        help="A trained deid model: a run directory (its latest checkpoint), a checkpoint file, or a registry name.",
+        help="A trained deid model: a run directory (its latest checkpoint; RUN:best-identity, RUN:best-landmarks or RUN:step-N for another), a checkpoint file, or a registry name.",
     )(func)
     return func
 
@@ -297,16 +298,22 @@ def make_dataset_command(n, out, generator, seed, truncation, batch_size, resume
 @click.option("--attribute-encoder", default=AttributeEncoderConfig.source, help="E_attr initial weights: registry name, file, or random.")
 @click.option("--landmark-encoder", default=LandmarkEncoderConfig.source, help="E_lnd weights (frozen 2D FAN): registry name, file, or random.")
 @click.option("--steps", type=click.IntRange(min=1), default=TrainConfig.steps, help="Total optimisation steps (a resumed run continues up to this).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, help="Images per step and process (the paper: 6).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, help="Images per step and process (default: the recipe's, 6; 2 at 1024 with --recipe-1024 paper).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint (same loss curve as an uninterrupted run).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=TrainConfig.precision, help="Network precision (bf16 autocast; losses stay fp32).")
 @click.option("--gpus", type=click.IntRange(min=1), default=TrainConfig.gpus, help="Processes (GPUs) to train on: >1 relaunches under torchrun.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=TrainConfig.checkpoint_every, help="Steps between checkpoints (one is also written at the end and on Ctrl-C).")
 @click.option("--sample-every", type=click.IntRange(min=0), default=TrainConfig.sample_every, help="Steps between identity x attribute sample grids (0 = none).")
 @click.option("--seed", type=int, default=TrainConfig.seed, help="Seed of the data order.")
+@click.option("--validate-every", type=click.IntRange(min=0), default=Validation.every, help="Steps between validations on held-out samples, one also before the first step (0 = none).")
+@click.option("--validation-batches", type=click.IntRange(min=1), default=Validation.batches, help="Cross-identity batches per validation.")
+@click.option("--holdout", type=click.FloatRange(min=0), default=Validation.holdout, help="Samples held out for validation: a count (>= 1) or a fraction (< 1). A resumed run keeps its own.")
+@click.option("--early-stop", type=click.IntRange(min=0), default=Validation.early_stop, help="Stop after this many validations in a row without a new best (0 = never).")
+@click.option("--recipe-1024", type=click.Choice(["paper", "official"]), default=Schedule.recipe_1024, help="At 1024: the paper's batch 2 and learning rates /10, or the official code's batch 6 and 1e-5.")
 @device_option
 def train_command(data, out, generator, identity_encoder, attribute_encoder, landmark_encoder, steps, batch_size, resume,
-                  precision, gpus, checkpoint_every, sample_every, seed, device):
+                  precision, gpus, checkpoint_every, sample_every, seed, validate_every, validation_batches, holdout,
+                  early_stop, recipe_1024, device):
     """Train the attribute encoder and latent mapper (the paper's schedule and losses) against a frozen generator.
 
     \b
@@ -315,6 +322,7 @@ def train_command(data, out, generator, identity_encoder, attribute_encoder, lan
       deid train --data generated/ --out runs/ffhq256 --resume          # after Ctrl-C or a crash
       deid train --data generated/ --out runs/ffhq256 --gpus 4          # torchrun, 4 processes
       tensorboard --logdir runs/ffhq256/tensorboard
+      deid mix --model runs/ffhq256:best-identity ...                    # the best validated checkpoint
     """
 
     model = ModelConfig(generator=generator, identity=IdentityEncoderConfig(source=identity_encoder),
@@ -322,7 +330,9 @@ def train_command(data, out, generator, identity_encoder, attribute_encoder, lan
                         landmarks=LandmarkEncoderConfig(source=landmark_encoder))
     config = TrainConfig(data=data, out=out, model=model, steps=steps, batch_size=batch_size, resume=resume,
                          precision=precision, device=device, seed=seed, checkpoint_every=checkpoint_every,
-                         sample_every=sample_every, gpus=gpus)
+                         sample_every=sample_every, gpus=gpus, schedule=Schedule(recipe_1024=recipe_1024),
+                         validation=Validation(every=validate_every, batches=validation_batches, holdout=holdout,
+                                               early_stop=early_stop))
     launch(config)
 
 
@@ -338,9 +348,14 @@ def train_worker(config_file):
 
 
 def encode_options(func):
-    """`--crf` and `--codec`: how output video is encoded."""
-    func = click.option("--codec", default=EncodeOptions.codec, help="Video encoder (libx264, libx265, libvpx-vp9, ...).")(func)
+    """`--crf`, `--codec` and `--keep-metadata`: how output video is encoded."""
+    func = click.option("--codec", default=EncodeOptions.codec, show_default=False,
+                        help="Video encoder (libx264, libx265, libvpx-vp9, ...) [default: the output type's usual one: "
+                             "H.264 for .mp4/.mkv/.mov/.ts, VP9 for .webm, MPEG-4 for .avi].")(func)
     func = click.option("--crf", type=click.IntRange(0, 63), default=EncodeOptions.crf, help="Encoder quality (lower is better; x264: 0-51).")(func)
+    func = click.option("--keep-metadata", is_flag=True,
+                        help="Copy every container tag of the source (title, comment, GPS, vendor keys...); by default "
+                             "only creation_time and language are kept.")(func)
     return func
 
 
@@ -351,6 +366,8 @@ def encode_options(func):
 @click.option("--identity", type=click.Path(path_type=Path),
               help="Photo whose identity every face takes (its largest face); omit for a random identity per person.")
 @click.option("--seed", type=int, default=AnonymizeJob.seed, help="Seed of the random identities (without --identity).")
+@click.option("--shared-identities", is_flag=True,
+              help="Give person k of every file the same random identity (default: every person of every file differs).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise: error for one file, skip in a batch).")
 @click.option("--batch-size", type=click.IntRange(1), default=AnonymizeJob.batch_size, help="Frames per detection batch and faces per generation batch.")
 @encode_options
@@ -361,8 +378,8 @@ def encode_options(func):
               help="How the audit covers a face it still recognises (or finds unreplaced) before the frame is written.")
 @click.option("--no-audit", is_flag=True, help="Skip the privacy audit of each output frame (and so the fail-safe and OUTPUT.audit.json).")
 @model_options
-def anonymize(inputs, output, identity, seed, overwrite, batch_size, crf, codec, preview, save_crops, shard, fail_safe, no_audit,
-              model, device, precision):
+def anonymize(inputs, output, identity, seed, shared_identities, overwrite, batch_size, crf, codec, keep_metadata, preview, save_crops, shard,
+              fail_safe, no_audit, model, device, precision):
     """Replace the identity of every face in videos or images.
 
     \b
@@ -376,8 +393,9 @@ def anonymize(inputs, output, identity, seed, overwrite, batch_size, crf, codec,
     faces it still recognises are covered (--fail-safe) and OUTPUT.audit.json records what it found.
     """
 
-    job = AnonymizeJob(inputs=tuple(inputs), output=output, identity=identity, seed=seed, overwrite=overwrite,
-                       batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf), preview=preview,
+    job = AnonymizeJob(inputs=tuple(inputs), output=output, identity=identity, seed=seed,
+                       shared_identities=shared_identities, overwrite=overwrite,
+                       batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf, keep_metadata=keep_metadata), preview=preview,
                        save_crops=save_crops, shard=shard, audit=None if no_audit else AuditConfig(fail_safe=fail_safe))
     job.check()  # bad paths fail before the model loads
     run_anonymize(job, *load_model_from_options(model, device, precision))
@@ -393,7 +411,7 @@ def anonymize(inputs, output, identity, seed, overwrite, batch_size, crf, codec,
 @click.option("--batch-size", type=click.IntRange(1), default=ReenactJob.batch_size, help="Frames per detection and generation batch.")
 @encode_options
 @model_options
-def reenact(portrait, driving, output, paste, preview, overwrite, batch_size, crf, codec, model, device, precision):
+def reenact(portrait, driving, output, paste, preview, overwrite, batch_size, crf, codec, keep_metadata, model, device, precision):
     """Make the portrait's person perform a driving video (its pose, expression, timing and audio).
 
     \b
@@ -403,7 +421,7 @@ def reenact(portrait, driving, output, paste, preview, overwrite, batch_size, cr
     """
 
     job = ReenactJob(portrait=portrait, driving=driving, output=output, overwrite=overwrite, paste=paste,
-                     preview=preview, batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf))
+                     preview=preview, batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf, keep_metadata=keep_metadata))
     job.check()  # bad paths fail before the model loads
     run_reenact(job, *load_model_from_options(model, device, precision))
 
@@ -460,6 +478,7 @@ def evaluate_pairs(images, dataset, n, max_items, seed, batch_size, reconstructi
     job = PairsJob(output=output, images=images, dataset=dataset, n=n, max_items=max_items, seed=seed, batch_size=batch_size,
                    reconstruction=reconstruction, fid=fid, fid_weights=fid_weights, fid_dims=int(fid_dims), samples=samples,
                    overwrite=overwrite, resume=resume)
+    job.check()  # bad paths and options fail before the model loads
     loaded, _, dtype = load_model_from_options(model, device, precision)
     run_pairs(job, loaded, model_source=model, dtype=dtype)
 
@@ -517,6 +536,7 @@ def mix(identities, attributes, output, cell_size, labels, overwrite, **model_op
     """
 
     job = MixJob(tuple(identities), tuple(attributes), output, cell_size, labels, overwrite)
+    job.check()  # bad paths fail before the model loads
     run_mix(job, *load_model_from_options(**model_opts))
     console.print(f"wrote {output}")
 
@@ -545,8 +565,15 @@ def interpolate(vary, space, start, end, fixed, steps, output, fps, seconds, cel
 
     job = InterpolateJob(vary, space, start, end, fixed, output, steps=steps, fps=fps, seconds=seconds, cell_size=cell_size,
                          overwrite=overwrite)
+    job.check()  # bad paths fail before the model loads
     run_interpolate(job, *load_model_from_options(**model_opts))
     console.print(f"wrote {output}")
+
+
+def _terminated() -> None:
+    set_quiet(False)
+    console.print("[red]error:[/red] terminated (SIGTERM); no partial output was left.")
+    sys.exit(143)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -554,8 +581,11 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="deid", standalone_mode=False)
-    except click.exceptions.Abort:
+        with sigterm_as_interrupt():  # `timeout`, `docker stop`, Slurm: clean up as on Ctrl-C
+            cli.main(args=args, prog_name="deid", standalone_mode=False)
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__ or exc.__context__, Terminated):  # click turns it into Abort
+            _terminated()
         console.print("[red]error:[/red] interrupted.")
         sys.exit(130)
     except click.ClickException as exc:
@@ -566,8 +596,11 @@ def main(argv: list[str] | None = None) -> None:
     except DeidError as exc:
         if debug:
             traceback.print_exc()
+        set_quiet(False)  # --quiet silences everything but errors
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         sys.exit(1)
+    except Terminated:
+        _terminated()
     except KeyboardInterrupt:
         console.print("[red]error:[/red] interrupted.")
         sys.exit(130)

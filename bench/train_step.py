@@ -3,6 +3,7 @@
 
     python bench/train_step.py                       # CPU, batch 6, 3 timed steps
     python bench/train_step.py --device cuda --steps 20 --precision bf16
+    python bench/train_step.py --validation-batches 1   # also the cost of validation (50 batches by default)
 
 Timed steps start at step 2 and follow the schedule (cross pairs every third step, adversarial updates
 on even steps), so three or more timed steps cover every kind of step.
@@ -19,11 +20,12 @@ import torch
 
 from deid.nets.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoder, LandmarkEncoderConfig
 from deid.nets.model import Disentangler, ModelConfig, build_discriminator
-from deid.runtime import resolve_device, resolve_dtype
+from deid.runtime import Dist, resolve_device, resolve_dtype
 from deid.stylegan.config import GeneratorConfig
 from deid.stylegan.loading import load_generator
 from deid.train.config import TrainConfig
 from deid.train.trainer import Trainer
+from deid.train.validation import measure, validation_batches
 
 
 def main() -> None:
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after two warm-up steps)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--validation-batches", type=int, default=0, help="also time this many validation batches")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -75,7 +78,19 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(), "timed_steps": len(times),
         "seconds_per_step": round(mean, 3), "steps_per_second": round(1 / mean, 4),
         "step_seconds": [round(t, 3) for t in times],
+        **(_validation_seconds(trainer, images, args.validation_batches, dtype) if args.validation_batches else {}),
     }, indent=1))
+
+
+def _validation_seconds(trainer: Trainer, images: torch.Tensor, batches: int, dtype: torch.dtype) -> dict:
+    """Seconds per cross-identity batch of deid.train.validation.measure, on the benchmark's own images."""
+    pairs = validation_batches(0, len(images), batches, len(images) // 2, seed=0)
+    start = time.perf_counter()
+    measure(trainer.model.eval(), trainer.landmarks, pairs, lambda indices: images[indices], Dist(), dtype, 160)
+    if images.device.type == "cuda":
+        torch.cuda.synchronize()
+    per_batch = (time.perf_counter() - start) / batches
+    return {"validation_seconds_per_batch": round(per_batch, 2), "seconds_per_default_validation": round(50 * per_batch, 1)}
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ exists, otherwise the sha256 recorded at first download, checked again by `deid 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import importlib.util
 import json
@@ -22,12 +24,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
+from filelock import FileLock, Timeout
 from rich.progress import DownloadColumn, TransferSpeedColumn
 
 from deid.atomic import atomic_output, write_text_atomic
-from deid.console import progress
+from deid.console import info, progress
 from deid.errors import WeightsError
-from deid.runs import latest_checkpoint
+from deid.runs import latest_checkpoint, named_checkpoint
 
 RANDOM = "random"
 CHUNK = 1 << 20
@@ -160,11 +163,55 @@ def read_index() -> dict[str, dict]:
 
 
 def _record(name: str, record: dict) -> None:
-    index = read_index()
-    index[name] = record
     path = _index_path()
+    with _disk_errors(path), _locked(path, "updating the weights index"):  # read-modify-write: one process at a time
+        index = read_index()
+        index[name] = record
+        write_text_atomic(path, json.dumps(index, indent=2, sort_keys=True))
+
+
+# Several deid processes may share the cache (torchrun ranks, jobs on one machine): a file lock beside each cache
+# file serialises its download or import, and another beside index.json its updates, so two processes neither
+# write one .part file at once nor record a hash of an interleaved file. Lock order: entry, then index.
+LOCK_NOTICE_SECONDS = 2.0  # after this long waiting for a lock, say why deid is waiting
+
+
+@contextlib.contextmanager
+def _locked(path: Path, doing: str) -> Iterator[None]:
+    """Hold the lock file `path`.lock (made if missing); `doing` says what its holder is doing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(index, indent=2, sort_keys=True))
+    lock = FileLock(f"{path}.lock")
+    try:
+        lock.acquire(timeout=LOCK_NOTICE_SECONDS)
+    except Timeout:
+        info(f"waiting for another deid process that is {doing} ({path}) ...")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# Local failures that retrying a download cannot fix: said as such, with the path, rather than as a network problem.
+_DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
+def _is_disk_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and not isinstance(exc, urllib.error.URLError) and exc.errno in _DISK_ERRORS
+
+
+@contextlib.contextmanager
+def _disk_errors(path: Path) -> Iterator[None]:
+    """Turn a full disk or a permission error while writing `path` (or the file the error names) into a WeightsError."""
+    try:
+        yield
+    except OSError as exc:
+        if not _is_disk_error(exc):
+            raise
+        where = exc.filename or path
+        raise WeightsError(f"{where}: {_DISK_ERRORS[exc.errno]}. Free some space or fix the folder's permissions, "
+                           "or point DEID_HOME at a writable folder with room.") from None
 
 
 def entry_for(name: str) -> WeightsEntry:
@@ -272,8 +319,16 @@ def fetch(name: str, progress: Callable[[int, int | None], None] | None = None, 
         return dest
     if offline():
         raise WeightsError(f"{name}: offline mode forbids downloading; {entry.manual_hint}.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".part")
+    with _disk_errors(partial), _locked(dest, f"downloading {name}"):
+        if dest.is_file() and not force:  # another process fetched it while this one waited
+            return dest
+        return _download(entry, dest, partial, progress)
+
+
+def _download(entry: WeightsEntry, dest: Path, partial: Path, progress) -> Path:
+    """`fetch` once it holds the entry's lock: download to `partial`, check, move to `dest`, record."""
+    name = entry.name
     errors = []
     for url in entry.urls:
         try:
@@ -314,6 +369,8 @@ def _download_with_retries(url: str, partial: Path, progress) -> None:
         except _Permanent:
             raise
         except (urllib.error.URLError, OSError, _Incomplete) as exc:
+            if _is_disk_error(exc):
+                raise
             if attempt == RETRIES:
                 raise _Permanent(f"failed after {RETRIES} attempts: {_reason(exc)}") from exc
             time.sleep(delay)
@@ -371,10 +428,12 @@ def _download_once(url: str, partial: Path, progress) -> None:
 def import_file(name: str, path: str | Path) -> Path:
     """Register a file the user obtained by hand (offline machines) as registry entry `name`.
 
-    For the trained-model entry, `path` may be a run directory: its latest checkpoint is imported.
+    For the trained-model entry, `path` may be a run directory: its latest checkpoint is imported (or the
+    one RUN:best-identity, RUN:best-landmarks, RUN:step-N names).
     """
     entry = entry_for(name)
-    path = Path(path).expanduser()
+    named = named_checkpoint(str(path)) if entry.kind == "model" and not Path(path).expanduser().exists() else None
+    path = named or Path(path).expanduser()
     if entry.kind == "model" and path.is_dir():
 
         path = latest_checkpoint(path)
@@ -383,10 +442,10 @@ def import_file(name: str, path: str | Path) -> Path:
     sha256 = file_sha256(path)
     published = _check_hash(entry, sha256, str(path))
     dest = cache_path(name)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(dest, overwrite=True) as tmp:
-        shutil.copyfile(path, tmp)
-    _record(name, _record_for(dest, sha256, published, origin=f"imported from {path.resolve()}"))
+    with _disk_errors(dest), _locked(dest, f"importing {name}"):
+        with atomic_output(dest, overwrite=True) as tmp:
+            shutil.copyfile(path, tmp)
+        _record(name, _record_for(dest, sha256, published, origin=f"imported from {path.resolve()}"))
     return dest
 
 

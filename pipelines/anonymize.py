@@ -20,16 +20,18 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from deid.atomic import check_output_path
+from deid.atomic import atomic_output, check_not_input, check_output_path, check_writable_folder
 from deid.console import console, info, progress, warn
-from deid.errors import MediaError
+from deid.errors import DeidError, MediaError
 from deid.faces.alignment import AlignConfig, align_photo_file, ffhq_affine, warp_crop
 from deid.evaluation.audit import AuditConfig, AuditLog, AuditTotals, FaceAuditor, audit_path
 from deid.faces.detection import DetectConfig, FaceDetector
 from deid.faces.orientation import OrientationConfig, RollRobustDetector
 from deid.faces.paste import PasteConfig, paste_head
 from deid.faces.tracking import Face, TrackConfig, track
+from deid.media.containers import resolve_codec
 from deid.media.images import load_image, save_image
+from deid.media.stills import load_still, save_still
 from deid.media.video import EncodeOptions, Frame, probe, to_display
 from deid.pipelines.common import (
     FramesPerSecond,
@@ -38,8 +40,10 @@ from deid.pipelines.common import (
     batched,
     detect_frames,
     expand_inputs,
+    make_folders,
     parse_shard,
     preview_path,
+    remove_empty,
     shard,
     video_job,
 )
@@ -51,6 +55,7 @@ class AnonymizeJob:
     output: Path  # a file (one input) or a directory mirroring the inputs
     identity: Path | None = None  # photo whose identity every face takes; None: a random identity per person
     seed: int = 0  # seeds the random identities
+    shared_identities: bool = False  # person k of every file gets the same random identity (default: all differ)
     overwrite: bool = False
     batch_size: int = 8  # frames per detection batch, faces per generation batch
     encode: EncodeOptions = EncodeOptions()
@@ -71,6 +76,12 @@ class AnonymizeJob:
             check_output_path(self.output, self.overwrite)
         elif not self.output.parent.is_dir():
             raise MediaError(f"{self.output}: the directory {self.output.parent} does not exist. Create it first.")
+        else:
+            check_writable_folder(self.output)
+        for task in tasks:
+            check_not_input(task.target, task.source)  # `-o` spelled differently, links: never destroy an input
+            if not task.is_image:
+                resolve_codec(self.encode.codec, task.target)  # a bad --codec fails here, before the model loads
         if self.identity is not None:
             load_image(self.identity)
         return tasks
@@ -86,6 +97,8 @@ class FileReport:
     persons: set[int] = field(default_factory=set)  # track ids seen
     seconds: float = 0.0
     skipped: bool = False
+    error: str | None = None  # why this file failed (a batch goes on past it)
+    notes: list[str] = field(default_factory=list)  # what the output could not keep (bit depth, streams, ...)
     audit: AuditTotals | None = None  # None: not audited
 
 
@@ -105,37 +118,70 @@ def run_anonymize(job: AnonymizeJob, model, device: torch.device | str | None = 
             if task.target.exists() and not job.overwrite:
                 reports.append(FileReport(task.source, task.target, skipped=True))
                 continue
-            task.target.parent.mkdir(parents=True, exist_ok=True)
-            swapper = _FaceSwapper(job, synth, identity, auditor)
-            reports.append(_run_task(task, job, detector, swapper, bar))
+            swapper = _FaceSwapper(job, synth, identity, _identity_key(task, job), auditor)
+            reports.append(_run_task(task, job, detector, swapper, bar, batch=len(tasks) > 1))
     _print_summary(reports, job)
+    _raise_failures(reports)
     return reports
 
 
-def _run_task(task: Task, job: AnonymizeJob, detector: RollRobustDetector, swapper: "_FaceSwapper", bar) -> FileReport:
+def _run_task(task: Task, job: AnonymizeJob, detector: RollRobustDetector, swapper: "_FaceSwapper", bar,
+              batch: bool = False) -> FileReport:
+    """One file. In a batch, a file that fails (unreadable, corrupt, ...) is reported and the batch goes on; the
+    mirror folders made for it are removed again when they stay empty."""
     report = FileReport(task.source, task.target)
     start = time.perf_counter()
+    created: list[Path] = []
     try:
+        created = make_folders(task.target.parent)
         if task.is_image:
             _anonymize_image(task, job, detector, swapper, report)
         else:
             _anonymize_video(task, job, detector, swapper, report, bar)
     except OSError as exc:
+        remove_empty(created)
         if exc.errno == errno.ENOSPC:
             raise MediaError(f"{task.target}: the disk is full. Free space or write elsewhere; no partial file was left.") from None
+        raise
+    except DeidError as exc:
+        remove_empty(created)
+        if not batch:
+            raise
+        report.error = str(exc)
+        warn(f"{task.source}: failed; going on with the other files.")
+    except BaseException:
+        remove_empty(created)
         raise
     report.seconds = time.perf_counter() - start
     return report
 
 
+def _raise_failures(reports: list[FileReport]) -> None:
+    """A batch with failed files ends in an error (exit 1) once every other file is done."""
+    failed = [r for r in reports if r.error]
+    if failed:
+        names = ", ".join(str(r.source) for r in failed[:3]) + (", ..." if len(failed) > 3 else "")
+        raise MediaError(f"{len(failed)} of {len(reports)} files failed ({names}; the reasons are listed above). "
+                         "Fix or remove them and run again: finished files are skipped.")
+
+
+def _identity_key(task: Task, job: AnonymizeJob) -> str | None:
+    """What makes one file's random identities differ from every other file's in the job: its output path inside the
+    output folder (the same on every shard and rerun). None with shared identities: person k is the same everywhere."""
+    if job.shared_identities:
+        return None
+    return task.target.name if task.target == job.output else task.target.relative_to(job.output).as_posix()
+
+
 class _FaceSwapper:
     """Replaces the faces of a few frames at a time, one fixed identity per tracked person."""
 
-    def __init__(self, job: AnonymizeJob, synth: HeadSynthesizer, identity: torch.Tensor | None,
+    def __init__(self, job: AnonymizeJob, synth: HeadSynthesizer, identity: torch.Tensor | None, file_key: str | None = None,
                  auditor: FaceAuditor | None = None):
         self.job = job
         self.synth = synth
         self.identity = identity
+        self.file_key = file_key  # see _identity_key
         self.auditor = auditor
         self.codes: dict[int, torch.Tensor] = {}  # track id -> identity code (the random ones)
         self.crops_dir = None
@@ -144,7 +190,7 @@ class _FaceSwapper:
         if self.identity is not None:
             return self.identity
         if track_id not in self.codes:
-            self.codes[track_id] = self.synth.random_identity(self.job.seed, track_id)
+            self.codes[track_id] = self.synth.random_identity(self.job.seed, track_id, self.file_key)
         return self.codes[track_id]
 
     def __call__(self, group: list[tuple[Frame, list[Face]]], report: FileReport) -> list[np.ndarray]:
@@ -191,16 +237,18 @@ def _audit_log(task: Task, auditor: FaceAuditor | None, frame_size: tuple[int, i
 
 
 def _anonymize_image(task: Task, job: AnonymizeJob, detector: RollRobustDetector, swapper: _FaceSwapper, report: FileReport) -> None:
-    image = load_image(task.source)
+    still = load_still(task.source)  # the networks see 8-bit RGB; the file keeps its own channels and depth
+    image = still.rgb.copy()  # heads are pasted in place; still.rgb stays the reference for what changed
     detections = detector([image])[0]
     faces = [Face(i, detections.boxes[i], detections.landmarks[i], False) for i in range(len(detections))]
     swapper.crops_dir = _crops_dir(task, job)
     (output,) = swapper([(Frame(0, 0, 0, image), faces)], report)
     with _audit_log(task, swapper.auditor, (image.shape[1], image.shape[0])) as log:
-        if log is not None:
+        if log is not None:  # before writing: the fail-safe covers leaks in `output`
             log.check(0, image, output, [face.box for face in faces])
             report.audit = log.totals
-        save_image(output, task.target, overwrite=job.overwrite)
+        with atomic_output(task.target, overwrite=job.overwrite, clean_stale=True) as tmp:
+            report.notes += save_still(still, output, tmp)
     if job.preview:
         save_image(np.concatenate([image, output], axis=1), preview_path(task.target, task.target.suffix), overwrite=True)
 
@@ -225,7 +273,7 @@ def _anonymize_video(task: Task, job: AnonymizeJob, detector: RollRobustDetector
 
     with _audit_log(task, swapper.auditor, stored_size) as log, \
             video_job(info, task.target, job.encode, overwrite=job.overwrite, queue_size=2 * batch, render=render,
-                      preview_size=(2 * width, height) if job.preview else None) as (frames, sink):
+                      preview_size=(2 * width, height) if job.preview else None, notes=report.notes) as (frames, sink):
         report.audit = log.totals if log is not None else None
         detected = detect_frames(frames, detector.stream(), info.rotation, stored_size, batch)
         for group in batched(track(detected, job.tracking), batch):
@@ -259,6 +307,8 @@ def _print_summary(reports: list[FileReport], job: AnonymizeJob) -> None:
     for r in reports:
         if r.skipped:
             table.add_row(str(r.target), "-", "-", "-", "-", "-", "skipped (exists; --overwrite to redo)")
+        elif r.error:
+            table.add_row(str(r.source), "-", "-", "-", "-", "-", "[red]failed[/red] (below)")
         else:
             table.add_row(str(r.target), str(r.frames), str(r.faces), str(r.frames_without_faces), str(len(r.persons)),
                           _audit_cell(r, job), f"{r.seconds:.1f} s")
@@ -267,3 +317,9 @@ def _print_summary(reports: list[FileReport], job: AnonymizeJob) -> None:
         if r.audit is not None and r.audit.residual_leaked_frames:
             warn(f"{r.target}: the audit still recognises the source in {r.audit.residual_leaked_frames} frames "
                  f"(--fail-safe none); see {audit_path(r.target)}.")
+    for r in reports:
+        for note in r.notes:
+            console.print(f"note: {r.target}: {note}", soft_wrap=True)
+    for r in reports:
+        if r.error:
+            console.print(f"[red]failed:[/red] {r.error}", soft_wrap=True)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import glob
+import hashlib
 import os
 import queue
 import threading
@@ -16,7 +19,7 @@ import torch
 from rich.progress import ProgressColumn
 from rich.text import Text
 
-from deid.atomic import atomic_output
+from deid.atomic import atomic_output, is_partial
 from deid.errors import DeidError, MediaError
 from deid.faces.detection import Detections
 from deid.media.images import IMAGE_EXTENSIONS, to_tensor, to_uint8
@@ -30,7 +33,7 @@ from deid.media.video import (
     read_frames,
     to_display,
 )
-from deid.runtime import autocast
+from deid.runtime import FACE_BUCKETS, autocast, bucket_chunks, bucket_size, pad_batch
 
 T = TypeVar("T")
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
@@ -55,12 +58,16 @@ def expand_inputs(inputs: Iterable[str | Path], output: Path) -> list[Task]:
     items: list[tuple[Path, Path]] = []  # (file, path relative to the output directory)
     for raw in inputs:
         raw = str(raw)
-        matches = sorted(glob.glob(raw, recursive=True)) if glob.has_magic(raw) else [raw]
+        # deid's own temporary outputs (what a killed run left: `.NAME.xxxxxxxx.partial.mp4`) are never inputs.
+        matches = sorted(m for m in glob.glob(raw, recursive=True) if not is_partial(m)) if glob.has_magic(raw) else [raw]
         if not matches:
             raise MediaError(f"{raw}: no file matches. Check the pattern.")
         for match in map(Path, matches):
+            if match.is_file() and is_partial(match):
+                raise MediaError(f"{match}: the unfinished output of a deid run that was killed, not an input. Delete it.")
             if match.is_dir():
-                found = sorted(p for p in match.rglob("*") if p.is_file() and p.suffix.lower() in MEDIA_EXTENSIONS)
+                found = sorted(p for p in match.rglob("*")
+                               if p.is_file() and p.suffix.lower() in MEDIA_EXTENSIONS and not is_partial(p))
                 if not found:
                     raise MediaError(f"{match}: holds no videos or images. Check the directory.")
                 items += [(p, match.name / p.relative_to(match)) for p in found]
@@ -82,6 +89,28 @@ def expand_inputs(inputs: Iterable[str | Path], output: Path) -> list[Task]:
     if len(set(targets)) != len(targets):
         raise DeidError("two inputs map to the same output name. Rename one or run them separately.")
     return tasks
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; returns those it created, deepest first (for `remove_empty`).
+    A place that cannot be written raises MediaError."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise MediaError(f"{folder}: cannot create it ({os.strerror(exc.errno)}). Choose another output folder.") from None
+        raise
+    return missing
+
+
+def remove_empty(folders: Iterable[Path]) -> None:
+    """Remove the folders (deepest first) that hold nothing: a failed file leaves no empty mirror folders."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another file landed there) or already gone: leave it and its parents
+            return
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -206,22 +235,26 @@ def preview_path(target: Path, suffix: str = ".mp4") -> Path:
 @contextlib.contextmanager
 def video_job(source: VideoInfo, target: Path, encode: EncodeOptions, *, overwrite: bool, queue_size: int,
               render: Callable[[T], tuple[Frame, np.ndarray, np.ndarray | None]], size: tuple[int, int] | None = None,
-              rotation: int | None = None, preview_size: tuple[int, int] | None = None
+              rotation: int | None = None, preview_size: tuple[int, int] | None = None, notes: list[str] | None = None
               ) -> Iterator[tuple[Iterator[Frame], BackgroundSink]]:
     """The skeleton of a video-to-video job: decoded frames in, encoded frames out, both in background threads.
 
     Yields (frames, sink): `frames` streams the source's frames (decoded `queue_size` ahead); each item put into
     `sink` is turned by `render` (on the encoder thread) into (source frame whose timing it takes, output image,
     preview image or None). The output goes to `target` through `atomic_output`, with `size`/`rotation` passed to
-    its VideoWriter; with `preview_size` a side-by-side preview goes to `preview_path(target)` as well. On an
-    error nothing is left behind."""
+    its VideoWriter; with `preview_size` a side-by-side preview goes to `preview_path(target)` as well (in that
+    container's default codec). What the output cannot keep of the source is added to `notes`. On an error nothing
+    is left behind; what a killed run left for `target` is removed first."""
     with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(atomic_output(target, overwrite=overwrite))
+        tmp = stack.enter_context(atomic_output(target, overwrite=overwrite, clean_stale=True))
         writer = stack.enter_context(VideoWriter(tmp, source, encode, size=size, rotation=rotation))
+        if notes is not None:
+            notes.extend(writer.notes)
         preview = None
         if preview_size is not None:
-            preview_tmp = stack.enter_context(atomic_output(preview_path(target), overwrite=True))
-            preview = stack.enter_context(VideoWriter(preview_tmp, source, encode, size=preview_size, rotation=0))
+            preview_tmp = stack.enter_context(atomic_output(preview_path(target), overwrite=True, clean_stale=True))
+            preview = stack.enter_context(VideoWriter(preview_tmp, source, dataclasses.replace(encode, codec=None),
+                                                      size=preview_size, rotation=0))
 
         def encode_item(item: T) -> None:
             frame, image, side = render(item)
@@ -260,13 +293,19 @@ class HeadSynthesizer:
             return self.model.encode_identity(crop[None].to(self.device)).float()[0]
 
     @torch.inference_mode()
-    def random_identity(self, seed: int, person: int) -> torch.Tensor:
-        """The identity of a random person the generator imagines, fixed by (seed, person) -> [512].
+    def random_identity(self, seed: int, person: int, file_key: str | None = None) -> torch.Tensor:
+        """The identity of a random person the generator imagines, fixed by (seed, file_key, person) -> [512].
 
-        Sampling the generator (z -> w -> image -> E_id) keeps the code on the manifold of real identities,
-        unlike a random unit vector in E_id's space.
+        `file_key` (a file's name in the job) makes person k of one file another person than person k of the next
+        file; without it person k looks the same in every file. Sampling the generator (z -> w -> image -> E_id)
+        keeps the code on the manifold of real identities, unlike a random unit vector in E_id's space.
         """
-        rng = torch.Generator().manual_seed(seed * 1_000_003 + person)
+        if file_key is None:
+            stream = seed * 1_000_003 + person
+        else:
+            digest = hashlib.sha256(f"{seed}/{person}/{file_key}".encode()).digest()
+            stream = int.from_bytes(digest[:8], "little") >> 1  # a non-negative 63-bit seed
+        rng = torch.Generator().manual_seed(stream)
         generator = self.model.generator
         z = torch.randn(1, generator.z_dim, generator=rng).to(self.device)
         w = generator.mapping(z, truncation_psi=0.7)  # float32: a cheap MLP, and its truncation lerp wants one dtype
@@ -279,11 +318,16 @@ class HeadSynthesizer:
         """crops: [N, R, R, 3] uint8 aligned heads; identities: [N, 512]. Returns heads [N, R, R, 3] uint8."""
         if not len(crops):
             return np.zeros_like(crops)
-        images = to_tensor(crops, self.device)
-        with self._autocast():
-            w = self.model.map(identities.to(self.device), self.model.encode_attributes(images))
-            heads = self.model.generate(w)
-        return to_uint8(heads)
+        heads = []
+        # batches padded to FACE_BUCKETS sizes: the number of faces per batch changes with every frame, the
+        # shapes the networks see do not (see deid.runtime)
+        for part in bucket_chunks(len(crops), FACE_BUCKETS):
+            size = bucket_size(part.stop - part.start, FACE_BUCKETS)
+            images = pad_batch(to_tensor(crops[part], self.device), size)
+            with self._autocast():
+                w = self.model.map(pad_batch(identities[part].to(self.device), size), self.model.encode_attributes(images))
+                heads.append(to_uint8(self.model.generate(w)[: part.stop - part.start]))
+        return np.concatenate(heads)
 
 
 def batched(items: Iterator[T], size: int) -> Iterator[list[T]]:

@@ -63,7 +63,9 @@ from deid.pipelines.report import (
     write_html,
     write_metrics,
 )
+from deid.runs import complete_lines
 from deid.runtime import autocast
+from deid.weights import resolve
 
 # Detection and dlib's landmarks need faces of roughly 80+ pixels; smaller crops (tiny test models) are
 # measured upscaled. Landmark errors are divided by the image side and the pose camera scales with the
@@ -93,6 +95,19 @@ class PairsJob:
     overwrite: bool = False
     resume: bool = False
 
+    def check(self) -> None:
+        """Refuse bad options and paths before any model is loaded (DeidError): the photos or dataset, the report
+        folder, the FID weights (fetched now when missing and online)."""
+        if (self.images is None) == (self.dataset is None):
+            raise DeidError("give exactly one of --images DIR or --dataset DIR.")
+        if self.images is not None and not Path(self.images).is_dir():
+            raise MediaError(f"{self.images}: not a directory. --images takes a folder of face photos.")
+        if self.dataset is not None:
+            verify_dataset(self.dataset)
+        _check_work_dir(self.output, self.overwrite, self.resume)
+        if self.fid:
+            resolve(self.fid_weights)
+
 
 @dataclass(frozen=True)
 class VideoAuditJob:
@@ -114,6 +129,16 @@ class VideoAuditJob:
 def _work_dir(output: Path, overwrite: bool, resume: bool = False, resumable: bool = True) -> Path:
     """The hidden folder a report is built in; refuses to clobber anything without --overwrite/--resume.
     A non-resumable job simply starts its folder afresh."""
+    work = _check_work_dir(output, overwrite, resume, resumable)
+    if work.exists() and not resume:
+        shutil.rmtree(work)
+    work.mkdir(exist_ok=True)
+    (work / "samples").mkdir(exist_ok=True)
+    return work
+
+
+def _check_work_dir(output: Path, overwrite: bool, resume: bool = False, resumable: bool = True) -> Path:
+    """`_work_dir`'s refusals, without touching anything; returns the work folder's path."""
     output = Path(output)
     if not output.parent.is_dir():
         raise MediaError(f"{output}: the directory {output.parent} does not exist. Create it first or choose another -o.")
@@ -123,12 +148,8 @@ def _work_dir(output: Path, overwrite: bool, resume: bool = False, resumable: bo
         if not output.is_dir() or (any(output.iterdir()) and not (output / "metrics.json").is_file()):
             raise MediaError(f"{output} exists and is not a deid report; --overwrite only replaces reports. Choose another -o.")
     work = output.parent / f".{output.name}.partial"
-    if work.exists() and not resume:
-        if resumable and not overwrite:
-            raise MediaError(f"{work} holds an interrupted run. Pass --resume to continue it, or --overwrite to start over.")
-        shutil.rmtree(work)
-    work.mkdir(exist_ok=True)
-    (work / "samples").mkdir(exist_ok=True)
+    if work.exists() and not resume and resumable and not overwrite:
+        raise MediaError(f"{work} holds an interrupted run. Pass --resume to continue it, or --overwrite to start over.")
     return work
 
 
@@ -182,21 +203,14 @@ class FaceSource:
 
     def __init__(self, job: PairsJob, resolution: int):
         self.resolution = resolution
-        if (job.images is None) == (job.dataset is None):
-            raise DeidError("give exactly one of --images DIR or --dataset DIR.")
-        if job.images is not None:
-
+        if job.images is not None:  # (PairsJob.check has vetted the paths)
             folder = Path(job.images)
-            if not folder.is_dir():
-                raise MediaError(f"{folder}: not a directory. --images takes a folder of face photos.")
             self.files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
             self.dataset = None
             self.detector = FaceDetector()
             count = len(self.files)
             self.description = f"photos in {folder}"
         else:
-
-            verify_dataset(job.dataset)
             self.dataset = GeneratedDataset(job.dataset)
             if int(self.dataset.manifest["resolution"]) != resolution:
                 raise DatasetError(f"{job.dataset}: images are {self.dataset.manifest['resolution']} px but the model makes "
@@ -266,7 +280,7 @@ class _Pass:
             if self.fid is not None:
                 self.real = FeatureStats.from_state({k[5:]: state[k] for k in state.files if k.startswith("real_")})
                 self.fake = FeatureStats.from_state({k[5:]: state[k] for k in state.files if k.startswith("fake_")})
-        kept = [line for line in _read_lines(self.records) if json.loads(line)["index"] < self.done]
+        kept = [line for line in complete_lines(self.records) if json.loads(line)["index"] < self.done]
         write_text_atomic(self.records, "".join(line + "\n" for line in kept))
 
     def save_checkpoint(self) -> None:
@@ -278,7 +292,7 @@ class _Pass:
             np.savez(tmp, **state)
 
     def items(self) -> Iterator[dict]:
-        for line in _read_lines(self.records):
+        for line in complete_lines(self.records):
             yield json.loads(line)
 
 
@@ -289,10 +303,6 @@ def _psnr_to_json(value: float) -> float | None:
 
 def _psnr_from_json(value: float | None) -> float:
     return float("inf") if value is None else value
-
-
-def _read_lines(path: Path) -> list[str]:
-    return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 class _Measurer:
@@ -460,6 +470,7 @@ def run_pairs(job: PairsJob, model, model_source: str | None = None, dtype: torc
     device, its networks in `dtype`; write the report to job.output and return metrics.json's content."""
     device = next(model.parameters()).device
     # Everything that can refuse the run (missing FID weights, no dlib) comes before the report folder exists.
+    job.check()
     fid = FIDInception(job.fid_weights, job.fid_dims).to(device) if job.fid else None
     meter = FaceMeter(device=device)
     source = FaceSource(job, int(model.resolution))

@@ -20,7 +20,7 @@ from deid.errors import DeidError
 from deid.faces.alignment import align_photo_file
 from deid.faces.detection import FaceDetector
 from deid.grid import GRID_GAP, grid_image, to_cells
-from deid.media.images import save_image
+from deid.media.images import load_image, save_image
 from deid.media.video import EncodeOptions, VideoInfo, VideoWriter
 from deid.nets.model import mix_grid
 from deid.runtime import autocast
@@ -39,6 +39,16 @@ class MixJob:
     labels: bool = True
     overwrite: bool = False
 
+    def check(self) -> None:
+        """Refuse bad options and paths before any model is loaded (DeidError)."""
+        if not self.identities or not self.attributes:
+            raise DeidError("give at least one --identity and one --attributes photo.")
+        if self.output.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            raise DeidError(f"{self.output}: the grid is an image. Use a .png or .jpg output path.")
+        check_output_path(self.output, self.overwrite)
+        for photo in dict.fromkeys(self.identities + self.attributes):
+            load_image(photo)  # a missing or unreadable photo is named now, not after the model loaded
+
 
 @dataclass(frozen=True)
 class InterpolateJob:
@@ -55,6 +65,21 @@ class InterpolateJob:
     seconds: float = 3.0  # video length for .mp4/.gif outputs
     cell_size: int | None = None
     overwrite: bool = False
+
+    def check(self) -> None:
+        """Refuse bad options and paths before any model is loaded (DeidError)."""
+        if self.vary not in ("identity", "attributes") or self.space not in ("w", "z"):
+            raise DeidError(f"--vary {self.vary} --space {self.space}: use --vary identity|attributes and --space w|z.")
+        if self.output.suffix.lower() not in STRIP_SUFFIXES + CLIP_SUFFIXES:
+            raise DeidError(f"{self.output}: use a .png/.jpg (a strip of --steps images) or .mp4/.gif (a video) output path.")
+        interpolation_weights(self.steps)  # at least 2
+        check_output_path(self.output, self.overwrite)
+        for photo in dict.fromkeys((self.start, self.end, self.fixed)):
+            load_image(photo)  # a missing or unreadable photo is named now, not after the model loaded
+
+
+STRIP_SUFFIXES = (".png", ".jpg", ".jpeg")
+CLIP_SUFFIXES = (".mp4", ".gif")
 
 
 def aligned_heads(paths: Sequence[Path], resolution: int) -> torch.Tensor:
@@ -106,12 +131,7 @@ def interpolation_codes(model, vary: str, space: str, start: torch.Tensor, end: 
 def run_mix(job: MixJob, model, device: torch.device = CPU, dtype: torch.dtype = torch.float32) -> Path:
     """Write the identity x attribute grid of `job` and return its path. `model` lives on `device`; its
     networks run in `dtype` (autocast)."""
-    if not job.identities or not job.attributes:
-        raise DeidError("give at least one --identity and one --attributes photo.")
-    if job.output.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-        raise DeidError(f"{job.output}: the grid is an image. Use a .png or .jpg output path.")
-
-    check_output_path(job.output, job.overwrite)
+    job.check()
     ids = aligned_heads(job.identities, model.resolution)
     attrs = aligned_heads(job.attributes, model.resolution)
     with autocast(device, dtype):
@@ -126,14 +146,11 @@ def run_mix(job: MixJob, model, device: torch.device = CPU, dtype: torch.dtype =
 def run_interpolate(job: InterpolateJob, model, device: torch.device = CPU, dtype: torch.dtype = torch.float32) -> Path:
     """Write the interpolation of `job`: a strip (.png/.jpg), or a smooth eased video (.mp4/.gif).
     `model` lives on `device`; its networks run in `dtype` (autocast)."""
+    job.check()
     suffix = job.output.suffix.lower()
-    if suffix not in (".png", ".jpg", ".jpeg", ".mp4", ".gif"):
-        raise DeidError(f"{job.output}: use a .png/.jpg (a strip of --steps images) or .mp4/.gif (a video) output path.")
-
-    check_output_path(job.output, job.overwrite)
     start, end, fixed = aligned_heads([job.start, job.end, job.fixed], model.resolution).to(device)
     size = job.cell_size or model.resolution
-    if suffix in (".png", ".jpg", ".jpeg"):
+    if suffix in STRIP_SUFFIXES:
         t = interpolation_weights(job.steps)
         with torch.no_grad(), autocast(device, dtype):
             images = to_cells(model.generate(interpolation_codes(model, job.vary, job.space, start, end, fixed, t)), size)

@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deid.atomic import check_output_path
-from deid.console import info, progress
+from deid.atomic import check_not_input, check_output_path
+from deid.console import console, info, progress
 from deid.errors import MediaError
 from deid.faces.alignment import AlignConfig, align_photo_file, ffhq_affine, warp_crop
 from deid.faces.detection import DetectConfig, FaceDetector
 from deid.faces.orientation import OrientationConfig, RollRobustDetector
 from deid.faces.paste import PasteConfig, paste_head
 from deid.faces.tracking import Face, TrackConfig, track
-from deid.media.images import load_image
+from deid.media.containers import resolve_codec
+from deid.media.images import IMAGE_EXTENSIONS, load_image
 from deid.media.video import EncodeOptions, probe
 from deid.pipelines.common import FramesPerSecond, HeadSynthesizer, batched, detect_frames, video_job
 
@@ -47,7 +48,13 @@ class ReenactJob:
         """Validate the paths before any model is loaded. Raises DeidError."""
         load_image(self.portrait)
         probe(self.driving)
+        if self.output.suffix.lower() in IMAGE_EXTENSIONS and self.output.suffix.lower() != ".gif":
+            raise MediaError(f"{self.output}: reenact writes a video, not a still image. Name a video output, e.g. "
+                             f"{self.output.with_suffix('.mp4')} (or .gif for an animation).")
         check_output_path(self.output, self.overwrite)
+        for source in (self.portrait, self.driving):
+            check_not_input(self.output, source)
+        resolve_codec(self.encode.codec, self.output)  # the container must take the codec (and exist)
 
 
 @dataclass
@@ -100,9 +107,11 @@ def run_reenact(job: ReenactJob, model, device: torch.device | str | None = None
         frame, crop, head = item
         return frame, render(head), np.concatenate([crop, head], axis=1) if job.preview else None
 
+    notes: list[str] = []  # what the output cannot keep of the driving video
     with progress(FramesPerSecond()) as bar, video_job(
             source, job.output, job.encode, overwrite=job.overwrite, queue_size=2 * job.batch_size, render=render_item,
-            size=out_size, rotation=0, preview_size=(2 * size, size) if job.preview else None) as (frames, sink):
+            size=out_size, rotation=0, preview_size=(2 * size, size) if job.preview else None, notes=notes
+    ) as (frames, sink):
         bar_task = bar.add_task(job.driving.name, total=source.frame_count)
         main_face = _MainFace()
         tracked = track(detect_frames(frames, detector.stream(), source.rotation, (source.width, source.height), job.batch_size), job.tracking)
@@ -125,4 +134,6 @@ def run_reenact(job: ReenactJob, model, device: torch.device | str | None = None
             raise MediaError(f"{job.driving}: no face found in any frame. Use a driving video that shows a face.")
     report.seconds = time.perf_counter() - start
     info(f"reenact: {report.frames} frames, {report.frames_without_face} without a face, {report.seconds:.1f} s -> {job.output}")
+    for note in notes:
+        console.print(f"note: {job.output}: {note}", soft_wrap=True)
     return report

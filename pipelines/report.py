@@ -101,20 +101,22 @@ def draw_boxes(image: np.ndarray, boxes: Sequence[np.ndarray], colours: Sequence
 # ------------------------------------------------------------------------------------------- plots
 
 
-def _pyplot():
+def _figure(**kwargs):
+    """A matplotlib Figure drawn by its own Agg canvas: no pyplot, no global backend switch (matplotlib.use would
+    change the backend of the whole process, e.g. a notebook's), no window, and no figure registry to close."""
     # lazy: matplotlib is needed only for report plots (slow import)
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only: never open a window (and work without a display)
-    import matplotlib.pyplot as plt
-
-    return plt
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def plot_series(path: Path, x: np.ndarray, series: Sequence[tuple[str, np.ndarray, float | None]], xlabel: str) -> Path:
     """Stacked line plots sharing x; each series is (label, values [N] with NaN gaps, optional threshold line)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(series), 1, figsize=(9, 1.9 * len(series)), sharex=True, squeeze=False)
+    fig = _figure(figsize=(9, 1.9 * len(series)))
+    axes = fig.subplots(len(series), 1, sharex=True, squeeze=False)
     for ax, (label, values, threshold) in zip(axes[:, 0], series):
         ax.plot(x, values, ".-", markersize=3, linewidth=0.8)
         if threshold is not None:
@@ -124,14 +126,13 @@ def plot_series(path: Path, x: np.ndarray, series: Sequence[tuple[str, np.ndarra
     axes[-1, 0].set_xlabel(xlabel)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def plot_histograms(path: Path, series: Sequence[tuple[str, np.ndarray]]) -> Path:
     """One histogram per (label, values) side by side."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(series), figsize=(3.2 * len(series), 2.6), squeeze=False)
+    fig = _figure(figsize=(3.2 * len(series), 2.6))
+    axes = fig.subplots(1, len(series), squeeze=False)
     for ax, (label, values) in zip(axes[0], series):
         values = np.asarray(values, np.float64)
         values = values[np.isfinite(values)]
@@ -144,7 +145,6 @@ def plot_histograms(path: Path, series: Sequence[tuple[str, np.ndarray]]) -> Pat
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 # Tests never touch the network and never read the user's weights cache.
-os.environ.setdefault("DEID_OFFLINE", "1")
+os.environ["DEID_OFFLINE"] = "1"  # forced: a developer's own DEID_OFFLINE=0 must not send the suite online
 
 # One intra-op thread for the whole run. The test networks are tiny, and the media pipelines run decode and
 # encode threads beside them: with torch's spinning thread pool on top, a 2-core machine runs MTCNN 10-30x
@@ -17,6 +17,7 @@ pytest_plugins = [
     "tests.fixtures.media",
     "tests.fixtures.generator",
     "tests.fixtures.model",
+    "tests.fixtures.inputs",
 ]
 
 

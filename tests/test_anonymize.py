@@ -113,20 +113,60 @@ def test_odd_size_and_two_audio_streams(tmp_path, odd_clip, two_audio_clip, tiny
     assert [a.sample_rate for a in probe(two).audio] == [44100, 22050]
 
 
-def test_image_identity_and_random_identities(tmp_path, astronaut_png, ntsc_clip, tiny_model):
+@pytest.fixture
+def identity_spy(monkeypatch):
+    """The identity codes the synthesizer is given, per call: a list of [N, 512] tensors."""
+    calls = []
+    original = HeadSynthesizer.__call__
+
+    def spy(self, crops, identities):
+        calls.append(identities.clone())
+        return original(self, crops, identities)
+
+    monkeypatch.setattr(HeadSynthesizer, "__call__", spy)
+    return calls
+
+
+def test_image_identity_and_random_identities(tmp_path, astronaut_png, tiny_model, identity_spy):
     image = load_image(astronaut_png)
     inner, far = _face_and_far_masks(image)
-    outputs = {}
+    outputs, codes = {}, {}
     for name, kwargs in {"target_s0": dict(identity=astronaut_png, seed=0), "target_s1": dict(identity=astronaut_png, seed=1),
                          "random_s0": dict(seed=0), "random_s1": dict(seed=1)}.items():
         _anonymize(tiny_model, astronaut_png, tmp_path / f"{name}.png", **kwargs)
         outputs[name] = load_image(tmp_path / f"{name}.png").astype(int)
+        (codes[name],) = identity_spy.pop()  # the astronaut: one face
         assert np.abs(outputs[name] - image)[inner].mean() > 8
         kept = far & ~_covered_mask(tmp_path / f"{name}.png", image.shape)
         np.testing.assert_array_equal(outputs[name][kept], image[kept])  # images: no codec, untouched exactly
     np.testing.assert_array_equal(outputs["target_s0"], outputs["target_s1"])  # --identity ignores the seed
-    # (Random seeds do pick other codes, see below; the random-weight tiny E_id maps every image to nearly the
-    # same direction (cosine ~0.9997), so their pixels cannot be told apart here.)
+    assert torch.equal(codes["target_s0"], codes["target_s1"])
+    synth = HeadSynthesizer(tiny_model)
+    for seed in (0, 1):  # a random identity is the seed's person 0 of this file
+        torch.testing.assert_close(codes[f"random_s{seed}"], synth.random_identity(seed, 0, f"random_s{seed}.png"))
+    # Other seeds pick other people. (Compared as codes: the random-weight tiny E_id maps every image to nearly the
+    # same direction, cosine ~0.9997, so the pixels of two random identities barely differ.)
+    assert not torch.equal(codes["random_s0"], codes["random_s1"])
+    assert not torch.equal(codes["random_s0"], codes["target_s0"])
+
+
+def test_random_identities_differ_across_the_files_of_a_batch_unless_shared(tmp_path, astronaut_png, tiny_model, identity_spy):
+    """Track ids restart in every file; person 0 of two files must still be two people (unless asked otherwise)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.png", "b.png"):
+        (src / name).write_bytes(astronaut_png.read_bytes())
+    _anonymize(tiny_model, src, tmp_path / "distinct", seed=3)
+    first, second = (call[0] for call in identity_spy)
+    assert not torch.equal(first, second)
+    synth = HeadSynthesizer(tiny_model)
+    torch.testing.assert_close(torch.stack([first, second]),
+                               torch.stack([synth.random_identity(3, 0, "in/a.png"), synth.random_identity(3, 0, "in/b.png")]))
+    identity_spy.clear()
+    _anonymize(tiny_model, src, tmp_path / "shared", seed=3, shared_identities=True)
+    first, second = (call[0] for call in identity_spy)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, synth.random_identity(3, 0))
 
 
 def test_bf16_precision(tmp_path, astronaut_png, tiny_model):
@@ -170,7 +210,7 @@ def test_two_people_get_two_tracks_and_two_fixed_identities(tmp_path, carphone, 
     codes = torch.unique(torch.stack(used), dim=0)
     assert len(used) == 24 and len(codes) == 2  # one fixed code per person, all video long
     synth = HeadSynthesizer(tiny_model)
-    expected = torch.stack([synth.random_identity(7, 0), synth.random_identity(7, 1)])
+    expected = torch.stack([synth.random_identity(7, 0, "out.mp4"), synth.random_identity(7, 1, "out.mp4")])
     torch.testing.assert_close(torch.sort(codes, dim=0).values, torch.sort(expected, dim=0).values)
 
 
@@ -269,3 +309,15 @@ def test_cli_anonymize(tmp_path, ntsc_clip, astronaut_png, tiny_model_path, caps
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "already exists" in err and "--overwrite" in err
+
+
+def test_cli_shared_identities_reaches_the_job(monkeypatch, tmp_path, astronaut_png):
+    from click.testing import CliRunner
+
+    jobs = []
+    monkeypatch.setattr(cli, "run_anonymize", lambda job, *a, **k: jobs.append(job))
+    monkeypatch.setattr(cli, "load_model_from_options", lambda *a, **k: (None, None, None))
+    for flags in ([], ["--shared-identities"]):
+        result = CliRunner().invoke(cli.cli, ["anonymize", str(astronaut_png), "-o", str(tmp_path / "o.png"), *flags])
+        assert result.exit_code == 0, result.output
+    assert [job.shared_identities for job in jobs] == [False, True]

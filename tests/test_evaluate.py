@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import cv2
@@ -216,26 +218,39 @@ def test_pairs_with_a_passthrough_model_give_the_known_answers(faces_dir, passth
     table1, table2 = metrics["pairs"], metrics["reconstruction"]
     # I_out = I_attr: its expression and pose are I_attr's exactly
     assert table1["expression"]["mean"] == 0.0 and table1["pose"]["mean"] == 0.0
-    assert table1["fid"] == pytest.approx(0.0, abs=1e-3) and table1["fid_samples"] == table1["counts"]["evaluated"]
-    assert table1["counts"]["items"] == 6
-    assert table1["counts"]["evaluated"] + table1["counts"]["skipped_no_face"] == 6
+    # The counts against the records: every pair is recorded once, and it is skipped exactly when one of its two
+    # images is the faceless gradient (so a pipeline that skipped a good pair, or measured a faceless one, fails).
+    names = sorted(p.name for p in faces_dir.iterdir())
+    records = [json.loads(line) for line in (report / "pairs.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in records) == list(range(6))
+    with_gradient = sum("zz_gradient.png" in (names[r["id"]], names[r["attr"]]) for r in records)
+    assert 0 < with_gradient < 6  # seed 3 draws both kinds, so both counts below are tested
+    assert table1["counts"] == {**table1["counts"], "items": 6, "skipped_no_face": with_gradient, "evaluated": 6 - with_gradient}
+    assert table1["fid"] == pytest.approx(0.0, abs=1e-3) and table1["fid_samples"] == 6 - with_gradient
+    assert table1["identity"]["n"] == table1["expression"]["n"] == 6 - with_gradient
     # I_id = I_attr: a perfect reconstruction
     assert table2["rmse"]["mean"] == 0.0 and table2["psnr"]["mean"] == float("inf")
     on_disk = json.loads((report / "metrics.json").read_text())
     assert on_disk["reconstruction"]["psnr"]["mean"] is None  # JSON has no infinity: stored as null
     assert table2["identity"]["mean"] == pytest.approx(1.0) and table2["expression"]["mean"] == 0.0
     assert table2["counts"]["items"] == 5 and table2["counts"]["skipped_no_face"] == 1  # the gradient image
+    assert table2["counts"]["evaluated"] == 4 and table2["rmse"]["n"] == 4
     # per pair: the output is I_attr, so dlib matches I_id exactly when both show the carphone man
-    names = sorted(p.name for p in faces_dir.iterdir())
-    for line in (report / "pairs.jsonl").read_text().splitlines():
-        item = json.loads(line)
-        if "skipped" in item:
-            assert names[item["id"]] == "zz_gradient.png" or names[item["attr"]] == "zz_gradient.png"
+    for item in records:
+        gradient = "zz_gradient.png" in (names[item["id"]], names[item["attr"]])
+        assert ("skipped" in item) == gradient
+        if gradient:
             continue
         both_carphone = names[item["id"]].startswith("carphone") and names[item["attr"]].startswith("carphone")
         assert item["same_person"] == both_carphone
     html = (report / "index.html").read_text()
     assert "Table 1" in html and "Table 2" in html and "FID" in html and "samples/pairs_000.png" in html
+    # a report is made to be shared: the usual modes (0666/0777 minus the umask), not owner-only
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [report, *report.rglob("*")]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
 
 
 def test_pairs_resume_after_an_interruption_matches_an_uninterrupted_run(faces_dir, passthrough_report, tmp_path, monkeypatch):
@@ -251,6 +266,8 @@ def test_pairs_resume_after_an_interruption_matches_an_uninterrupted_run(faces_d
         run_pairs(_pairs_job(faces_dir, target, reconstruction=False), Passthrough(), "passthrough")
     with pytest.raises(DeidError, match="different job"):
         run_pairs(_pairs_job(faces_dir, target, reconstruction=False, resume=True, n=5), Passthrough(), "passthrough")
+    with (tmp_path / ".resumed.partial" / "pairs.jsonl").open("a") as records:  # cut by a kill mid-record
+        records.write('{"index": 5, "id": 1, "at')
     model = Passthrough()
     resumed = run_pairs(_pairs_job(faces_dir, target, reconstruction=False, resume=True), model, "passthrough")
     # the model runs once per batch with a usable pair; the batch finished before the interruption is not run again
@@ -303,3 +320,74 @@ def test_pairs_on_a_generated_dataset_reads_it_and_counts_faceless_samples(tiny_
     with pytest.raises(DeidError, match="32 px but the model makes 128 px"):
         run_pairs(PairsJob(output=tmp_path / "ds2", dataset=tiny_dataset, n=2, fid=False), Passthrough())
 
+
+
+def test_pairs_cli_checks_paths_and_options_before_loading_the_model(faces_dir, tmp_path, capsys):
+    """The model named here does not exist: an error about anything else was found before loading it."""
+    from deid import cli
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    not_a_dataset = tmp_path / "empty"
+    not_a_dataset.mkdir()
+    model = ["--model", str(tmp_path / "no-such-model.safetensors"), "--device", "cpu"]
+    cases = [(["--images", str(faces_dir), "-o", str(taken)], "already exists"),
+             (["--images", str(faces_dir), "-o", str(tmp_path / "nowhere" / "r")], "does not exist"),
+             (["--dataset", str(not_a_dataset), "-o", str(tmp_path / "r")], "not a complete generated dataset"),
+             (["--images", str(faces_dir), "--dataset", str(not_a_dataset), "-o", str(tmp_path / "r")], "exactly one"),
+             (["--images", str(faces_dir), "--fid-weights", "inception-v3-fid", "-o", str(tmp_path / "r")], "inception-v3-fid")]
+    for args, words in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["evaluate", "pairs", "--n", "2", *args, *model])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and words in err and "no-such-model" not in err, (args, err)
+    assert (taken / "notes.txt").read_text() == "mine" and not (tmp_path / "r").exists()
+
+
+class FaceGenerator(torch.nn.Module):
+    """A stand-in generator whose samples are real aligned faces, in turn: sample i is faces[i % K]. Lets
+    make-dataset write a generated dataset that holds faces (the tiny generator's 32x32 samples hold none)."""
+
+    source, fingerprint, z_dim, w_dim, num_ws = "random", "real-faces-for-tests", 4, 4, 1
+
+    def __init__(self, faces: torch.Tensor):
+        super().__init__()
+        self.faces, self.resolution, self.next = faces, faces.shape[-1], 0
+
+    def mapping(self, z, truncation_psi=1.0):
+        return z
+
+    def synthesis(self, w, noise_mode="const"):
+        picked = [self.faces[(self.next + k) % len(self.faces)] for k in range(len(w))]
+        self.next += len(w)
+        return torch.stack(picked)
+
+
+@pytest.fixture(scope="module")
+def face_dataset(faces_dir, tmp_path_factory):
+    """A generated dataset of 8 real faces at 128 px: carphone frames 0, 60, 119 and the astronaut, twice.
+    Returns (dataset dir, the person of each sample)."""
+    from deid.faces.alignment import align_photo_file
+    from deid.train.make_dataset import MakeDatasetConfig, make_dataset
+
+    photos = sorted(p for p in faces_dir.iterdir() if not p.name.startswith("zz_"))
+    # (crops as [-1, 1] tensors: make-dataset's x * 127.5 + 128, rounded down, gives back the same bytes)
+    faces = torch.stack([align_photo_file(p, Passthrough.resolution).tensor for p in photos])
+    out = tmp_path_factory.mktemp("faces_dataset") / "ds"
+    make_dataset(MakeDatasetConfig(out=out, n=8, generator="random", batch_size=4, device="cpu"), generator=FaceGenerator(faces))
+    return out, [photos[i % len(photos)].name.split("_")[0].removesuffix(".png") for i in range(8)]
+
+
+def test_pairs_on_a_generated_dataset_of_real_faces_give_the_known_answers(face_dataset, tmp_path):
+    dataset, person = face_dataset
+    job = PairsJob(output=tmp_path / "ds", dataset=dataset, n=6, seed=5, batch_size=4, fid_weights="random", fid_dims=64, samples=1)
+    metrics = run_pairs(job, Passthrough(), model_source="passthrough")
+    assert metrics["source"]["images"] == 8 and "generated dataset" in metrics["source"]["description"]
+    table1, table2 = metrics["pairs"], metrics["reconstruction"]
+    assert table1["counts"]["evaluated"] == 6 and table1["counts"]["skipped_no_face"] == 0
+    assert table1["expression"]["mean"] == 0.0 and table1["pose"]["mean"] == 0.0
+    assert table2["counts"]["evaluated"] == 6 and table2["rmse"]["mean"] == 0.0
+    for line in (tmp_path / "ds" / "pairs.jsonl").read_text().splitlines():
+        item = json.loads(line)
+        assert item["same_person"] == (person[item["id"]] == person[item["attr"]])

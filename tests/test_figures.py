@@ -96,8 +96,10 @@ def test_interpolation_endpoints_equal_the_endpoint_generations(heads, tiny_mode
 def test_z_and_w_paths_differ_in_the_middle(heads, tiny_model):
     start, end, fixed = heads
     t = interpolation_weights(5)
-    in_w = interpolation_codes(tiny_model, "identity", "w", start, end, fixed, t)
-    in_z = interpolation_codes(tiny_model, "identity", "z", start, end, fixed, t)
+    # attributes: in the untrained tiny M, two identity codes move w by ~1e-4, too little to cross a LeakyReLU
+    # kink; two attribute codes move it by ~4, so the Z path bends
+    in_w = interpolation_codes(tiny_model, "attributes", "w", start, end, fixed, t)
+    in_z = interpolation_codes(tiny_model, "attributes", "z", start, end, fixed, t)
     assert_close_relative(in_w[[0, -1]], in_z[[0, -1]])
     assert (in_w[2] - in_z[2]).abs().max() > 1e-3  # M is not linear
     # W interpolation is a straight line: the midpoint is the mean of the ends
@@ -155,3 +157,30 @@ def test_cli_photo_without_a_face_is_a_one_line_error(tmp_path, no_face_png, fac
     assert isinstance(result.exception, DeidError) and "no face" in str(result.exception).lower()
     assert str(no_face_png) in str(result.exception)  # names which photo
     assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("case", ["missing folder", "existing output", "wrong suffix", "not an image"])
+def test_cli_mix_and_interpolate_check_paths_before_loading_the_model(tmp_path, face_photos, not_a_photo, case):
+    """The model named here does not exist: a path error that is reported first was found before loading it."""
+    a, b = (str(p) for p in face_photos[:2])
+    output = {"missing folder": tmp_path / "nowhere" / "out.png", "existing output": tmp_path / "taken.png",
+              "wrong suffix": tmp_path / "out.txt", "not an image": tmp_path / "out.png"}[case]
+    (tmp_path / "taken.png").write_bytes(b"mine")
+    photo = str(not_a_photo) if case == "not an image" else b
+    model = ["--model", str(tmp_path / "no-such-model.safetensors"), "--device", "cpu"]
+    for args in (["mix", "--identity", a, "--attributes", photo, "-o", str(output)],
+                 ["interpolate", "--vary", "identity", "--from", a, "--to", photo, "--fixed", a, "-o", str(output)]):
+        result = CliRunner().invoke(cli.cli, args + model)
+        assert result.exit_code != 0 and isinstance(result.exception, DeidError), result.output
+        message = str(result.exception)
+        assert "no-such-model" not in message
+        assert {"missing folder": "does not exist", "existing output": "already exists", "wrong suffix": "out.txt",
+                "not an image": "not a readable image"}[case] in message
+    assert (tmp_path / "taken.png").read_bytes() == b"mine"
+
+
+@pytest.fixture
+def not_a_photo(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("not pixels")
+    return path

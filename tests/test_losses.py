@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import pytorch_msssim
 import torch
@@ -14,6 +15,7 @@ from deid.nets.losses import (
     landmark_loss,
     ms_ssim,
     ms_ssim_scales,
+    pixel_mask,
     r1_penalty,
     reconstruction_loss,
 )
@@ -61,12 +63,63 @@ def test_ms_ssim_two_scales_by_hand():
     torch.testing.assert_close(ms_ssim(x, y), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_reconstruction_loss_is_zero_for_identical_images_and_matches_formula():
-    x, y = _pair(32, seed=3)
-    a, b = x * 2 - 1, y * 2 - 1  # generator range
-    assert reconstruction_loss(a, a).abs().item() < 1e-12
-    expected = 0.84 * (1 - ms_ssim(x, y)).mean() + 0.16 * (x - y).abs().mean()
-    torch.testing.assert_close(reconstruction_loss(a, b), expected)
+def _official_inverse_gaussian(size: int) -> np.ndarray:
+    """utils/general_utils.py of the official code, restated in NumPy: gaussian_image then
+    inverse_gaussian_image with sigma = int(80 * size / 256) (trainer.py)."""
+    sigma = int(80 * (size / 256))
+    kernel = 1
+    for grid in np.meshgrid(np.arange(size, dtype=np.float32), np.arange(size, dtype=np.float32)):
+        kernel = kernel * 1 / (sigma * np.sqrt(2 * np.pi)) * np.exp(-((grid - (size - 1) / 2) / sigma) ** 2 / 2)
+    gauss = kernel / np.sum(kernel)
+    inverse = np.max(gauss) + np.min(gauss) - gauss
+    return inverse / np.sum(inverse)
+
+
+def _official_l1(target: np.ndarray, pred: np.ndarray) -> float:
+    """Keras MeanAbsoluteError(reduction=SUM)(target, pred, sample_weight=mask) on NHWC images in [0, 1]:
+    the mean over the last (channel) axis, times the mask broadcast to [N, H, W], summed."""
+    per_pixel = np.abs(target - pred).mean(axis=-1)
+    return float((per_pixel * np.broadcast_to(_official_inverse_gaussian(target.shape[1]), per_pixel.shape)).sum())
+
+
+@pytest.mark.parametrize("size,batch", [(256, 6), (32, 3)])
+def test_reconstruction_loss_is_the_official_formula(size, batch):
+    g = torch.Generator().manual_seed(size)
+    x = torch.rand(batch, 3, size, size, generator=g, dtype=torch.float64)
+    y = (x + 0.2 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()  # noqa: E731 - the official layout
+    loss = reconstruction_loss(x * 2 - 1, y * 2 - 1).item()
+    l1 = _official_l1(nhwc(x), nhwc(y))
+    # rel 1e-7: the official grid is float32
+    assert loss - 0.84 * float((1 - ms_ssim(x, y)).mean()) == pytest.approx(0.16 * l1, rel=1e-7)
+    if size > 160:  # the whole formula with the independent MS-SSIM (its float32 window: 1e-5 agreement)
+        msssim = pytorch_msssim.ms_ssim(x, y, data_range=1.0, size_average=False)
+        assert loss == pytest.approx(0.84 * float((1 - msssim).mean()) + 0.16 * l1, abs=2e-5)
+    assert reconstruction_loss(x * 2 - 1, x * 2 - 1).abs().item() < 1e-12
+    # the plain mean is the former (paper-like) reading: uniform weights, averaged over the batch
+    plain = 0.84 * (1 - ms_ssim(x, y)).mean() + 0.16 * (x - y).abs().mean()
+    torch.testing.assert_close(reconstruction_loss(x * 2 - 1, y * 2 - 1, mask="uniform", reduction="mean"), plain)
+
+
+def test_pixel_mask_weighs_the_face_less_than_the_corners():
+    mask = pixel_mask(256)
+    np.testing.assert_allclose(mask.numpy(), _official_inverse_gaussian(256), rtol=1e-5)  # official grid: float32
+    assert mask.sum().item() == pytest.approx(1.0)
+    assert (mask[0, 0] / mask[128, 128]).item() == pytest.approx(12.68, abs=0.01)
+    with pytest.raises(ValueError):
+        reconstruction_loss(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32), mask="circle")
+
+
+def test_landmark_loss_is_in_160_pixel_units_at_every_resolution():
+    """The same displacement relative to the image gives the same loss at 64 and at 256 pixels, and 1% of
+    the side is 1.6 units of the official 160-pixel image."""
+    losses = []
+    for side in (64, 256):
+        ref = torch.rand(2, 68, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * side
+        out = ref + 0.01 * side
+        losses.append(landmark_loss(ref, out, image_side=side).item())
+    assert losses[0] == pytest.approx(losses[1]) == pytest.approx(1.6**2)
+    assert landmark_loss(ref, out, image_side=256, unit_side=None).item() == pytest.approx(2.56**2)
 
 
 def test_identity_and_landmark_losses_by_hand():

@@ -1,6 +1,7 @@
 """`deid make-dataset`: reproducibility, resume, refusals, verification, and the training reader."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,3 +148,77 @@ def test_dataloader_workers_read_pairs(tiny_dataset):
     batches = list(loader)
     assert [b[0].shape for b in batches] == [(8, 3, 32, 32)] * 3 and batches[0][1].shape == (8, 64)
     assert -1 <= float(batches[0][0].min()) and float(batches[0][0].max()) <= 1
+
+
+def _make_dataset_rank(rank: int, port: int, out: str, results) -> None:
+    """One torchrun-like process of a 2-process make-dataset (gloo); reports (rank, message, monotonic time)."""
+    import os
+    import time
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from deid.errors import DeidError
+    from deid.nets.presets import TINY_GENERATOR_CONFIG
+    from deid.stylegan.loading import load_generator
+
+    generator = load_generator("random", config=TINY_GENERATOR_CONFIG, seed=0)
+    try:
+        make_dataset(MakeDatasetConfig(out=Path(out), n=8, generator="random", batch_size=4, device="cpu"), generator=generator)
+        results.put((rank, "finished", time.monotonic()))
+    except DeidError as exc:
+        results.put((rank, str(exc), time.monotonic()))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_when_rank_0_fails_while_preparing_rank_1_stops_at_once_with_its_message(tmp_path):
+    """Rank 0 refuses a non-empty --out; without sharing the failure rank 1 would wait in a collective until the
+    process group's timeout (30 minutes for gloo, 10 for NCCL)."""
+    import multiprocessing
+    import socket
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_make_dataset_rank, args=(rank, port, str(out), results)) for rank in range(2)]
+    for p in processes:
+        p.start()
+    try:
+        reports = {rank: (message, at) for rank, message, at in (results.get(timeout=120) for _ in processes)}
+    finally:
+        for p in processes:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    assert "is not empty" in reports[0][0]
+    assert reports[1][0] == f"rank 0 failed: {reports[0][0]}"
+    assert abs(reports[1][1] - reports[0][1]) < 5.0  # seconds, not the collective's timeout
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_make_dataset_restores_the_process_wide_cudnn_and_tf32_flags(tmp_path, tiny_generator):
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    seen = []
+    real_generate = md.DatasetWriter.generate
+
+    def generate(self, start, stop, device):
+        seen.append((cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32))
+        return real_generate(self, start, stop, device)
+
+    try:
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = False, True, True, True
+        md.DatasetWriter.generate = generate
+        make_dataset(MakeDatasetConfig(out=tmp_path / "ds", n=3, generator="random", batch_size=2, device="cpu"),
+                     generator=tiny_generator)
+        assert seen and set(seen) == {(True, False, False, False)}  # exact arithmetic while generating
+        assert (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == (False, True, True, True)
+    finally:
+        md.DatasetWriter.generate = real_generate
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved

@@ -73,6 +73,23 @@ def test_dlib_says_carphone_frames_are_one_person_and_astronaut_another(meter, c
         assert cosine_similarity(faces[0].face.descriptor, face.face.descriptor) > cosine_similarity(face.face.descriptor, other.face.descriptor)
 
 
+def test_dlib_analyzers_share_the_lock_of_the_models_they_share(astronaut):
+    """The dlib models are cached and shared by every analyzer: one analyzer busy with them holds off the others."""
+    import threading
+
+    from deid.evaluation.recognizers import DlibFaceAnalyzer
+
+    first, second = DlibFaceAnalyzer(), DlibFaceAnalyzer()
+    assert first._shape is second._shape
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (second.measure(astronaut, np.array([180, 60, 300, 220])), done.set()))
+    with first._lock:  # as if `first` were in the middle of a measurement
+        worker.start()
+        assert not done.wait(0.5)
+    worker.join(timeout=30)
+    assert done.is_set()
+
+
 def test_no_face_gives_none_or_the_fallback_box(meter):
     flat = np.full((160, 160, 3), 128, np.uint8)
     assert meter.measure(flat) is None
@@ -203,6 +220,25 @@ def test_fid_inception_random_and_file_weights_agree(tmp_path, astronaut):
     from deid.weights import file_sha256
 
     assert from_file.fingerprint == file_sha256(path)
+
+
+@pytest.mark.parametrize("dims", [64, 768, 2048])
+def test_fid_features_equal_pytorch_fid_own_extractor(dims):
+    """deid builds pytorch-fid's block layout itself (pytorch-fid's class only builds around weights it downloads);
+    the reference is pytorch-fid's InceptionV3, handed the same network here in the test."""
+    from unittest import mock
+
+    from pytorch_fid import inception as pf
+
+    from deid.evaluation.metrics import _fid_inception_net
+
+    ours = FIDInception("random", dims=dims)
+    with mock.patch.object(pf, "fid_inception_v3", lambda: _fid_inception_net(None, seed=0)):
+        reference = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[dims]]).eval()
+    images = torch.rand(2, 3, 160, 160, generator=torch.Generator().manual_seed(1))  # resized to 299 inside
+    with torch.no_grad():
+        expected = torch.nn.functional.adaptive_avg_pool2d(reference(images)[0], 1).flatten(1)
+    torch.testing.assert_close(ours(images), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_fid_refuses_missing_weights_with_the_fix(tmp_path):

@@ -20,13 +20,13 @@ from deid.nets.model import Disentangler, build_discriminator
 from deid.nets.presets import TINY_MODEL_CONFIG
 from deid.runs import latest_checkpoint
 from deid.runtime import Dist
-from deid.train.config import TrainConfig
+from deid.train.config import TrainConfig, Validation
 from deid.train.trainer import DataOrder, Trainer, TrainingInterrupted, load_batch, state_path_for, train
 
 
 def _config(tiny_generator, data, out, **kw) -> TrainConfig:
     kw = {"steps": 3, "batch_size": 2, "device": "cpu", "checkpoint_every": 1000, "sample_every": 0,
-          "sample_count": 2, "tensorboard": False, **kw}
+          "sample_count": 2, "tensorboard": False, "validation": Validation(every=0), **kw}
     return TrainConfig(data=data, out=out, model=TINY_MODEL_CONFIG.for_generator(tiny_generator), **kw)
 
 
@@ -82,9 +82,15 @@ def test_losses_equal_a_hand_computation(parts):
             w = m.mapper(torch.cat([id_ref, m.attribute_encoder(I_attr)], dim=1))
             out = m.generator.synthesis(w, noise_mode="const")
             l_id = (id_ref - m.identity_encoder(out)).abs().mean()
-            l_lnd = (lnd(I_attr)[:, 17:] - lnd(out)[:, 17:]).pow(2).mean()
+            # landmarks in units of a 160-pixel image (the generator's are 32 pixels)
+            l_lnd = ((lnd(I_attr)[:, 17:] - lnd(out)[:, 17:]) * (160 / 32)).pow(2).mean()
             a, b = (I_attr + 1) / 2, (out + 1) / 2
-            l_rec = 0.84 * (1 - ms_ssim(a, b)).mean() + 0.16 * (a - b).abs().mean()
+            # the official inverse-Gaussian mask at 32 (sigma int(80 * 32 / 256) = 10), summed over pixels and batch
+            c = (torch.arange(32.0) - 15.5) / 10
+            g = torch.outer(torch.exp(-c**2 / 2), torch.exp(-c**2 / 2))
+            inverse = (g / g.sum()).max() + (g / g.sum()).min() - g / g.sum()
+            l1 = (inverse / inverse.sum() * (a - b).abs().mean(dim=1)).sum()
+            l_rec = 0.84 * (1 - ms_ssim(a, b)).mean() + 0.16 * l1
         torch.testing.assert_close(got["identity"], l_id)
         torch.testing.assert_close(got["landmarks"], l_lnd)
         if step % 3 == 0:  # cross step: no reconstruction term at all
@@ -103,6 +109,23 @@ def test_losses_equal_a_hand_computation(parts):
             torch.testing.assert_close(got["r1"], 0.5 * 10.0 * g.pow(2).sum(1).mean())
         else:
             assert not {"adversarial", "discriminator", "r1"} & set(got)
+
+
+def test_a_step_leaves_the_attribute_encoders_batchnorm_statistics_unchanged(parts):
+    """The official Keras E_attr runs BatchNorm in inference mode: running statistics never change, the
+    scale (which Keras' InceptionV3 lacks) stays fixed, only the offset trains."""
+    trainer, images, ws, others = parts
+    enc = trainer.model.attribute_encoder
+    before = _snapshot(enc)
+    trainer.step(0, images, others, ws)
+    changed = _changed(before, enc)
+    bn_names = {name for name, m in enc.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert len(bn_names) == 94
+    for name in bn_names:
+        for stat in ("running_mean", "running_var", "num_batches_tracked", "weight"):
+            assert f"{name}.{stat}" not in changed, f"{name}.{stat} changed"
+    assert sum(f"{name}.bias" in changed for name in bn_names) == 94
+    assert trainer.model.training and not any(enc.get_submodule(n).training for n in bn_names)
 
 
 def test_reconstruction_has_no_gradient_on_cross_steps(parts):
@@ -143,6 +166,8 @@ def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tiny_generator, tiny_da
     assert latest_checkpoint(cut).name == "step-00000002.safetensors"
     with pytest.raises(DeidError, match="--resume"):  # never overwrites a run
         train(_config(tiny_generator, tiny_dataset, cut))
+    with (cut / "losses.jsonl").open("a") as log:  # a kill (OOM, SIGKILL) in the middle of writing a record
+        log.write('{"step": 2, "identity": 0.12')
     resumed = train(_config(tiny_generator, tiny_dataset, cut, resume=True))
 
     a, b = load_file(str(full)), load_file(str(resumed))
@@ -254,14 +279,21 @@ def test_cli_train_builds_the_papers_defaults(monkeypatch, tmp_path):
                                       "--attribute-encoder", "random", "--steps", "10"])
     assert result.exit_code == 0, result.output
     (config,) = seen
-    assert (config.batch_size, config.steps, config.precision, config.gpus, config.resume) == (6, 10, "fp32", 1, False)
+    assert (config.batch_size, config.steps, config.precision, config.gpus, config.resume) == (None, 10, "fp32", 1, False)
     assert (config.model.generator, config.model.identity.source, config.model.attributes.source,
             config.model.landmarks.source) == ("stylegan2-ffhq-256", "facenet-vggface2", "random", "fan-2d")
     w, s = config.losses, config.schedule
     assert (w.identity, w.landmarks, w.reconstruction, w.adversarial, w.r1_gamma) == (1.0, 0.001, 0.02, 1.0, 10.0)
     assert (s.cross_every, s.adversarial_every, tuple(s.betas)) == (3, 2, (0.9, 0.999))
-    assert s.learning_rates(256) == pytest.approx((5e-5, 5e-6, 2e-5))
-    assert s.learning_rates(1024) == pytest.approx((1e-5, 1e-6, 4e-6))
+    assert s.learning_rates(256) == pytest.approx((5e-5, 5e-6, 2e-5)) and s.batch_size(256) == 6
+    # 1024: the paper's preset (appendix C) by default, the official code's on request
+    assert s.learning_rates(1024) == pytest.approx((5e-6, 5e-7, 2e-6)) and s.batch_size(1024) == 2
+    official = dataclasses.replace(s, recipe_1024="official")
+    assert official.learning_rates(1024) == pytest.approx((1e-5, 1e-6, 4e-6)) and official.batch_size(1024) == 6
+    v = config.validation
+    assert (v.every, v.batches, v.holdout, v.early_stop, config.real_w) == (1000, 50, 0.01, 0, "random")
+    assert (w.pixel_mask, w.pixel_reduction, w.landmark_units) == ("gaussian", "sum", 160)
+    assert (config.model.initialiser, config.model.attributes.batchnorm) == ("official", "inference")
 
 
 def test_cli_train_checks_the_dataset_before_fetching_any_network(tmp_path):
@@ -274,3 +306,19 @@ def test_cli_train_checks_the_dataset_before_fetching_any_network(tmp_path):
     result = CliRunner().invoke(cli, ["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--device", "cpu"])
     assert result.exit_code != 0
     assert isinstance(result.exception, DatasetError) and "deid make-dataset" in str(result.exception)
+
+
+def test_record_files_drop_a_last_line_cut_by_a_kill_and_refuse_damage_elsewhere(tmp_path):
+    from deid.runs import complete_lines, read_records
+
+    path = tmp_path / "losses.jsonl"
+    assert complete_lines(path) == []
+    path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "loss": 0.1')  # no newline: cut mid-record
+    assert read_records(path) == [{"step": 0}, {"step": 1}]
+    path.write_text('{"step": 0}\n{"step": 1, "lo\n')  # a cut record that did get a newline
+    assert read_records(path) == [{"step": 0}]
+    path.write_text('{"step": 0}\n{"step": 1}\n')
+    assert complete_lines(path) == ['{"step": 0}', '{"step": 1}']
+    path.write_text('{"step": 0}\n{"st\n{"step": 2}\n')
+    with pytest.raises(DeidError, match="record 2 is not valid JSON"):
+        complete_lines(path)

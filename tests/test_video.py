@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from deid.errors import MediaError
 from deid.media.video import (
+    EncodeOptions,
     VideoWriter,
     audio_duration,
     ffmpeg_exe,
@@ -79,7 +81,7 @@ def test_roundtrip_keeps_ntsc_timing_and_audio(tmp_path, ntsc_clip):
     with av.open(str(ntsc_clip)) as container:
         assert container.metadata.get("location") == "+48.8577+002.2950/"
     with av.open(str(tmp_path / "out.mp4")) as container:
-        assert container.metadata.get("title") == "deid test clip"
+        assert "title" not in container.metadata  # only the allow-listed tags are passed on
         assert not any("location" in key for key in container.metadata)  # where it was shot is not passed on
     assert [a.codec for a in dst.audio] == ["aac"]
     assert audio_duration(tmp_path / "out.mp4", dst.audio[0].index) == pytest.approx(audio_duration(ntsc_clip, src.audio[0].index), abs=1e-6)
@@ -150,3 +152,54 @@ def test_ffmpeg_exe_prefers_environment(monkeypatch, tmp_path):
     assert ffmpeg_exe() == str(tmp_path / "my-ffmpeg")
     monkeypatch.delenv("DEID_FFMPEG")
     assert ffmpeg_exe()  # PATH or the bundled binary
+
+
+@pytest.fixture(scope="module")
+def tagged_clip(tmp_path_factory) -> Path:
+    """A short MKV whose tags name the person (title, comment), locate them under a vendor key no deny-list
+    knows, and say when (creation_time) and in what language it was shot."""
+    import av
+
+    path = tmp_path_factory.mktemp("tagged") / "tagged.mkv"
+    with av.open(str(path), "w") as container:
+        container.metadata.update({"title": "Alice Example at home", "comment": "filmed by Bob",
+                                   "com.example.position": "+48.8577+002.2950/",
+                                   "creation_time": "2024-05-01T10:00:00.000000Z", "language": "eng"})
+        stream = container.add_stream("libx264", rate=Fraction(25))
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(5):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")))
+        container.mux(stream.encode(None))
+    return path
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_container_tags_are_an_allow_list_unless_keep_metadata(tmp_path, tagged_clip, keep):
+    import av
+
+    out = tmp_path / "out.mkv"
+    with VideoWriter(out, probe(tagged_clip), EncodeOptions(keep_metadata=keep)) as writer:
+        for frame in read_frames(tagged_clip):
+            writer.write(frame.image, frame.pts, frame.duration)
+    with av.open(str(out)) as container:
+        tags = {k.lower(): v for k, v in container.metadata.items()}
+    assert tags["creation_time"] == "2024-05-01T10:00:00.000000Z" and tags["language"] == "eng"
+    named = {"title": "Alice Example at home", "comment": "filmed by Bob", "com.example.position": "+48.8577+002.2950/"}
+    if keep:
+        assert all(tags.get(k) == v for k, v in named.items())
+    else:
+        assert not set(named) & set(tags) and "Alice" not in str(tags) and "48.8577" not in str(tags)
+
+
+def test_cli_passes_keep_metadata_to_the_writer(monkeypatch, tmp_path, tagged_clip):
+    from click.testing import CliRunner
+
+    from deid import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run_anonymize", lambda job, *a, **k: seen.append(job.encode))
+    monkeypatch.setattr(cli, "load_model_from_options", lambda *a, **k: (None, None, None))
+    for flags, expected in (([], False), (["--keep-metadata"], True)):
+        result = CliRunner().invoke(cli.cli, ["anonymize", str(tagged_clip), "-o", str(tmp_path / "o.mkv"), *flags])
+        assert result.exit_code == 0, result.output
+        assert seen.pop().keep_metadata is expected

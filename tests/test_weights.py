@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.server
+import io
+import json
+import os
 import threading
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -16,12 +21,14 @@ PAYLOAD = bytes(range(256)) * 4096  # 1 MiB of known bytes
 
 
 class FileServer:
-    """Serves `files` (path -> bytes) with HTTP Range support; `drop_once` paths are cut mid-file once."""
+    """Serves `files` (path -> bytes) with HTTP Range support; `drop_once` paths are cut mid-file once; with
+    `chunk_delay` (seconds), bodies go out in 64 KiB chunks that far apart (a slow network)."""
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
         self.drop_once: set[str] = set()
         self.requests: list[tuple[str, str | None]] = []
+        self.chunk_delay = 0.0
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -46,7 +53,9 @@ class FileServer:
                     self.wfile.flush()
                     self.close_connection = True
                     return
-                self.wfile.write(body[start:])
+                for offset in range(start, len(body), 1 << 16):
+                    self.wfile.write(body[offset : offset + (1 << 16)])
+                    time.sleep(server.chunk_delay)
 
             def log_message(self, *args):
                 pass
@@ -109,7 +118,8 @@ def test_checksum_mismatch_rejects_the_file_and_leaves_nothing(server, online, m
     register(monkeypatch, server, sha256="0" * 64)
     with pytest.raises(WeightsError, match="does not match the published"):
         weights.fetch("test-net")
-    leftovers = [p for p in (_isolated_deid_home / "weights").rglob("*") if p.is_file() and p.name != "index.json"]
+    leftovers = [p for p in (_isolated_deid_home / "weights").rglob("*")
+                 if p.is_file() and p.name != "index.json" and p.suffix != ".lock"]  # (empty lock files stay)
     assert leftovers == []
     assert "test-net" not in weights.read_index()
 
@@ -244,3 +254,67 @@ def test_convert_writes_a_safetensors_generator_with_the_same_fingerprint(tmp_pa
     assert load_generator(out).fingerprint == tiny_generator.fingerprint
     again = CliRunner().invoke(cli.cli, ["weights", "convert", str(source), str(out)])
     assert again.exit_code != 0 and "--overwrite" in str(again.exception)
+
+
+def _fetch_in_process(home: str, entry: weights.WeightsEntry, start, results) -> None:
+    """One separate `deid` process: fetch `entry` into the cache at `home` once `start` lets every process go."""
+    import os
+
+    os.environ.update(DEID_HOME=home, DEID_OFFLINE="0")
+    weights.REGISTRY[entry.name] = entry
+    start.wait()
+    results.put(str(weights.fetch(entry.name)))
+
+
+def test_two_processes_fetching_one_entry_leave_one_correct_file_and_index(server, _isolated_deid_home):
+    """Without the cache lock both processes write the same .part file (and record whatever hash they read)."""
+    import multiprocessing
+
+    server.files["/net.pt"] = PAYLOAD
+    server.chunk_delay = 0.02  # 16 slow chunks: the two downloads would overlap
+    entry = weights.WeightsEntry("test-net", "a test network", "net.pt", (server.url + "/net.pt",))  # no published hash
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(2), context.Queue()
+    processes = [context.Process(target=_fetch_in_process, args=(str(_isolated_deid_home), entry, start, results)) for _ in range(2)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout=120)
+    assert [p.exitcode for p in processes] == [0, 0]
+    paths = {results.get(timeout=5) for _ in processes}
+    path = _isolated_deid_home / "weights" / "test-net" / "net.pt"
+    assert paths == {str(path)} and path.read_bytes() == PAYLOAD
+    assert [r for r in server.requests if r[0] == "/net.pt"] == [("/net.pt", None)]  # one download, not two
+    record = json.loads((_isolated_deid_home / "weights" / "index.json").read_text())["test-net"]
+    assert record["sha256"] == hashlib.sha256(PAYLOAD).hexdigest() and record["bytes"] == len(PAYLOAD)
+    assert not list(path.parent.glob("*.part"))
+
+
+@pytest.mark.parametrize("failure, words", [(errno.ENOSPC, "disk is full"), (errno.EACCES, "permission denied")])
+def test_a_full_disk_or_a_permission_error_is_not_retried_and_names_the_path(server, online, monkeypatch, failure, words):
+    import builtins
+
+    server.files["/net.pt"] = PAYLOAD
+    register(monkeypatch, server)
+    real_open = builtins.open
+
+    class FullDisk(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".part") and mode[0] in "wa":
+            if failure == errno.EACCES:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return FullDisk()
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(weights, "open", fake_open, raising=False)
+    with pytest.raises(WeightsError) as info:
+        weights.fetch("test-net")
+    message = str(info.value)
+    assert words in message and str(weights.cache_path("test-net")) in message and "network" not in message
+    assert len(server.requests) == 1  # not retried

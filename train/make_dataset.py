@@ -8,6 +8,7 @@ writes the one manifest. The dataset layout is described in deid/dataset.py.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -31,7 +33,7 @@ from deid.media.images import to_uint8
 from deid.runtime import Dist, init_distributed
 from deid.stylegan.loading import load_generator
 from deid.stylegan.network import Generator
-from deid.weights import source_sha256
+from deid.weights import resolve, source_sha256
 
 # Settings that define the samples; a run or dataset with other values is a different dataset.
 IDENTITY_KEYS = ("format", "generator_fingerprint", "seed", "truncation", "noise_mode", "count", "resolution", "w_dim")
@@ -191,20 +193,38 @@ def make_dataset(config: MakeDatasetConfig, generator: Generator | None = None) 
     if config.n < 1:
         raise DatasetError(f"--n {config.n}: need at least one sample.")
     dist, device = init_distributed(config.device)
-    # bit-for-bit reproducible convolutions, and full fp32 (no TF32) for dataset fidelity
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    G = (generator if generator is not None else load_generator(config.generator, device=device)).to(device).eval()
-    writer = DatasetWriter(config, G, dist)
+    with _exact_arithmetic():
+        return _make(config, generator, dist, device)
 
-    batch_size = config.batch_size or auto_batch_size(device, G.resolution)
-    decision = [writer.prepare(batch_size) if dist.rank == 0 else 0]
-    if dist.world > 1:
-        torch.distributed.broadcast_object_list(decision, src=0)
-    if decision[0] is None:
+
+@contextlib.contextmanager
+def _exact_arithmetic() -> Iterator[None]:
+    """Bit-for-bit reproducible convolutions and full fp32 (no TF32) for dataset fidelity, for this run only: the
+    flags are process-wide, so the caller's values come back afterwards."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = True, False, False, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+def _make(config: MakeDatasetConfig, generator: Generator | None, dist: Dist, device: torch.device) -> dict:
+    # Failures are shared across ranks (deid.runtime.Dist.failures_shared): when one rank cannot go on (rank 0
+    # alone prepares the directory and writes the manifest), every rank stops at once with its message instead
+    # of waiting in the next collective until the timeout.
+    if generator is None and dist.world > 1:  # downloaded once per node, not by every rank into one cache
+        dist.first_on_each_node(lambda: resolve(config.generator))
+    with dist.failures_shared():
+        G = (generator if generator is not None else load_generator(config.generator, device=device)).to(device).eval()
+        writer = DatasetWriter(config, G, dist)
+        batch_size = config.batch_size or auto_batch_size(device, G.resolution)
+    decision = dist.from_main(lambda: writer.prepare(batch_size))
+    if decision is None:
         info(f"{config.out}: already complete ({config.n} samples).")
         return read_manifest(writer.root)
-    batch_size = int(decision[0])
+    batch_size = int(decision)
     if config.batch_size and config.batch_size != batch_size:
         info(f"resuming with the run's batch size {batch_size} (results depend on it), not {config.batch_size}.")
 
@@ -213,7 +233,8 @@ def make_dataset(config: MakeDatasetConfig, generator: Generator | None = None) 
     size = lambda s: min(batch_size, config.n - s)  # noqa: E731
     if todo and len(todo) < len(mine):
         info(f"resuming: {len(mine) - len(todo)} of {len(mine)} batches already done.")
-    with ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2))) as pool, progress(RateColumn()) as bar:
+    with dist.failures_shared(), ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2))) as pool, \
+            progress(RateColumn()) as bar:
         task = bar.add_task(f"samples (rank {dist.rank})" if dist.world > 1 else "samples",
                             total=sum(map(size, mine)), completed=sum(map(size, mine)) - sum(map(size, todo)))
         encoding = None  # the previous batch's PNGs encode in threads while the next batch generates
@@ -226,10 +247,7 @@ def make_dataset(config: MakeDatasetConfig, generator: Generator | None = None) 
             if generated is not None:
                 images, ws = generated
                 encoding = (start, [pool.submit(encode_png, im) for im in images], ws)
-    dist.barrier()
-    manifest = writer.finalize(batch_size) if dist.rank == 0 else None
-    dist.barrier()
-    return manifest if manifest is not None else read_manifest(writer.root)
+    return dist.from_main(lambda: writer.finalize(batch_size))
 
 
 def verify_with_progress(root: Path) -> dict:

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as tdist
 from rich.progress import TextColumn
@@ -59,9 +60,11 @@ from deid.nets.model import (
     read_checkpoint,
     unprefixed,
 )
-from deid.runs import checkpoint_path, latest_checkpoint, list_checkpoints
+from deid.runs import checkpoint_path, complete_lines, latest_checkpoint, list_checkpoints
 from deid.runtime import Dist, autocast, init_distributed, resolve_dtype
 from deid.train.config import TrainConfig
+from deid.train.validation import Validator, ValidationState, validation_batches, with_holdout
+from deid.weights import resolve
 
 STATE_FORMAT = "deid-train-state"
 
@@ -159,7 +162,8 @@ class Trainer:
                  discriminator: LatentDiscriminator, dist: Dist = Dist(), dtype: torch.dtype = torch.float32):
         self.config, self.model, self.landmarks, self.discriminator = config, model, landmarks, discriminator
         self.dist, self.dtype = dist, dtype
-        self.g_params = [p for m in (model.attribute_encoder, model.mapper) for p in m.parameters()]
+        # requires_grad: E_attr's BatchNorm scales are frozen in the official (inference) BatchNorm mode
+        self.g_params = [p for m in (model.attribute_encoder, model.mapper) for p in m.parameters() if p.requires_grad]
         self.d_params = list(discriminator.parameters())
         lr_na, lr_adv, lr_d = config.schedule.learning_rates(model.resolution)
         # the fused kernel is ~10x faster than the per-tensor loop on the CPU, and the same algorithm
@@ -194,10 +198,12 @@ class Trainer:
             id_out = m.encode_identity(I_out).float()
             lnd_out = self.landmarks(I_out).float()
         I_out = I_out.float()
-        losses = {"identity": identity_loss(id_ref, id_out), "landmarks": landmark_loss(lnd_ref, lnd_out)}
+        losses = {"identity": identity_loss(id_ref, id_out),
+                  "landmarks": landmark_loss(lnd_ref, lnd_out, image_side=m.resolution, unit_side=weights.landmark_units)}
         total = weights.identity * losses["identity"] + weights.landmarks * losses["landmarks"]
         if not self.is_cross(step):
-            losses["reconstruction"] = reconstruction_loss(I_attr.float(), I_out)
+            losses["reconstruction"] = reconstruction_loss(I_attr.float(), I_out, mask=weights.pixel_mask,
+                                                           reduction=weights.pixel_reduction)
             total = total + weights.reconstruction * losses["reconstruction"]
         losses["non_adversarial"] = total
         if self.is_adversarial(step):
@@ -209,7 +215,8 @@ class Trainer:
 
     def step(self, step: int, I_id: Tensor, I_attr: Tensor, w_real: Tensor) -> dict[str, float]:  # noqa: N803
         """One optimisation step; returns the losses (averaged over ranks) as floats."""
-        if self.dist.world > 1:  # as DDP does: every rank uses rank 0's BatchNorm statistics
+        if self.dist.world > 1 and self.model.attribute_encoder.config.batchnorm == "train":
+            # as DDP does: every rank uses rank 0's BatchNorm statistics (they change only in "train" mode)
             for buffer in self.model.attribute_encoder.buffers():
                 tdist.broadcast(buffer, 0)
         losses = self.compute_losses(step, I_id, I_attr, w_real)
@@ -241,7 +248,7 @@ def state_path_for(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name.replace(".safetensors", ".state.safetensors"))
 
 
-def save_checkpoint(out: Path, step: int, trainer: Trainer, order: DataOrder) -> Path:
+def save_checkpoint(out: Path, step: int, trainer: Trainer, order: DataOrder, validator: Validator | None = None) -> Path:
     """Training state first, then the model checkpoint: a checkpoint file that exists is always complete."""
     path = checkpoint_path(out, step)
     tensors: dict[str, Tensor] = {"rng.cpu": torch.get_rng_state()}
@@ -256,13 +263,16 @@ def save_checkpoint(out: Path, step: int, trainer: Trainer, order: DataOrder) ->
             for key, value in slots.items():
                 tensors[f"optimizer.{name}.{idx}.{key}"] = value
     header = {"format": STATE_FORMAT, "step": step, "order": order.state(), "param_groups": groups}
+    if validator is not None:
+        header["validation"] = validator.state.to_dict()
     write_safetensors(state_path_for(path), tensors, {"deid": json.dumps(header)})
     trainer.model.save(path, step=step, discriminator=trainer.discriminator)
     return path
 
 
-def restore_training_state(checkpoint: Path, trainer: Trainer, order: DataOrder) -> int:
-    """Load optimisers, RNG and data order of `checkpoint` (its model weights are loaded already)."""
+def restore_training_state(checkpoint: Path, trainer: Trainer, order: DataOrder, validator: Validator | None = None) -> int:
+    """Load optimisers, RNG, data order and validation bests of `checkpoint` (its model weights are loaded
+    already)."""
     state_path = state_path_for(checkpoint)
     if not state_path.is_file():
         raise DeidError(f"{checkpoint}: its training state {state_path.name} is missing, so the run cannot resume "
@@ -284,6 +294,8 @@ def restore_training_state(checkpoint: Path, trainer: Trainer, order: DataOrder)
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
     order.restore(header["order"])
+    if validator is not None:
+        validator.state = ValidationState.from_dict(header.get("validation"))
     return int(header["step"])
 
 
@@ -306,7 +318,8 @@ class RunLog:
     def __init__(self, out: Path, start_step: int, tensorboard: bool):
         self.path = out / "losses.jsonl"
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] < start_step]
+            # (a line cut by a kill is dropped with the rest of the steps that will be redone)
+            kept = [line for line in complete_lines(self.path) if json.loads(line)["step"] < start_step]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         self.file = open(self.path, "a", encoding="utf-8")
         self.writer = None
@@ -323,6 +336,14 @@ class RunLog:
             for key, value in losses.items():
                 self.writer.add_scalar(f"loss/{key}", value, step)
             self.writer.add_scalar("speed/steps_per_second", steps_per_second, step)
+
+    def write_validation(self, step: int, metrics: dict[str, float]) -> None:
+        """A validation result: its own line {"step": s, "validation": {...}} and TensorBoard `validation/*`."""
+        self.file.write(json.dumps({"step": step, "validation": metrics}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"validation/{key}", value, step)
 
     def close(self) -> None:
         self.file.close()
@@ -410,6 +431,14 @@ def _describe(config: TrainConfig, model_config: ModelConfig, lrs: tuple[float, 
          f"λ_adv={w.adversarial} R1 γ={w.r1_gamma}")
     info(f"  schedule: cross pairs when step % {s.cross_every} == 0; adversarial when step % {s.adversarial_every} == 0; "
          f"Adam betas {tuple(s.betas)}, lr non-adversarial {lrs[0]:g}, adversarial {lrs[1]:g}, D_W {lrs[2]:g}")
+    info(f"  recipe: L1 pixel mask {w.pixel_mask}, reduction {w.pixel_reduction}; landmarks in "
+         f"{f'{w.landmark_units}-pixel units' if w.landmark_units else 'generator pixels'}; E_attr BatchNorm "
+         f"{model_config.attributes.batchnorm}; init {model_config.initialiser}; D_W real w {config.real_w}; "
+         f"1024 preset {s.recipe_1024}")
+    v = config.validation
+    info(f"  validation: " + (f"every {v.every} steps on {v.batches} batches of {v.holdout:g} held-out samples"
+                             f"{f', early stop after {v.early_stop} without a new best' if v.early_stop else ''}"
+                             if v.every > 0 else "off"))
     info(f"  steps {config.steps}, checkpoint every {config.checkpoint_every}, samples every {config.sample_every}, "
          f"precision {config.precision}, seed {config.seed}")
 
@@ -419,6 +448,19 @@ def train(config: TrainConfig, on_step=None) -> Path:
 
     on_step(step, losses) is called after every step (scripts use it to collect the loss curve)."""
     dist, device = init_distributed(config.device)
+    # When one rank cannot start (rank 0 alone writes the run folder), every rank stops at once with its message
+    # instead of waiting in the first collective until the timeout.
+    with dist.failures_shared():
+        run, start = _start(config, dist, device)
+    try:
+        return _loop(run, start, on_step)
+    finally:
+        if run.log is not None:
+            run.log.close()
+
+
+def _start(config: TrainConfig, dist: Dist, device: torch.device) -> tuple[_Run, int]:
+    """Check the run folder and the dataset, build the networks (with their resumed state), open the log."""
     dtype = resolve_dtype(config.precision, device)
     if dtype == torch.float16:
         raise DeidError("--precision fp16 is not supported for training (its range is too small for these losses). "
@@ -433,8 +475,19 @@ def train(config: TrainConfig, on_step=None) -> Path:
     # refused even before the networks are loaded (or downloaded).
 
     verify_dataset(config.data)
+    sources = [model_config.generator, model_config.identity.source, model_config.landmarks.source]
+    sources += [model_config.attributes.source] if resume_from is None else []  # a resumed E_attr needs no init
+    if dist.world > 1:  # downloaded once per node, not by every rank into one cache
+        dist.first_on_each_node(lambda: [resolve(source) for source in sources])
     generator = build_generator(model_config, "cpu")
+    config = dataclasses.replace(config, batch_size=config.batch_size or config.schedule.batch_size(generator.resolution))
     dataset = check_dataset(config.data, generator, min_count=2 * config.batch_size * dist.world)
+    config, holdout = with_holdout(config, len(dataset), resumed=resume_from is not None)
+    train_count = len(dataset) - holdout
+    if train_count < 2 * config.batch_size * dist.world:
+        raise DatasetError(f"{config.data}: {len(dataset)} samples with {holdout} held out for validation leave {train_count}, "
+                           f"fewer than the {2 * config.batch_size * dist.world} that two batches need. Lower --holdout, "
+                           "turn validation off (--validate-every 0), or make a larger dataset.")
     model = Disentangler(model_config, generator, initialise_attributes=resume_from is None)
     landmarks = LandmarkEncoder(model_config.landmarks)
     discriminator = build_discriminator(model_config, generator.w_dim)
@@ -445,8 +498,14 @@ def train(config: TrainConfig, on_step=None) -> Path:
     discriminator.to(device)
 
     trainer = Trainer(config, model, landmarks, discriminator, dist, dtype)
-    order = DataOrder(len(dataset), config.batch_size, config.seed, dist)
-    start = restore_training_state(resume_from, trainer, order) if resume_from is not None else 0
+    order = DataOrder(train_count, config.batch_size, config.seed, dist)
+    validator = None
+    if config.validation.every > 0:
+        pairs = validation_batches(train_count, holdout, config.validation.batches, config.batch_size, config.seed)
+        validator = Validator(config.validation, config.out, model, landmarks, pairs,
+                              lambda indices: load_batch(dataset, indices, device)[0], dist, dtype,
+                              config.losses.landmark_units)
+    start = restore_training_state(resume_from, trainer, order, validator) if resume_from is not None else 0
     if dist.main:
         config.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(config.out / "config.json", dataclasses.replace(config, model=model.config).to_json())
@@ -455,12 +514,11 @@ def train(config: TrainConfig, on_step=None) -> Path:
             info(f"  resuming from {resume_from} (step {start})")
     run = _Run(config, trainer, dataset, order, dist, device,
                log=RunLog(config.out, start, config.tensorboard) if dist.main else None,
-               samples=_sample_images(dataset, config.sample_count, device) if dist.main and config.sample_every else None)
-    try:
-        return _loop(run, start, on_step)
-    finally:
-        if run.log is not None:
-            run.log.close()
+               samples=_sample_images(dataset, config.sample_count, device) if dist.main and config.sample_every else None,
+               validator=validator)
+    if validator is not None:
+        validator.log = run.log
+    return run, start
 
 
 def _load_trained(model: Disentangler, discriminator: LatentDiscriminator, tensors: dict, path: Path) -> None:
@@ -492,9 +550,20 @@ class _Run:
     device: torch.device
     log: RunLog | None  # rank 0 only
     samples: tuple[Tensor, Tensor] | None  # fixed identity and attribute images of the sample grids
+    validator: Validator | None = None
 
     def batch(self) -> tuple[Tensor, Tensor]:
         return load_batch(self.dataset, self.order.next_indices(), self.device)
+
+    def real_ws(self, step: int, batch_ws: Tensor) -> Tensor:
+        """D_W's real w's of `step` [B, w_dim]: the batch's own (real_w "batch"), or (official) w's of training
+        samples drawn at random, independently of the batch, seeded by (seed, step) so resume draws the same."""
+        if self.config.real_w == "batch":
+            return batch_ws
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 2**40 + step)  # a stream of its own
+        drawn = torch.randint(self.order.count, (self.config.batch_size * self.dist.world,), generator=g)
+        mine = drawn[self.dist.rank * self.config.batch_size:(self.dist.rank + 1) * self.config.batch_size]
+        return torch.from_numpy(np.asarray(self.dataset.ws[mine.numpy()], dtype=np.float32)).to(self.device)
 
 
 def _loop(run: _Run, start: int, on_step) -> Path:
@@ -507,9 +576,15 @@ def _loop(run: _Run, start: int, on_step) -> Path:
     with stop.installed(), progress(TextColumn("{task.fields[status]}")) as bar:
         task = bar.add_task("train", total=config.steps, completed=start, status="", visible=dist.main)
         while step < config.steps:
+            if run.validator is not None and run.validator.due(step) and run.validator.run(step):
+                last_path = _checkpoint(run, step)
+                info(f"early stop: no new best in {config.validation.early_stop} validations in a row; "
+                     f"checkpoint {last_path} written.")
+                return last_path
             I_id, w_id = run.batch()
             I_attr, w_attr = run.batch() if trainer.is_cross(step) else (I_id, w_id)
-            losses = trainer.step(step, I_id, I_attr, w_attr)
+            w_real = run.real_ws(step, w_attr) if trainer.is_adversarial(step) else w_attr  # w_real: adversarial steps only
+            losses = trainer.step(step, I_id, I_attr, w_real)
             step += 1
             now = time.perf_counter()
             rate = 1.0 / max(now - tick, 1e-9) if step == start + 1 else 0.9 * rate + 0.1 / max(now - tick, 1e-9)
@@ -528,6 +603,8 @@ def _loop(run: _Run, start: int, on_step) -> Path:
                 raise TrainingInterrupted(
                     f"interrupted after step {step}; checkpoint {last_path} written. "
                     f"Continue with `deid train --data {config.data} --out {config.out} --resume`.")
+    if run.validator is not None and last_path is not None and run.validator.due(step):
+        run.validator.run(step)  # the final model, after the last checkpoint (its bests are written)
     if last_path is None:  # nothing to do: the run had already reached --steps
         info(f"{config.out}: already trained for {start} steps (--steps {config.steps}); nothing to do.")
         return latest_checkpoint(config.out)
@@ -536,10 +613,10 @@ def _loop(run: _Run, start: int, on_step) -> Path:
 
 def _checkpoint(run: _Run, step: int) -> Path:
     path = checkpoint_path(run.config.out, step)
-    if run.dist.main:
-        save_checkpoint(run.config.out, step, run.trainer, run.order)
-        prune_checkpoints(run.config.out, run.config.keep_checkpoints)
-    run.dist.barrier()
+    with run.dist.failures_shared():  # also the barrier: a rank 0 that cannot write stops every rank with its message
+        if run.dist.main:
+            save_checkpoint(run.config.out, step, run.trainer, run.order, run.validator)
+            prune_checkpoints(run.config.out, run.config.keep_checkpoints)
     return path
 
 

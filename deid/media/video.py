@@ -19,6 +19,8 @@ import av
 import numpy as np
 
 from deid.errors import MediaError
+from deid.media.containers import container_for, resolve_codec, takes_audio
+from deid.media.stills import IMAGE_EXTENSIONS
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp")
 
@@ -49,6 +51,17 @@ class AudioInfo:
 
 
 @dataclass(frozen=True)
+class ColorTags:
+    """A video's colour description, as libav numbers it (AVColorPrimaries, AVColorTransferCharacteristic,
+    AVColorSpace, AVColorRange); 2 (0 for the range) means unspecified."""
+
+    primaries: int = 2
+    transfer: int = 2
+    matrix: int = 2
+    range: int = 0
+
+
+@dataclass(frozen=True)
 class VideoInfo:
     path: Path | None  # None: frames made in memory (see `for_frames`)
     width: int  # stored frame size (before the display rotation)
@@ -63,6 +76,16 @@ class VideoInfo:
     start_pts: int
     constant_rate: bool  # every frame starts within a time_base tick of the frame_rate grid
     audio: tuple[AudioInfo, ...] = field(default=())
+    pix_fmt: str = "yuv420p"  # the decoder's pixel format, e.g. yuv420p10le
+    bits: int = 8  # bits per sample of that pixel format
+    color: ColorTags = ColorTags()
+    field_order: int = 1  # libav's AVFieldOrder: 0 unknown, 1 progressive, 2 top field first, 3 bottom first, ...
+    dropped: tuple[str, ...] = ()  # streams an output does not carry: "1 extra video stream", "2 subtitle streams"
+
+    @property
+    def start(self) -> Fraction:
+        """Seconds at which the first video frame starts (broadcast TS clips often start at 1.4 s or later)."""
+        return self.start_pts * self.time_base
 
     @classmethod
     def for_frames(cls, width: int, height: int, frame_rate: Fraction) -> VideoInfo:
@@ -91,6 +114,10 @@ def _reason(exc: BaseException) -> str:
 
 
 def _video_stream(container, path: Path):
+    # libav opens HEIC and AVIF photos as one-frame videos; an animated GIF is both, and reads well as a video.
+    if Path(path).suffix.lower() in IMAGE_EXTENSIONS and Path(path).suffix.lower() != ".gif":
+        container.close()
+        raise MediaError(f"{path}: is a still image, not a video. Pass a video file.")
     if not container.streams.video:
         container.close()
         raise MediaError(f"{path}: has no video stream. Pass a video file.")
@@ -140,6 +167,7 @@ def probe(path: str | Path) -> VideoInfo:
             )
             for a in container.streams.audio
         )
+        cc = stream.codec_context
         return VideoInfo(
             path=path,
             width=stream.codec_context.width,
@@ -154,9 +182,21 @@ def probe(path: str | Path) -> VideoInfo:
             start_pts=first,
             constant_rate=constant_rate,
             audio=audio,
+            pix_fmt=cc.pix_fmt or "yuv420p",
+            bits=max((c.bits for c in cc.format.components), default=8) if cc.format else 8,
+            color=ColorTags(cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range),
+            field_order=cc.field_order,
+            dropped=_dropped_streams(container),
         )
     finally:
         container.close()
+
+
+def _dropped_streams(container) -> tuple[str, ...]:
+    """What an output will not carry: video streams after the first (cover art included), subtitles, data."""
+    counts = {"extra video stream": len(container.streams.video) - 1, "subtitle stream": len(container.streams.subtitles),
+              "data stream": len(container.streams.data)}
+    return tuple(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in counts.items() if n > 0)
 
 
 def frame_times(path: str | Path) -> np.ndarray:
@@ -226,11 +266,13 @@ def read_frames(path: str | Path) -> Iterator[Frame]:
         stream.thread_type = "AUTO"
         index, last_pts = 0, None
         step = max(1, round(1 / (stream.average_rate or 25) / stream.time_base)) if stream.time_base else 1
+        fmt = stream.codec_context.format
+        accurate = bool(fmt) and max((c.bits for c in fmt.components), default=8) > 8
         try:
             for frame in container.decode(stream):
                 pts = frame.pts if frame.pts is not None else (0 if last_pts is None else last_pts + step)
                 last_pts = pts
-                yield Frame(index, pts, int(frame.duration or 0), frame.to_ndarray(format="rgb24"))
+                yield Frame(index, pts, int(frame.duration or 0), _to_rgb(frame, accurate))
                 index += 1
         except av.error.FFmpegError as exc:
             raise MediaError(f"{path}: corrupt video at frame {index} ({_reason(exc)}). Re-export or repair the file.") from None
@@ -240,15 +282,81 @@ def read_frames(path: str | Path) -> Iterator[Frame]:
         container.close()
 
 
+# YUV -> RGB with accurate rounding and full-resolution chroma interpolation, for sources deeper than 8 bits:
+# swscale's fast path darkens a 10-bit round trip by about 1.5 levels in 8-bit terms (measured; 1 level for 8-bit
+# sources). It costs about 10x the fast path (35 vs 3 ms per 1080p frame here), so 8-bit video keeps the fast one.
+_ACCURATE = (av.video.reformatter.Interpolation.BILINEAR | av.video.reformatter.Interpolation.ACCURATE_RND
+             | av.video.reformatter.Interpolation.FULL_CHR_H_INT)
+
+
+def _to_rgb(frame: av.VideoFrame, accurate: bool) -> np.ndarray:
+    """[H, W, 3] uint8 RGB, converted with the frame's own matrix and range (a full-range frame stays full)."""
+    return frame.to_ndarray(format="rgb24", src_color_range=frame.color_range or None,
+                            interpolation=_ACCURATE if accurate else None)
+
+
 # ------------------------------------------------------------------------------------------- encode
 
 
 @dataclass(frozen=True)
 class EncodeOptions:
-    codec: str = "libx264"
+    codec: str | None = None  # None: the output container's default (H.264 for MP4, VP9 for WebM, ...)
     crf: int = 18
-    pix_fmt: str = "yuv420p"  # odd-sized frames fall back to yuv444p: 4:2:0 needs even sides
+    # Odd-sized frames fall back to yuv444p (4:2:0 needs even sides); >8-bit sources keep their depth where the
+    # codec allows (see choose_pix_fmt).
+    pix_fmt: str = "yuv420p"
     preset: str = "medium"
+    # Container tags: only when and in what language (KEPT_TAGS) unless True, when every tag of the source is
+    # copied (title, comment, artist, vendor keys, GPS...): those can name or locate the people filmed.
+    keep_metadata: bool = False
+
+
+# Pixel formats an encoder is tried with first: MJPEG wants full-range "j" formats, ProRes is 4:2:2 10-bit at least.
+_PIX_FMT_FIRST = {"mjpeg": ("yuvj420p", "yuvj444p"), "prores_ks": ("yuv422p10le", "yuv444p10le"), "gif": ("rgb8", "pal8")}
+# Encoders that write interlaced pictures in a given field order when told to. (MPEG-2 takes the order from a frame
+# flag that PyAV cannot set: it would write every clip bottom field first.)
+_INTERLACED_CODECS = ("libx264",)
+# libav's AVColorSpace -> swscale's matrix numbering (they differ for SMPTE 170M and BT.2020 CL).
+_SWS_MATRIX = {1: 1, 4: 4, 5: 5, 6: 5, 7: 7, 9: 9, 10: 9}
+
+
+def choose_pix_fmt(codec: str, wanted: str, source_bits: int, odd: bool) -> str:
+    """The pixel format to encode with: `wanted` (4:4:4 for odd sizes), 10-bit when the source is deeper than
+    8 bits and the encoder takes it, else the closest format the encoder takes."""
+    formats = [f.name for f in av.Codec(codec, "w").video_formats or ()]
+    chroma = "yuv444p" if odd and wanted == "yuv420p" else wanted
+    candidates = list(_PIX_FMT_FIRST.get(codec, ()))
+    if source_bits > 8:
+        candidates.append(f"{chroma}10le")
+    candidates += [chroma, "yuv444p" if odd else "yuv420p", "yuv444p"]
+    return next((c for c in candidates if c in formats), formats[0] if formats else chroma)
+
+
+def _bits(pix_fmt: str) -> int:
+    return max(c.bits for c in av.VideoFormat(pix_fmt).components)
+
+
+def _codec_options(codec: str, options: EncodeOptions, reorder: bool, interlaced: bool) -> dict[str, str]:
+    if codec in ("libx264", "libx265"):
+        result = {"crf": str(options.crf), "preset": options.preset}
+        if codec == "libx265":
+            result["x265-params"] = "log-level=error"  # x265 prints its settings to stderr by default
+    elif codec.startswith("libvpx") or codec == "libsvtav1":
+        result = {"crf": str(options.crf), "b": "0"}
+    else:
+        # Fixed quantiser for the older codecs (their default is a low bit rate): crf 18 -> q 5.
+        result = {"flags": "+qscale", "global_quality": str(118 * (2 + options.crf // 6))}
+    if not reorder:
+        result["bf"] = "0"  # no B-frames where the container stores no presentation times (AVI)
+    if interlaced:
+        result["flags"] = result.get("flags", "") + "+ildct+ilme"
+    return result
+
+
+def _x264_field_order(field_order: int) -> dict[str, str]:
+    """x264 takes the field order from its own parameters (the codec context's is not read): 2/4 top first,
+    3/5 bottom first (libav's AVFieldOrder)."""
+    return {"x264-params": "bff=1" if field_order in (3, 5) else "tff=1"}
 
 
 class VideoWriter:
@@ -256,52 +364,100 @@ class VideoWriter:
 
     `source` is a probed video, or `VideoInfo.for_frames(...)` for frames made in memory (figures, clips).
 
-    Audio packets are copied (no re-encode) when the output container takes the codec, else re-encoded to AAC;
-    they are interleaved with the video as it is written, so memory stays flat. Use as a context manager; on an
-    exception the file is closed and left for the caller (who writes to a temporary path) to delete.
+    The codec is the container's default unless `options.codec` names one (checked against the container); the
+    source's colour tags, bit depth (where the codec allows) and field order are kept, and the output's clock starts
+    at the source's first frame, audio shifted with it. What the output cannot keep is listed in `notes`.
+    Audio packets are copied (no re-encode) when the output container takes the codec, else re-encoded (AAC for
+    MP4); they are interleaved with the video as it is written, so memory stays flat. Use as a context manager; on an
+    exception the file is closed and left for the caller (who writes to a temporary path) to delete. A constructor
+    that fails closes everything it opened.
     """
 
     def __init__(self, path: str | Path, source: VideoInfo, options: EncodeOptions = EncodeOptions(),
                  size: tuple[int, int] | None = None, keep_audio: bool = True, rotation: int | None = None):
+        """path: the output file; its suffix names the container (a temporary name keeps the target's suffix)."""
         self.path = Path(path)
         self.source = source
+        self.notes: list[str] = []  # what the output lost against the source, in words, for the summary
+        self.container = None
+        self.audio = None
+        try:
+            self._open(options, size, keep_audio, rotation)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open(self, options: EncodeOptions, size, keep_audio: bool, rotation: int | None) -> None:
+        source = self.source
+        spec = container_for(self.path)
+        codec = resolve_codec(options.codec, self.path)
         width, height = size or (source.width, source.height)
-        self.container = av.open(str(self.path), mode="w", format=_format_for(self.path))
+        self.container = av.open(str(self.path), mode="w", format=spec.format)
         if source.path is not None:
-            self.container.metadata.update(_container_metadata(source.path))
-        stream = self.container.add_stream(options.codec, rate=source.frame_rate)
+            self.container.metadata.update(_container_metadata(source.path, keep_all=options.keep_metadata))
+        stream = self.container.add_stream(codec, rate=source.frame_rate)
         stream.width, stream.height = width, height
-        odd = width % 2 or height % 2
-        stream.pix_fmt = "yuv444p" if odd and options.pix_fmt == "yuv420p" else options.pix_fmt
+        stream.pix_fmt = choose_pix_fmt(codec, options.pix_fmt, source.bits, bool(width % 2 or height % 2))
+        if source.bits > 8:
+            kept = f"written as {_bits(stream.pix_fmt)}-bit" if _bits(stream.pix_fmt) > 8 else f"written as 8-bit ({codec} takes no more here; libx265 or libx264 keep 10-bit)"
+            self.notes.append(f"{source.bits}-bit video processed at 8 bits per channel, {kept}")
         # Constant-rate sources are written on the exact frame grid (time_base 1/rate), so 30000/1001 stays exact
         # even when the source container rounded its timestamps (MKV's milliseconds); VFR keeps every pts.
         self.time_base = 1 / source.frame_rate if source.constant_rate else source.time_base
         stream.codec_context.time_base = self.time_base
         stream.time_base = self.time_base
+        # The output's clock starts at the first frame, and the audio moves with it: MPEG-TS and AVI muxers do not
+        # shift streams to a common start, so an input that starts at 1.4 s put its audio 1.4 s off the video.
+        self.first = (round(source.start_pts * source.time_base * source.frame_rate) if source.constant_rate
+                      else source.start_pts)
         self.durations: dict[int, int] = {}  # pts -> duration of frames inside the encoder
         if source.sar != 1 and size is None:
             stream.codec_context.sample_aspect_ratio = source.sar
-        if options.codec in ("libx264", "libx265"):
-            stream.options = {"crf": str(options.crf), "preset": options.preset}
-        elif options.codec.startswith("libvpx"):
-            stream.options = {"crf": str(options.crf), "b": "0"}
+        interlaced = source.field_order > 1
+        if interlaced and codec not in _INTERLACED_CODECS:
+            self.notes.append(f"interlaced video written as progressive ({codec} cannot keep the field order; use libx264)")
+            interlaced = False
+        if interlaced:
+            stream.codec_context.field_order = source.field_order
+        stream.options = _codec_options(codec, options, spec.reorder, interlaced)
+        if interlaced and codec == "libx264":
+            stream.options = {**stream.options, **_x264_field_order(source.field_order)}
+        self._set_colour(stream)
         rotation = source.rotation if rotation is None else rotation
         if rotation:
             stream.set_display_rotation(rotation)
+        if source.dropped:
+            self.notes.append(f"{' and '.join(source.dropped)} not carried over (only the first video stream and the audio are)")
         self.video = stream
-        self.audio = _AudioPassthrough(source.path, self.container) if keep_audio and source.audio else None
+        self.codec = codec
+        if keep_audio and source.audio and spec.audio_encoder is None:
+            self.notes.append(f"audio not carried over ({self.path.suffix} files hold none)")
+        self.audio = (_AudioPassthrough(source.path, self.container, spec, source.start)
+                      if keep_audio and source.audio and spec.audio_encoder is not None else None)
         self.frames = 0
+
+    def _set_colour(self, stream) -> None:
+        """Copy the source's colour tags, and convert RGB to YUV with its matrix and range (decode used the same)."""
+        colour, cc = self.source.color, stream.codec_context
+        cc.color_primaries, cc.color_trc, cc.colorspace = colour.primaries, colour.transfer, colour.matrix
+        full = stream.pix_fmt.startswith("yuvj")
+        cc.color_range = 2 if full else colour.range
+        self.reformat = {"format": stream.pix_fmt}
+        if colour.matrix in _SWS_MATRIX:
+            self.reformat["dst_colorspace"] = _SWS_MATRIX[colour.matrix]
+        if colour.range and not full and stream.pix_fmt.startswith("yuv"):
+            self.reformat["dst_color_range"] = colour.range
 
     def write(self, image: np.ndarray, pts: int, duration: int = 0) -> None:
         """image: [H, W, 3] uint8 RGB; pts and duration (0: unknown) in the source's time_base."""
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24").reformat(**self.reformat)
         if self.source.constant_rate:
-            frame.pts = round(pts * self.source.time_base * self.source.frame_rate)
+            frame.pts = round(pts * self.source.time_base * self.source.frame_rate) - self.first
             self.durations[frame.pts] = 1
         else:
-            frame.pts = pts
+            frame.pts = pts - self.first
             if duration:
-                self.durations[pts] = duration
+                self.durations[frame.pts] = duration
         frame.time_base = self.time_base
         self._mux(self.video.encode(frame))
         self.frames += 1
@@ -324,12 +480,12 @@ class VideoWriter:
         self.container.close()
 
     def abort(self) -> None:
-        try:
-            if self.audio is not None:
-                self.audio.close()
-            self.container.close()
-        except Exception:  # noqa: BLE001 - the file is being discarded; its trailer does not matter
-            pass
+        for closable in (self.audio, self.container):
+            try:
+                if closable is not None:
+                    closable.close()
+            except Exception:  # noqa: BLE001 - the file is being discarded; its trailer does not matter
+                pass
 
     def __enter__(self) -> "VideoWriter":
         return self
@@ -341,25 +497,55 @@ class VideoWriter:
             self.abort()
 
 
-class _AudioPassthrough:
-    """The source's audio streams, demuxed lazily and muxed into the output up to a given time."""
+# Channel layouts for a channel count, where the source leaves its layout unspecified (PCM in AVI): the AAC and
+# Opus encoders refuse an unspecified one.
+_DEFAULT_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
 
-    def __init__(self, source: Path, output: av.container.OutputContainer):
+
+class _AudioPassthrough:
+    """The source's audio streams, demuxed lazily and muxed into the output up to a given time.
+
+    origin: the source time (seconds) that becomes the output's 0, the video's first frame."""
+
+    def __init__(self, source: Path, output: av.container.OutputContainer, spec, origin: Fraction = Fraction(0)):
         self.input = av.open(str(source), mode="r")
+        try:
+            self._add_streams(output, spec, origin)
+        except BaseException:
+            self.input.close()
+            raise
+
+    def _add_streams(self, output: av.container.OutputContainer, spec, origin: Fraction) -> None:
         self.output = output
+        self.origin = Fraction(origin)
         self.map = {}
         self.encoders = {}
         supported = getattr(output, "supported_codecs", None)
         for stream in self.input.streams.audio:
-            if supported is None or stream.codec_context.name in supported:
+            if takes_audio(spec, stream.codec_context.name, supported):
                 self.map[stream.index] = output.add_stream_from_template(stream)
             else:
-                # The container refuses this codec (e.g. PCM in MP4): re-encode it to AAC.
-                out = output.add_stream("aac", rate=stream.codec_context.sample_rate, layout=stream.codec_context.layout)
+                # The container refuses this codec (e.g. PCM in MP4): re-encode it (AAC for MP4).
+                layout = stream.codec_context.layout
+                if layout.name.endswith("channels"):  # unspecified order, e.g. "1 channels"
+                    layout = _DEFAULT_LAYOUTS.get(layout.nb_channels, layout)
+                out = output.add_stream(spec.audio_encoder, rate=stream.codec_context.sample_rate, layout=layout)
                 self.map[stream.index] = out
                 self.encoders[stream.index] = stream
         self.packets = self.input.demux(*self.input.streams.audio)
         self.pending = None
+        self.next_sample: dict[int, int] = {}  # re-encoded stream -> its next frame's pts, in samples
+
+    def _place(self, index: int, frame: av.AudioFrame) -> None:
+        """Time a decoded frame for its encoder: contiguous samples from where the stream starts on the output's
+        clock (an audio track that starts 0.5 s after the video still does; one that starts before it, at 0)."""
+        rate = frame.sample_rate
+        if index not in self.next_sample:
+            start = frame.pts * frame.time_base - self.origin if frame.pts is not None else 0
+            self.next_sample[index] = max(0, round(start * rate))
+        frame.pts = self.next_sample[index]
+        frame.time_base = Fraction(1, rate)
+        self.next_sample[index] += frame.samples
 
     def copy_until(self, seconds: float) -> None:
         while True:
@@ -368,7 +554,7 @@ class _AudioPassthrough:
                 if self.pending is None:
                     return
             packet = self.pending
-            if packet.dts is not None and float(packet.dts * packet.time_base) > seconds:
+            if packet.dts is not None and float(packet.dts * packet.time_base - self.origin) > seconds:
                 return
             self.pending = None
             self._write(packet)
@@ -379,11 +565,15 @@ class _AudioPassthrough:
         if index in self.encoders:
             frames = packet.decode() if packet.size else packet.stream.decode(None)
             for frame in frames:
-                frame.pts = None  # the encoder counts samples itself; the stream starts with the video
+                self._place(index, frame)
                 self.output.mux(out.encode(frame))
             return
         if packet.dts is None or not packet.size:
             return
+        shift = round(self.origin / packet.time_base)
+        packet.dts -= shift
+        if packet.pts is not None:
+            packet.pts -= shift
         packet.stream = out
         self.output.mux(packet)
 
@@ -393,18 +583,15 @@ class _AudioPassthrough:
         self.input.close()
 
 
-def _format_for(path: Path) -> str | None:
-    return {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi", ".gif": "gif"}.get(path.suffix.lower())
-
-
-# Container tags that the muxer writes itself, and tags that identify where or with what device a video was shot:
-# an anonymized video must not carry the GPS position or the phone of the person it was meant to protect.
+# Container tags that the muxer writes itself (never copied), and the only source tags an anonymized video keeps by
+# default: they say when and in what language, not who or where. A deny-list would let through a title that names
+# the person filmed, a comment, or any vendor's location key it does not know.
 _MUXER_TAGS = ("encoder", "major_brand", "minor_version", "compatible_brands")
-_IDENTIFYING_TAG_PARTS = ("location", "gps", "xyz", "make", "model", "software", "android", "serial")
+KEPT_TAGS = ("creation_time", "language")
 
 
-def _container_metadata(path: Path) -> dict:
-    """The source's container tags worth keeping (title, creation_time, comment...), without location or device."""
+def _container_metadata(path: Path, keep_all: bool = False) -> dict:
+    """The source's container tags to copy: those in KEPT_TAGS, or (keep_all) every one the muxer does not write."""
     with av.open(str(path)) as container:
         return {k: v for k, v in container.metadata.items()
-                if k.lower() not in _MUXER_TAGS and not any(part in k.lower() for part in _IDENTIFYING_TAG_PARTS)}
+                if k.lower() not in _MUXER_TAGS and (keep_all or k.lower() in KEPT_TAGS)}

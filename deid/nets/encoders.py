@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchvision.models import inception_v3
 
 from deid.checkpoints import read_state_dict
-from deid.errors import WeightsError
+from deid.errors import DeidError, WeightsError
 from deid.weights import resolve
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -54,11 +54,23 @@ def _load_weights(module: nn.Module, source: str, drop_prefixes: tuple[str, ...]
         )
 
 
-def _crop_resize(img: Tensor, crop: tuple[float, float], size: int) -> Tensor:
-    """Keep the fraction [crop[0], crop[1]) of each axis of [N, C, H, W] and resize it to size x size."""
+def crop_pixels(crop: tuple[float, ...], width: int, height: int) -> tuple[int, int, int, int]:
+    """A crop given as fractions -> (x0, y0, x1, y1) in pixels. `crop` is (left, top, right, bottom) of the
+    width and height, or (start, end) for the same fraction of both axes; values outside [0, 1] reach beyond
+    the image."""
+    left, top, right, bottom = crop if len(crop) == 4 else (crop[0], crop[0], crop[1], crop[1])
+    return round(left * width), round(top * height), round(right * width), round(bottom * height)
+
+
+def _crop_resize(img: Tensor, crop: tuple[float, ...], size: int, fill: float = 0.0) -> Tensor:
+    """Cut `crop` (see `crop_pixels`) out of [N, C, H, W] and resize it to size x size; where the crop reaches
+    beyond the image it is padded with `fill` (as face-alignment pads its crops with black)."""
     h, w = img.shape[-2:]
-    y0, y1 = round(crop[0] * h), round(crop[1] * h)
-    x0, x1 = round(crop[0] * w), round(crop[1] * w)
+    x0, y0, x1, y1 = crop_pixels(crop, w, h)
+    pad = (max(0, -x0), max(0, x1 - w), max(0, -y0), max(0, y1 - h))
+    if any(pad):
+        img = F.pad(img, pad, value=fill)
+        x0, x1, y0, y1 = x0 + pad[0], x1 + pad[0], y0 + pad[2], y1 + pad[2]
     img = img[..., y0:y1, x0:x1]
     if img.shape[-2:] == (size, size):
         return img
@@ -87,17 +99,20 @@ class IdentityEncoderConfig:
     source: str = "facenet-vggface2"  # registry name, file, or "random"
     seed: int = 0  # only for "random"
     input_size: int = 160  # FaceNet's input side
-    # Fixed central face region of the aligned head, as fractions of each axis. The FFHQ-style head crop
-    # leaves hair and background around the face; the official code keeps 10%-90% of each axis before its
-    # own resize, and so do we, so the recogniser sees mostly face as it did in training.
-    crop: tuple[float, float] = (0.1, 0.9)
+    # Fixed face region of the aligned head, (left, top, right, bottom) as fractions of its side (a pair
+    # (a, b) means the same fraction of both axes). FaceNet was trained on MTCNN face boxes with a small
+    # margin; this is the mean MTCNN box on aligned real faces plus facenet-pytorch's margin of 32 at 160
+    # (the box is 128/160 of the crop), measured in tests/test_recipe.py. Like MTCNN's boxes it is taller
+    # than wide and is resized to a square, as facenet-pytorch's extract_face (and FaceNet's training data)
+    # did. The official code, with another recogniser, keeps 10%-90% of each axis: (0.1, 0.9) here.
+    crop: tuple[float, ...] = (0.16, 0.13, 0.80, 0.98)
 
 
 class IdentityEncoder(FrozenModule):
     """E_id: facenet-pytorch InceptionResnetV1 (VGGFace2), frozen.
 
     forward(img [N, 3, R, R] in [-1, 1]) -> [N, 512], L2-normalised. The image is cropped to
-    `config.crop` of each axis, resized to input_size and scaled as FaceNet expects, (x*255 - 127.5)/128,
+    `config.crop`, resized to input_size and scaled as FaceNet expects, (x*255 - 127.5)/128,
     which from [-1, 1] is x * 127.5/128.
     """
 
@@ -128,6 +143,13 @@ class AttributeEncoderConfig:
     source: str = "inception-v3-imagenet"  # initial weights: registry name, file, or "random"
     seed: int = 0  # only for "random"
     input_size: int = 299  # InceptionV3's input side (75 is the smallest it accepts)
+    # "inference" (the official code): BatchNorm always normalises with the pretrained running statistics,
+    # which never change, and its scale γ is frozen (Keras' InceptionV3 has none; the Google weights carry
+    # γ = 1), only the offset β trains. "train": PyTorch's default, batch statistics in train mode.
+    batchnorm: str = "inference"
+
+
+BATCHNORM_MODES = ("inference", "train")
 
 
 class AttributeEncoder(nn.Module):
@@ -137,6 +159,10 @@ class AttributeEncoder(nn.Module):
     Google-trained weights expect inputs in [-1, 1] (torchvision's `transform_input` only converts
     ImageNet-normalised input to that), so the image is resized and fed as it is. No dropout: the code
     is a feature, not a classifier input.
+
+    With batchnorm="inference" (default) a sample's code never depends on its batch-mates: the official
+    Keras model is never called with training=True, so its BatchNorm layers run in inference mode
+    throughout training, and `.train()` leaves them in eval mode here.
     """
 
     dim = 2048
@@ -155,6 +181,42 @@ class AttributeEncoder(nn.Module):
         self.net.dropout = nn.Identity()
         if initialise and config.source != "random":
             _load_weights(self.net, config.source, ("AuxLogits.", "fc."), "torchvision inception_v3")
+        if config.batchnorm not in BATCHNORM_MODES:
+            raise ValueError(f"batchnorm {config.batchnorm!r}: expected one of {BATCHNORM_MODES}")
+        if random_init:
+            self._estimate_batchnorm_statistics()
+        if config.batchnorm == "inference":
+            for bn in self.batchnorms():
+                bn.weight.requires_grad_(False)
+        self.train(self.training)  # BatchNorm's mode from the start, not only after the first .train()/.eval()
+
+    @torch.no_grad()
+    def _estimate_batchnorm_statistics(self) -> None:
+        """Random weights with BatchNorm's initial statistics (mean 0, variance 1) grow activations ~10^6-fold
+        over InceptionV3's 94 layers in inference mode; pretrained weights come with statistics that keep them
+        normalised. Set them from one batch of seeded smooth noise images (4 each of 4, 8, 16 and 32 pixels
+        upscaled: white noise alone leaves smooth face images 100x off), so a random E_attr behaves like a
+        trained one in either BatchNorm mode."""
+        size, g = self.config.input_size, torch.Generator().manual_seed(self.config.seed)
+        noise = torch.cat([F.interpolate(torch.rand(4, 3, s, s, generator=g) * 2 - 1, size=(size, size), mode="bilinear",
+                                         align_corners=False) for s in (4, 8, 16, 32)])
+        for bn in self.batchnorms():
+            bn.reset_running_stats()
+            bn.momentum = None  # a cumulative average: one batch sets the statistics to its own
+        self.net.train()
+        self.net(noise)
+        for bn in self.batchnorms():
+            bn.momentum = 0.1  # torchvision's
+
+    def batchnorms(self) -> list[nn.BatchNorm2d]:
+        return [m for m in self.net.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.batchnorm == "inference":
+            for bn in self.batchnorms():
+                bn.eval()
+        return self
 
     def forward(self, img: Tensor) -> Tensor:
         size = self.config.input_size
@@ -172,11 +234,16 @@ class LandmarkEncoderConfig:
     seed: int = 0  # only for "random"
     modules: int = 4  # stacked hourglasses: the published 2DFAN4 has 4 (tests use 1)
     input_size: int = 256  # FAN's crop side; its heatmaps are a quarter of it
-    # FAN was trained on face boxes that fill most of its crop; the aligned head has margins, so it sees
-    # the same central region as the identity encoder.
-    crop: tuple[float, float] = (0.1, 0.9)
-    # Soft-argmax sharpness: heatmap peaks are about 1, so exp(20) outweighs the ~4000 background cells.
+    # FAN's own framing (face-alignment): a square of side 200 (w + h) / 195 around the detector's box,
+    # centred 0.12 h above the box centre. With MTCNN boxes on aligned real faces that square is about 1.21
+    # times the aligned head, so FAN sees the whole head plus a black border (face-alignment pads with
+    # black); measured in tests/test_recipe.py. (left, top, right, bottom) as fractions of the side.
+    crop: tuple[float, ...] = (-0.13, -0.13, 1.09, 1.08)
+    # Soft-argmax sharpness: heatmap peaks are about 1, so exp(20) outweighs the cells around them.
     beta: float = 20.0
+    # Soft-argmax window: (2 r + 1)^2 heatmap cells around each argmax (None: the whole heatmap, where a weak
+    # peak is pulled far toward the centre, see `soft_argmax`).
+    window: int | None = 3
 
 
 class LandmarkEncoder(FrozenModule):
@@ -190,8 +257,14 @@ class LandmarkEncoder(FrozenModule):
 
     def __init__(self, config: LandmarkEncoderConfig = LandmarkEncoderConfig()):
         super().__init__()
-        # lazy: face-alignment pulls scikit-image and numba; only training builds E_lnd
-        from face_alignment.models.fan import FAN
+        try:
+            # lazy: face-alignment pulls scikit-image and numba; only training builds E_lnd
+            from face_alignment.models.fan import FAN
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("face_alignment.models", "face_alignment.models.fan"):
+                raise
+            raise DeidError("the installed face-alignment has no face_alignment.models.fan (1.3 and 1.4 ship none), "
+                            "which the landmark encoder needs. Run `pip install 'face-alignment>=1.5'`.") from None
 
         self.config = config
         self.net = seeded(lambda: FAN(config.modules), config.seed)
@@ -205,16 +278,43 @@ class LandmarkEncoder(FrozenModule):
         return self.net(x)[-1]
 
     def forward(self, img: Tensor) -> Tensor:
-        hm = self.heatmaps(img).float()
-        n, k, h, w = hm.shape
-        prob = torch.softmax(self.config.beta * hm.reshape(n, k, h * w), dim=-1).reshape(n, k, h, w)
+        hm = self.heatmaps(img)
+        h, w = hm.shape[-2:]
+        cells = soft_argmax(hm, self.config.beta, self.config.window)  # [N, 68, 2] heatmap cells
+        # heatmap cells -> pixels of the cropped region -> pixels of the input image
+        x0, y0, x1, y1 = crop_pixels(self.config.crop, img.shape[-1], img.shape[-2])
+        x = x0 + cells[..., 0] * ((x1 - x0) / w)
+        y = y0 + cells[..., 1] * ((y1 - y0) / h)
+        return torch.stack([x, y], dim=-1)
+
+
+def soft_argmax(heatmaps: Tensor, beta: float, radius: int | None) -> Tensor:
+    """Differentiable peak positions of heatmaps [N, K, H, W] -> [N, K, 2] (x, y) in heatmap cells, cell
+    centres at +0.5 (float32).
+
+    The cells are weighted by softmax(beta * heatmap). With `radius`, only the (2 radius + 1)^2 cells around
+    each heatmap's argmax take part: the window is picked without gradient, the position inside it is
+    differentiable. Over the whole map (radius None) the thousands of background cells of a weak peak
+    (height 0.5 or less: blurry early outputs, occluded points) drag the estimate many cells toward the
+    centre, and the gradient then rewards sharper heatmaps instead of moving the landmark."""
+    hm = heatmaps.float()
+    n, k, h, w = hm.shape
+    if radius is None:
+        prob = torch.softmax(beta * hm.reshape(n, k, h * w), dim=-1).reshape(n, k, h, w)
         xs = torch.arange(w, device=hm.device, dtype=hm.dtype) + 0.5
         ys = torch.arange(h, device=hm.device, dtype=hm.dtype) + 0.5
-        x = (prob.sum(dim=2) * xs).sum(dim=-1)  # expected column, heatmap cells
-        y = (prob.sum(dim=3) * ys).sum(dim=-1)
-        # heatmap cells -> pixels of the cropped region -> pixels of the input image
-        side_h, side_w = img.shape[-2:]
-        c0, c1 = self.config.crop
-        x = round(c0 * side_w) + x * ((round(c1 * side_w) - round(c0 * side_w)) / w)
-        y = round(c0 * side_h) + y * ((round(c1 * side_h) - round(c0 * side_h)) / h)
-        return torch.stack([x, y], dim=-1)
+        return torch.stack([(prob.sum(dim=2) * xs).sum(-1), (prob.sum(dim=3) * ys).sum(-1)], dim=-1)
+    size = 2 * radius + 1
+    peak = hm.detach().reshape(n, k, h * w).argmax(dim=-1)
+    py, px = peak // w, peak % w  # [N, K] cell of each argmax
+    offsets = torch.arange(size, device=hm.device)
+    # cells beyond the map's edge are -inf: no weight
+    padded = F.pad(hm, (radius, radius, radius, radius), value=float("-inf")).reshape(n, k, -1)
+    rows = (py[..., None] + offsets)[..., :, None]  # [N, K, size, 1], padded coordinates
+    cols = (px[..., None] + offsets)[..., None, :]  # [N, K, 1, size]
+    index = (rows * (w + 2 * radius) + cols).reshape(n, k, size * size)
+    prob = torch.softmax(beta * padded.gather(-1, index), dim=-1).reshape(n, k, size, size)
+    shift = offsets.to(hm.dtype) - radius
+    x = px.to(hm.dtype) + 0.5 + (prob.sum(dim=2) * shift).sum(-1)
+    y = py.to(hm.dtype) + 0.5 + (prob.sum(dim=3) * shift).sum(-1)
+    return torch.stack([x, y], dim=-1)

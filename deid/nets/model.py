@@ -29,7 +29,7 @@ from deid.nets.encoders import (
     weights_fingerprint,
 )
 from deid.nets.mapper import DiscriminatorConfig, LatentDiscriminator, LatentMapper, MapperConfig
-from deid.runs import latest_checkpoint
+from deid.runs import latest_checkpoint, named_checkpoint
 from deid.stylegan.config import GeneratorConfig
 from deid.stylegan.loading import load_generator
 from deid.weights import REGISTRY, resolve, source_sha256
@@ -55,7 +55,8 @@ class ModelConfig:
     landmarks: LandmarkEncoderConfig = LandmarkEncoderConfig()  # training only; recorded for provenance
     mapper_hidden: tuple[int, ...] = MapperConfig.hidden  # the paper's widths, defined once in deid.nets.mapper
     discriminator_hidden: tuple[int, ...] = DiscriminatorConfig.hidden
-    init_seed: int = 0  # initial weights of M and D_W (PyTorch's default initialisers, seeded)
+    init_seed: int = 0  # initial weights of M and D_W (seeded)
+    initialiser: str = MapperConfig.initialiser  # of M and D_W: "official" (Keras', as the official code) or "pytorch"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -71,11 +72,14 @@ class ModelConfig:
             generator_seed=int(data.get("generator_seed", 0)),
             generator_config=data.get("generator_config"),
             identity=sub(IdentityEncoderConfig, data["identity"]),
-            attributes=sub(AttributeEncoderConfig, data["attributes"]),
-            landmarks=sub(LandmarkEncoderConfig, data["landmarks"]),
+            # runs recorded before these fields existed trained BatchNorm and used the whole-map soft-argmax
+            attributes=sub(AttributeEncoderConfig, {"batchnorm": "train", **data["attributes"]}),
+            landmarks=sub(LandmarkEncoderConfig, {"window": None, **data["landmarks"]}),
             mapper_hidden=tuple(data["mapper_hidden"]),
             discriminator_hidden=tuple(data["discriminator_hidden"]),
             init_seed=int(data.get("init_seed", 0)),
+            # runs recorded before the field existed were initialised with PyTorch's defaults
+            initialiser=data.get("initialiser", "pytorch"),
         )
 
     def with_absolute_paths(self) -> "ModelConfig":
@@ -129,7 +133,8 @@ class Disentangler(nn.Module):
         self.identity_encoder = IdentityEncoder(config.identity)
         self.attribute_encoder = AttributeEncoder(config.attributes, initialise=initialise_attributes)
         mapper_config = MapperConfig(
-            id_dim=IdentityEncoder.dim, attr_dim=AttributeEncoder.dim, w_dim=generator.w_dim, hidden=config.mapper_hidden)
+            id_dim=IdentityEncoder.dim, attr_dim=AttributeEncoder.dim, w_dim=generator.w_dim, hidden=config.mapper_hidden,
+            initialiser=config.initialiser)
         self.mapper = seeded(lambda: LatentMapper(mapper_config), config.init_seed)
         self.step = 0  # training step the weights come from
 
@@ -231,6 +236,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
 def _resolve_model_file(source: str | os.PathLike) -> Path:
     text = os.fspath(source)
     path = Path(text).expanduser()
+    named = None if path.exists() else named_checkpoint(text)
+    if named is not None:  # RUN:best-identity, RUN:best-landmarks, RUN:latest, RUN:step-N
+        return named
     if path.is_dir():
         return latest_checkpoint(path)
     if path.is_file():
@@ -247,13 +255,15 @@ def _resolve_model_file(source: str | os.PathLike) -> Path:
                 "`deid make-dataset --n 70000 --out generated/`, then `deid train --data generated/ --out runs/ffhq256`, "
                 f"then `deid weights import {DEFAULT_MODEL} runs/ffhq256` (or pass --model runs/ffhq256)."
             ) from None
-    raise WeightsError(f"{text}: no such model. Give a run directory, a checkpoint file, or {DEFAULT_MODEL!r}.")
+    raise WeightsError(f"{text}: no such model. Give a run directory (RUN, or RUN:best-identity, RUN:best-landmarks, "
+                       f"RUN:step-N), a checkpoint file, or {DEFAULT_MODEL!r}.")
 
 
 def load_model(source: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu",
                generator: nn.Module | None = None) -> Disentangler:
-    """A trained Disentangler from a run directory (its latest checkpoint), a checkpoint file, or the
-    registry name "deid-ffhq256". The frozen parts are rebuilt from their recorded sources (or `generator`
+    """A trained Disentangler from a run directory (its latest checkpoint; RUN:best-identity,
+    RUN:best-landmarks, RUN:step-N name another), a checkpoint file, or the registry name "deid-ffhq256".
+    The frozen parts are rebuilt from their recorded sources (or `generator`
     is used when given) and must match the fingerprints recorded at training time."""
     path = _resolve_model_file(source)
     header, tensors = read_checkpoint(path)
@@ -281,7 +291,8 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, device: str | torch.de
 
 def build_discriminator(config: ModelConfig, w_dim: int) -> LatentDiscriminator:
     """D_W with the config's widths and seeded initial weights."""
-    return seeded(lambda: LatentDiscriminator(DiscriminatorConfig(w_dim=w_dim, hidden=config.discriminator_hidden)),
+    return seeded(lambda: LatentDiscriminator(DiscriminatorConfig(w_dim=w_dim, hidden=config.discriminator_hidden,
+                                                                  initialiser=config.initialiser)),
                   config.init_seed + 1)
 
 
