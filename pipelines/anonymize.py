@@ -243,12 +243,12 @@ def _anonymize_image(task: Task, job: AnonymizeJob, detector: RollRobustDetector
     faces = [Face(i, detections.boxes[i], detections.landmarks[i], False) for i in range(len(detections))]
     swapper.crops_dir = _crops_dir(task, job)
     (output,) = swapper([(Frame(0, 0, 0, image), faces)], report)
-    with _audit_log(task, swapper.auditor, (image.shape[1], image.shape[0])) as log:
+    with _audit_log(task, swapper.auditor, (image.shape[1], image.shape[0])) as log, \
+            atomic_output(task.target, overwrite=job.overwrite, clean_stale=True) as tmp:
         if log is not None:  # before writing: the fail-safe covers leaks in `output`
             log.check(0, image, output, [face.box for face in faces])
             report.audit = log.totals
-        with atomic_output(task.target, overwrite=job.overwrite, clean_stale=True) as tmp:
-            report.notes += save_still(still, output, tmp)
+        report.notes += save_still(still, output, tmp)
     if job.preview:
         save_image(np.concatenate([image, output], axis=1), preview_path(task.target, task.target.suffix), overwrite=True)
 

@@ -15,10 +15,11 @@ from deid import cli
 from deid.evaluation.audit import AuditConfig, FaceAuditor, audit_path, cover_region, head_region
 from deid.faces.detection import FaceDetector
 from deid.faces.orientation import RollRobustDetector, face_roll, rotate_view
-from deid.media.images import load_image
+from deid.media.images import load_image, save_image
 from deid.media.video import read_frames
 from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
 from deid.pipelines.common import HeadSynthesizer
+from deid.pipelines.reenact import ReenactJob, run_reenact
 
 
 @functools.lru_cache(maxsize=1)
@@ -93,6 +94,16 @@ def test_rolled_video_every_face_replaced(rolled_clip, tiny_model, tmp_path):
         (x0, y0, x1, y1), = detector([np.ascontiguousarray(src)])[0].boxes.astype(int)
         inner = (slice(y0 + (y1 - y0) // 4, y1 - (y1 - y0) // 4), slice(x0 + (x1 - x0) // 4, x1 - (x1 - x0) // 4))
         assert np.abs(src[inner].astype(int) - dst[inner]).mean() > 8, "the face must change"
+
+
+def test_rolled_photo_and_reenact_driving_video(rolled_clip, astronaut_png, tiny_model, tmp_path):
+    clip, angle = rolled_clip
+    report = run_reenact(ReenactJob(astronaut_png, clip, tmp_path / "reenacted.mp4"), tiny_model)
+    assert (report.frames, report.frames_without_face) == (24, 0)
+    photo = tmp_path / "rolled.png"
+    save_image(np.ascontiguousarray(np.rot90(load_image(astronaut_png), -angle // 90)), photo)
+    report = _anonymize(tiny_model, photo, tmp_path / "rolled_out.png")
+    assert (report.frames, report.faces, report.frames_without_faces) == (1, 1, 0)
 
 
 def test_rolled_stream_searches_few_views(rolled_clip):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -330,13 +331,22 @@ class AuditLog:
                        "networks": auditor.identity}
 
     def __enter__(self) -> "AuditLog":
-        self._context = atomic_output(self.path, overwrite=True)  # a by-product of the output, like its preview
-        tmp = self._context.__enter__()
-        self._file = tmp.open("w")
-        header = json.dumps(self.header, indent=1, default=str)
-        self._file.write(header[:-2] + ',\n "frames": [\n')  # the header object, left open for the frames
-        self._first = True
+        self._context = self._file = None
         return self
+
+    def _open(self) -> None:
+        """The temporary file is made at the first frame, so an output that cannot be written fails on its own
+        name first."""
+        context = atomic_output(self.path, overwrite=True)  # a by-product of the output, like its preview
+        tmp = context.__enter__()
+        try:
+            file = tmp.open("w")
+            header = json.dumps(self.header, indent=1, default=str)
+            file.write(header[:-2] + ',\n "frames": [\n')  # the header object, left open for the frames
+        except BaseException:
+            context.__exit__(*sys.exc_info())  # removes the temporary file
+            raise
+        self._context, self._file = context, file
 
     def check(self, index: int, source: np.ndarray, output: np.ndarray, replaced: list[np.ndarray] | np.ndarray) -> FrameAudit:
         """Audit (and, with the fail-safe, cover in place) one output frame of the pipeline; record it.
@@ -346,11 +356,17 @@ class AuditLog:
         return audit
 
     def add(self, audit: FrameAudit) -> None:
+        first = self._file is None
+        if first:
+            self._open()
         self.totals.add(audit)
-        self._file.write(("" if self._first else ",\n") + json.dumps(audit.record(), allow_nan=False))
-        self._first = False
+        self._file.write(("" if first else ",\n") + json.dumps(audit.record(), allow_nan=False))
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._file is None:
+            if exc_type is not None:
+                return
+            self._open()  # no frame at all: still a file that says so
         try:
             if exc_type is None:
                 self._file.write(f'\n ],\n "totals": {json.dumps(self.totals.record())}\n}}\n')
