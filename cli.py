@@ -14,6 +14,7 @@ from deid import __version__
 from deid.atomic import check_output_path
 from deid.console import console, set_quiet
 from deid.errors import DeidError, WeightsError
+from deid.evaluation.audit import FAIL_SAFES, AuditConfig
 from deid.interrupts import Terminated, sigterm_as_interrupt
 from deid.media.video import EncodeOptions
 from deid.nets.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoderConfig
@@ -373,8 +374,12 @@ def encode_options(func):
 @click.option("--preview", is_flag=True, help="Also write OUTPUT.preview.mp4 with input and output side by side.")
 @click.option("--save-crops", is_flag=True, help="Also save the aligned input and generated heads to OUTPUT_crops/.")
 @click.option("--shard", metavar="K/N", help="Process only share K (0-based) of N of the inputs (default: torchrun's RANK/WORLD_SIZE).")
+@click.option("--fail-safe", type=click.Choice(FAIL_SAFES), default=AuditConfig.fail_safe, show_default=True,
+              help="How the audit covers a face it still recognises (or finds unreplaced) before the frame is written.")
+@click.option("--no-audit", is_flag=True, help="Skip the privacy audit of each output frame (and so the fail-safe and OUTPUT.audit.json).")
 @model_options
-def anonymize(inputs, output, identity, seed, shared_identities, overwrite, batch_size, crf, codec, keep_metadata, preview, save_crops, shard, model, device, precision):
+def anonymize(inputs, output, identity, seed, shared_identities, overwrite, batch_size, crf, codec, keep_metadata, preview, save_crops, shard,
+              fail_safe, no_audit, model, device, precision):
     """Replace the identity of every face in videos or images.
 
     \b
@@ -383,12 +388,15 @@ def anonymize(inputs, output, identity, seed, shared_identities, overwrite, batc
       deid anonymize recordings/ -o anonymized/                 # a random identity per person
       deid anonymize 'clips/*.mov' -o out/ --model runs/ffhq256 --preview
       deid anonymize videos/ -o out/ --shard 3/8                # array job 3 of 8; re-runs skip finished files
+
+    Every output frame is audited before it is written (dlib's detector on four orientations and its recogniser);
+    faces it still recognises are covered (--fail-safe) and OUTPUT.audit.json records what it found.
     """
 
     job = AnonymizeJob(inputs=tuple(inputs), output=output, identity=identity, seed=seed,
                        shared_identities=shared_identities, overwrite=overwrite,
                        batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf, keep_metadata=keep_metadata), preview=preview,
-                       save_crops=save_crops, shard=shard)
+                       save_crops=save_crops, shard=shard, audit=None if no_audit else AuditConfig(fail_safe=fail_safe))
     job.check()  # bad paths fail before the model loads
     run_anonymize(job, *load_model_from_options(model, device, precision))
 

@@ -2,7 +2,8 @@
 
 Prints one JSON object per measurement. Models have random weights (speed and memory do not depend on them).
 
-    python bench/video_pipeline.py stages   [--seconds 10] [--model tiny|256] [--frames N]
+    python bench/video_pipeline.py stages   [--seconds 10] [--model tiny|256] [--frames N]   (incl. roll-robust
+                                            detection and the privacy audit; the pipeline with and without it)
     python bench/video_pipeline.py memory   [--minutes 10] [--fps 5]      # the crowd clip: 0-4 faces per frame
     python bench/video_pipeline.py jitter
     python bench/video_pipeline.py all      # everything above with the defaults (a 720p 10 s clip)
@@ -75,12 +76,18 @@ def _timed(fn, count: int) -> dict:
 # ------------------------------------------------------------------------------------------- stages
 
 
+AUDIT_FRAMES = 60  # the audit stage keeps a copy of this many source frames (memory), and is timed on them
+
+
 def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8) -> dict:
-    """Each stage alone on the same frames, then the whole threaded pipeline."""
+    """Each stage alone on the same frames, then the whole threaded pipeline with and without the audit."""
     import torch
 
+    from deid.errors import DeidError
+    from deid.evaluation.audit import FaceAuditor
     from deid.faces.alignment import ffhq_affine, warp_crop
     from deid.faces.detection import FaceDetector
+    from deid.faces.orientation import RollRobustDetector
     from deid.faces.paste import paste_head
     from deid.faces.tracking import TrackConfig, track
     from deid.media.video import VideoWriter, probe, read_frames
@@ -100,6 +107,12 @@ def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8) 
     detector = FaceDetector()
     detections = []
     stages["detect"] = _timed(lambda: [detections.extend(detector([f.image for f in chunk])) for chunk in batched(iter(decoded), batch)], count)
+    # rolled faces: upright every frame, all 8 views every 8th frame, plus the views that held a face
+    stream = RollRobustDetector(detector).stream()
+    stages["detect_roll_robust"] = _timed(lambda: [stream([f.image for f in chunk]) for chunk in batched(iter(decoded), batch)], count)
+    stages["detect_roll_robust"]["views_per_frame"] = round(stream.searched / count, 2)
+    stages["detect_roll_robust"]["extra_ms_per_frame"] = round(
+        1000 * (stages["detect_roll_robust"]["seconds"] - stages["detect"]["seconds"]) / count, 1)
     tracked = []
     stages["track_smooth"] = _timed(lambda: tracked.extend(track(iter(zip(decoded, detections)), TrackConfig())), count)
     faces = [(frame, face) for frame, fs in tracked for face in fs]
@@ -117,7 +130,18 @@ def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8) 
     stages["synthesize"] = _timed(lambda: [heads.extend(synth(np.stack(c), identity.expand(len(c), -1)))
                                            for c in batched(iter(crops), batch)], count)
     stages["synthesize"]["faces"] = len(crops)
+    audited = tracked[:AUDIT_FRAMES]
+    sources = [frame.image.copy() for frame, _ in audited]
     stages["paste"] = _timed(lambda: [paste_head(frame.image, head, a, original=c) for (frame, _), head, a, c in zip(faces, heads, affines, crops)], count)
+    try:
+        auditor = FaceAuditor()
+    except DeidError as exc:  # e.g. a machine without the dlib model package
+        auditor, stages["audit"] = None, {"skipped": str(exc)}
+    if auditor is not None:
+        stages["audit"] = _timed(lambda: [auditor.check(frame.index, source, frame.image.copy(), [f.box for f in fs])
+                                          for source, (frame, fs) in zip(sources, audited)], len(audited))
+        stages["audit"]["ms_per_frame"] = round(1000 * stages["audit"]["seconds"] / len(audited), 1)
+    del sources
     with tempfile.TemporaryDirectory() as tmp:
         def encode():
             with VideoWriter(Path(tmp) / "enc.mp4", info) as writer:
@@ -131,11 +155,16 @@ def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8) 
             cut = Path(tmp) / "cut.mp4"
             _cut(clip, cut, frames)
             clip = cut
-        start = time.perf_counter()
-        (report,) = run_anonymize(AnonymizeJob(inputs=(clip,), output=full, batch_size=batch), model)
-        seconds = time.perf_counter() - start
-    result["pipeline"] = {"frames": report.frames, "faces": report.faces, "seconds": round(seconds, 3),
-                          "fps": round(report.frames / seconds, 2)}
+        for name, audit in (("pipeline_no_audit", None), ("pipeline", AnonymizeJob.audit)):
+            if name == "pipeline" and auditor is None:
+                continue
+            start = time.perf_counter()
+            (report,) = run_anonymize(AnonymizeJob(inputs=(clip,), output=full, batch_size=batch, overwrite=True, audit=audit), model)
+            seconds = time.perf_counter() - start
+            result[name] = {"frames": report.frames, "faces": report.faces, "seconds": round(seconds, 3),
+                            "fps": round(report.frames / seconds, 2)}
+    if "pipeline" in result:  # what the audit adds to the whole pipeline (target: at most 30 % for the 256 model)
+        result["audit_adds"] = round(result["pipeline"]["seconds"] / result["pipeline_no_audit"]["seconds"] - 1, 3)
     result["peak_rss_mib"] = round(_peak_rss_mib(), 1)
     return result
 

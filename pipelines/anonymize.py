@@ -1,12 +1,16 @@
 """`deid anonymize`: every face in videos and images takes another identity; everything else stays.
 
-Per video: decode (thread) -> detect (batched, on the upright view) -> track + smooth -> align -> E_attr with the
-person's fixed identity code -> M -> G -> paste back -> encode with the source's timestamps, audio and rotation
-(thread). Queues are bounded and the tracker's delay is fixed, so memory does not grow with the video's length.
+Per video: decode (thread) -> detect (batched, on the upright view and the turned views that can hold a rolled
+face) -> track + smooth -> align -> E_attr with the person's fixed identity code -> M -> G -> paste back ->
+audit + fail-safe and encode with the source's timestamps, audio and rotation (thread). Queues are bounded and the
+tracker's delay is fixed, so memory does not grow with the video's length. The audit (deid.evaluation.audit) looks
+at every output frame with other networks before it is written, covers what it still recognises, and writes
+OUTPUT.audit.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import time
 from dataclasses import dataclass, field
@@ -20,7 +24,9 @@ from deid.atomic import atomic_output, check_not_input, check_output_path, check
 from deid.console import console, info, progress, warn
 from deid.errors import DeidError, MediaError
 from deid.faces.alignment import AlignConfig, align_photo_file, ffhq_affine, warp_crop
+from deid.evaluation.audit import AuditConfig, AuditLog, AuditTotals, FaceAuditor, audit_path
 from deid.faces.detection import DetectConfig, FaceDetector
+from deid.faces.orientation import OrientationConfig, RollRobustDetector
 from deid.faces.paste import PasteConfig, paste_head
 from deid.faces.tracking import Face, TrackConfig, track
 from deid.media.containers import resolve_codec
@@ -60,6 +66,8 @@ class AnonymizeJob:
     tracking: TrackConfig = TrackConfig()
     align: AlignConfig = AlignConfig()  # its size is replaced by the model's resolution
     paste: PasteConfig = PasteConfig()
+    orientation: OrientationConfig = OrientationConfig()  # the turned views searched for rolled faces
+    audit: AuditConfig | None = AuditConfig()  # None: no audit (--no-audit), and so no fail-safe
 
     def check(self) -> list[Task]:
         """Validate the paths before any model is loaded; returns all tasks (every shard's). Raises DeidError."""
@@ -91,6 +99,7 @@ class FileReport:
     skipped: bool = False
     error: str | None = None  # why this file failed (a batch goes on past it)
     notes: list[str] = field(default_factory=list)  # what the output could not keep (bit depth, streams, ...)
+    audit: AuditTotals | None = None  # None: not audited
 
 
 def run_anonymize(job: AnonymizeJob, model, device: torch.device | str | None = None,
@@ -98,7 +107,8 @@ def run_anonymize(job: AnonymizeJob, model, device: torch.device | str | None = 
     """Anonymize every input of the job (this shard's share); returns one report per input file."""
     tasks = shard(job.check(), *parse_shard(job.shard))
     synth = HeadSynthesizer(model, device, dtype)
-    detector = FaceDetector(job.detect, synth.device)
+    detector = RollRobustDetector(FaceDetector(job.detect, synth.device), job.orientation)
+    auditor = FaceAuditor(job.audit) if job.audit is not None else None
     identity = None
     if job.identity is not None:
         identity = synth.identity_of(align_photo_file(job.identity, synth.resolution, detector=detector, scale=job.align.scale).tensor)
@@ -108,14 +118,14 @@ def run_anonymize(job: AnonymizeJob, model, device: torch.device | str | None = 
             if task.target.exists() and not job.overwrite:
                 reports.append(FileReport(task.source, task.target, skipped=True))
                 continue
-            swapper = _FaceSwapper(job, synth, identity, _identity_key(task, job))
+            swapper = _FaceSwapper(job, synth, identity, _identity_key(task, job), auditor)
             reports.append(_run_task(task, job, detector, swapper, bar, batch=len(tasks) > 1))
-    _print_summary(reports)
+    _print_summary(reports, job)
     _raise_failures(reports)
     return reports
 
 
-def _run_task(task: Task, job: AnonymizeJob, detector: FaceDetector, swapper: "_FaceSwapper", bar,
+def _run_task(task: Task, job: AnonymizeJob, detector: RollRobustDetector, swapper: "_FaceSwapper", bar,
               batch: bool = False) -> FileReport:
     """One file. In a batch, a file that fails (unreadable, corrupt, ...) is reported and the batch goes on; the
     mirror folders made for it are removed again when they stay empty."""
@@ -166,11 +176,13 @@ def _identity_key(task: Task, job: AnonymizeJob) -> str | None:
 class _FaceSwapper:
     """Replaces the faces of a few frames at a time, one fixed identity per tracked person."""
 
-    def __init__(self, job: AnonymizeJob, synth: HeadSynthesizer, identity: torch.Tensor | None, file_key: str | None = None):
+    def __init__(self, job: AnonymizeJob, synth: HeadSynthesizer, identity: torch.Tensor | None, file_key: str | None = None,
+                 auditor: FaceAuditor | None = None):
         self.job = job
         self.synth = synth
         self.identity = identity
         self.file_key = file_key  # see _identity_key
+        self.auditor = auditor
         self.codes: dict[int, torch.Tensor] = {}  # track id -> identity code (the random ones)
         self.crops_dir = None
 
@@ -193,7 +205,8 @@ class _FaceSwapper:
                 owners.append(i)
                 tracks.append(face.track_id)
         heads = self.synth(np.stack(crops), torch.stack([self.code(t) for t in tracks])) if crops else []
-        outputs = [frame.image.copy() if self.job.preview else frame.image for frame, _ in group]
+        keep_source = self.job.preview or self.auditor is not None  # both look at the source frame afterwards
+        outputs = [frame.image.copy() if keep_source else frame.image for frame, _ in group]
         for crop, head, affine, owner, tid in zip(crops, heads, affines, owners, tracks):
             paste_head(outputs[owner], head, affine, original=crop, config=self.job.paste)
             if self.crops_dir is not None:
@@ -216,20 +229,31 @@ def _crops_dir(task: Task, job: AnonymizeJob) -> Path | None:
     return folder
 
 
-def _anonymize_image(task: Task, job: AnonymizeJob, detector: FaceDetector, swapper: _FaceSwapper, report: FileReport) -> None:
+def _audit_log(task: Task, auditor: FaceAuditor | None, frame_size: tuple[int, int]):
+    """OUTPUT.audit.json's writer for this task (a context manager), or a stand-in yielding None without an audit."""
+    if auditor is None:
+        return contextlib.nullcontext()
+    return AuditLog(audit_path(task.target), auditor, task.source, frame_size)
+
+
+def _anonymize_image(task: Task, job: AnonymizeJob, detector: RollRobustDetector, swapper: _FaceSwapper, report: FileReport) -> None:
     still = load_still(task.source)  # the networks see 8-bit RGB; the file keeps its own channels and depth
     image = still.rgb.copy()  # heads are pasted in place; still.rgb stays the reference for what changed
     detections = detector([image])[0]
     faces = [Face(i, detections.boxes[i], detections.landmarks[i], False) for i in range(len(detections))]
     swapper.crops_dir = _crops_dir(task, job)
     (output,) = swapper([(Frame(0, 0, 0, image), faces)], report)
-    with atomic_output(task.target, overwrite=job.overwrite, clean_stale=True) as tmp:
+    with _audit_log(task, swapper.auditor, (image.shape[1], image.shape[0])) as log, \
+            atomic_output(task.target, overwrite=job.overwrite, clean_stale=True) as tmp:
+        if log is not None:  # before writing: the fail-safe covers leaks in `output`
+            log.check(0, image, output, [face.box for face in faces])
+            report.audit = log.totals
         report.notes += save_still(still, output, tmp)
     if job.preview:
         save_image(np.concatenate([image, output], axis=1), preview_path(task.target, task.target.suffix), overwrite=True)
 
 
-def _anonymize_video(task: Task, job: AnonymizeJob, detector: FaceDetector, swapper: _FaceSwapper,
+def _anonymize_video(task: Task, job: AnonymizeJob, detector: RollRobustDetector, swapper: _FaceSwapper,
                      report: FileReport, bar) -> None:
     info = probe(task.source)
     stored_size = (info.width, info.height)
@@ -239,38 +263,60 @@ def _anonymize_video(task: Task, job: AnonymizeJob, detector: FaceDetector, swap
     width, height = info.display_size
 
     def render(item):
-        frame, output = item
+        frame, output, faces = item
+        if log is not None:  # before encoding: the fail-safe covers leaks in `output`
+            log.check(frame.index, frame.image, output, [face.box for face in faces])
         side = None
         if job.preview:
             side = np.concatenate([to_display(frame.image, info.rotation), to_display(output, info.rotation)], axis=1)
         return frame, output, side
 
-    with video_job(info, task.target, job.encode, overwrite=job.overwrite, queue_size=2 * batch, render=render,
-                   preview_size=(2 * width, height) if job.preview else None, notes=report.notes) as (frames, sink):
-        for group in batched(track(detect_frames(frames, detector, info.rotation, stored_size, batch), job.tracking), batch):
-            for (frame, _), output in zip(group, swapper(group, report)):
-                sink.put((frame, output))
+    with _audit_log(task, swapper.auditor, stored_size) as log, \
+            video_job(info, task.target, job.encode, overwrite=job.overwrite, queue_size=2 * batch, render=render,
+                      preview_size=(2 * width, height) if job.preview else None, notes=report.notes) as (frames, sink):
+        report.audit = log.totals if log is not None else None
+        detected = detect_frames(frames, detector.stream(), info.rotation, stored_size, batch)
+        for group in batched(track(detected, job.tracking), batch):
+            for (frame, faces), output in zip(group, swapper(group, report)):
+                sink.put((frame, output, faces))
             bar.update(bar_task, completed=report.frames)
     if report.frames != info.frame_count:
         warn(f"{task.source}: decoded {report.frames} frames, the index lists {info.frame_count}.")
 
 
-def _print_summary(reports: list[FileReport]) -> None:
+def _audit_cell(report: FileReport, job: AnonymizeJob) -> str:
+    """The summary's audit column: frames in which the audit recognised someone, and what was done about it."""
+    totals = report.audit
+    if totals is None:
+        return "off"
+    text = f"{totals.leaked_frames} of {totals.frames_with_faces} frames"
+    if totals.leaked_frames:
+        fail_safe = job.audit.fail_safe if job.audit is not None else "none"
+        text += f" ({totals.leak_rate:.0%}), " + ("NOT covered" if fail_safe == "none" else f"covered ({fail_safe})")
+    return text
+
+
+def _print_summary(reports: list[FileReport], job: AnonymizeJob) -> None:
 
     if not reports:
         info("nothing to do: this shard holds no inputs.")
         return
     table = Table(title="deid anonymize", show_edge=False)
-    for column in ("file", "frames", "faces replaced", "frames without faces", "persons", "time"):
+    for column in ("file", "frames", "faces replaced", "frames without faces", "persons", "leaks (audit)", "time"):
         table.add_column(column, justify="left" if column == "file" else "right")
     for r in reports:
         if r.skipped:
-            table.add_row(str(r.target), "-", "-", "-", "-", "skipped (exists; --overwrite to redo)")
+            table.add_row(str(r.target), "-", "-", "-", "-", "-", "skipped (exists; --overwrite to redo)")
         elif r.error:
-            table.add_row(str(r.source), "-", "-", "-", "-", "[red]failed[/red] (below)")
+            table.add_row(str(r.source), "-", "-", "-", "-", "-", "[red]failed[/red] (below)")
         else:
-            table.add_row(str(r.target), str(r.frames), str(r.faces), str(r.frames_without_faces), str(len(r.persons)), f"{r.seconds:.1f} s")
+            table.add_row(str(r.target), str(r.frames), str(r.faces), str(r.frames_without_faces), str(len(r.persons)),
+                          _audit_cell(r, job), f"{r.seconds:.1f} s")
     console.print(table)
+    for r in reports:
+        if r.audit is not None and r.audit.residual_leaked_frames:
+            warn(f"{r.target}: the audit still recognises the source in {r.audit.residual_leaked_frames} frames "
+                 f"(--fail-safe none); see {audit_path(r.target)}.")
     for r in reports:
         for note in r.notes:
             console.print(f"note: {r.target}: {note}", soft_wrap=True)

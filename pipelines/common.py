@@ -21,7 +21,7 @@ from rich.text import Text
 
 from deid.atomic import atomic_output, is_partial
 from deid.errors import DeidError, MediaError
-from deid.faces.detection import Detections, FaceDetector
+from deid.faces.detection import Detections
 from deid.media.images import IMAGE_EXTENSIONS, to_tensor, to_uint8
 from deid.media.video import (
     VIDEO_EXTENSIONS,
@@ -357,8 +357,9 @@ def stored_detections(detections: Detections, rotation: int, stored_size: tuple[
     return Detections(boxes.astype(np.float32), detections.scores, landmarks)
 
 
-def detect_frames(frames, detector: FaceDetector, rotation: int, stored_size: tuple[int, int], batch: int):
-    """(frame, detections in stored pixels) per frame; detection runs batched on the upright views."""
+def detect_frames(frames, detector: Callable[[list[np.ndarray]], list[Detections]], rotation: int, stored_size: tuple[int, int], batch: int):
+    """(frame, detections in stored pixels) per frame; `detector` (e.g. a FaceDetector, or a RollRobustStream for
+    rolled faces) runs batched on the upright views, in frame order."""
     for chunk in batched(frames, batch):
         views = [to_display(frame.image, rotation) for frame in chunk] if rotation else [frame.image for frame in chunk]
         for frame, detections in zip(chunk, detector(views)):

@@ -28,6 +28,7 @@ from deid.atomic import atomic_output, write_text_atomic
 from deid.console import info, progress, warn
 from deid.dataset import GeneratedDataset, verify_dataset
 from deid.errors import DatasetError, DeidError, MediaError, NoFaceError
+from deid.evaluation.audit import AuditConfig, AuditTotals, FaceAuditor
 from deid.evaluation.metrics import (
     FID_CROP,
     FID_FEATURES,
@@ -606,7 +607,9 @@ def _audit_frame(index: int, original: np.ndarray, anonymized: np.ndarray, detec
         stats.add(out.face.descriptor, index)
         records.append({
             "frame": index, "track": stats.id, "box": [round(float(v), 1) for v in box],
-            "output_face_detected": detected, "reidentified": numbers["same_person"],
+            # an output face that no detector finds is not re-identified: a recogniser's distance at a place that
+            # holds no face means nothing (dlib's ResNet is not calibrated for non-faces)
+            "output_face_detected": detected, "reidentified": bool(detected and numbers["same_person"]),
             "identity": numbers["identity"], "identity_distance": numbers["identity_distance"],
             "expression": numbers["expression"], "pose": numbers["pose"],
             "face_psnr": _psnr_to_json(region_psnr), "unchanged": bool(region_psnr >= job.unchanged_psnr),
@@ -677,7 +680,8 @@ def run_video_audit(job: VideoAuditJob, device: torch.device | str = "cpu") -> d
         shutil.rmtree(work, ignore_errors=True)  # no partial report left behind
         raise
     _publish(work, Path(job.output))
-    info(f"re-identification rate {fmt(metrics['reidentification_rate'])} over {metrics['faces']} faces; "
+    info(f"re-identification rate {fmt(metrics['reidentification_rate'])} over {metrics['faces']} faces, "
+         f"leak rate {fmt(metrics['leak_rate'])} over {metrics['frames_with_output_faces']} frames with faces; "
          f"report written to {job.output}/index.html")
     return metrics
 
@@ -687,6 +691,9 @@ def _audit(job: VideoAuditJob, work: Path, src, out, total: int, device) -> dict
 
     sample_at = set(np.linspace(0, max(total - 1, 0), job.samples).round().astype(int).tolist()) if job.samples else set()
     meter, tracks = FaceMeter(device=device), {}
+    # the leak audit is the one `deid anonymize` runs on its own output (no fail-safe: it only looks)
+    auditor, leaks = FaceAuditor(AuditConfig(fail_safe="none")), AuditTotals()
+    leaked_frames: list[int] = []
     frames_file = work / "frames.jsonl"
     count = 0
 
@@ -701,6 +708,10 @@ def _audit(job: VideoAuditJob, work: Path, src, out, total: int, device) -> dict
         task = bar.add_task("frames", total=total)
         for (index, original, anonymized, boxes), faces in track(detected(itertools.islice(pairs, total))):
             faces_out, drawn = _audit_frame(index, original, anonymized, boxes, faces, meter, tracks, job)
+            frame_audit = auditor.check(index, original, anonymized, expected=boxes)
+            leaks.add(frame_audit)
+            if frame_audit.leaks:
+                leaked_frames.append(index)
             for face in faces_out:
                 records.write(json.dumps(face, allow_nan=False) + "\n")
             if index in sample_at:
@@ -716,8 +727,15 @@ def _audit(job: VideoAuditJob, work: Path, src, out, total: int, device) -> dict
         "versions": _versions(),
         "original": {"path": str(job.original), "frames": src.frame_count, "frame_rate": str(src.frame_rate)},
         "anonymized": {"path": str(job.anonymized), "frames": out.frame_count, "frame_rate": str(out.frame_rate)},
-        "networks": {"faces": meter.analyzer.identity, "detector": "MTCNN (facenet-pytorch)"},
+        "networks": {"faces": meter.analyzer.identity, "detector": "MTCNN (facenet-pytorch)", "leak_audit": auditor.identity},
         **summary,
+        # frames in which the audit (dlib HOG on 4 orientations + dlib ResNet) recognises the original person at the
+        # same place, over the output frames in which it finds a face
+        "leak_rate": leaks.leak_rate,
+        "leaked_frames": leaks.leaked_frames,
+        "leak_frames": leaked_frames,
+        "frames_with_output_faces": leaks.frames_with_faces,
+        "smallest_face_audited_px": round(auditor.config.smallest_face(out.display_size), 1),
     }
     write_metrics(work, metrics)
     write_html(work, _video_report(work, metrics, per_frame))
@@ -731,6 +749,8 @@ def _video_report(work: Path, metrics: dict, per_frame: dict) -> Report:
         f"original: {metrics['original']['path']}; anonymized: {metrics['anonymized']['path']}",
         f"{metrics['faces']} faces in {metrics['frames_with_faces']} of {metrics['frames']} frames; "
         f"re-identification rate {_percent(rate)} (dlib ResNet, distance < {DLIB_SAME_PERSON_DISTANCE})",
+        f"leak rate {_percent(metrics['leak_rate'])}: the original person recognised in {metrics['leaked_frames']} of the "
+        f"{metrics['frames_with_output_faces']} output frames where dlib's detector (4 orientations) finds a face",
         f"missed (face left unchanged) in {len(metrics['missed_frames'])} frames: "
         + (", ".join(map(str, metrics["missed_frames"][:40])) + (" ..." if len(metrics["missed_frames"]) > 40 else "") or "none"),
     ]

@@ -19,6 +19,7 @@ from deid.console import console, info, progress
 from deid.errors import MediaError
 from deid.faces.alignment import AlignConfig, align_photo_file, ffhq_affine, warp_crop
 from deid.faces.detection import DetectConfig, FaceDetector
+from deid.faces.orientation import OrientationConfig, RollRobustDetector
 from deid.faces.paste import PasteConfig, paste_head
 from deid.faces.tracking import Face, TrackConfig, track
 from deid.media.containers import resolve_codec
@@ -41,6 +42,7 @@ class ReenactJob:
     tracking: TrackConfig = TrackConfig()
     align: AlignConfig = AlignConfig()  # its size is replaced by the model's resolution
     paste_config: PasteConfig = PasteConfig()
+    orientation: OrientationConfig = OrientationConfig()  # the turned views searched for rolled faces
 
     def check(self) -> None:
         """Validate the paths before any model is loaded. Raises DeidError."""
@@ -85,7 +87,7 @@ def run_reenact(job: ReenactJob, model, device: torch.device | str | None = None
     start = time.perf_counter()
     synth = HeadSynthesizer(model, device, dtype)
     size, scale = synth.resolution, job.align.scale
-    detector = FaceDetector(job.detect, synth.device)
+    detector = RollRobustDetector(FaceDetector(job.detect, synth.device), job.orientation)
     aligned = align_photo_file(job.portrait, size, detector=detector, scale=scale)
     portrait, portrait_crop, portrait_affine = aligned.image, aligned.crop, aligned.affine
     identity = synth.identity_of(aligned.tensor)
@@ -112,7 +114,7 @@ def run_reenact(job: ReenactJob, model, device: torch.device | str | None = None
     ) as (frames, sink):
         bar_task = bar.add_task(job.driving.name, total=source.frame_count)
         main_face = _MainFace()
-        tracked = track(detect_frames(frames, detector, source.rotation, (source.width, source.height), job.batch_size), job.tracking)
+        tracked = track(detect_frames(frames, detector.stream(), source.rotation, (source.width, source.height), job.batch_size), job.tracking)
         for group in batched(tracked, job.batch_size):
             chosen = [main_face(faces) for _, faces in group]
             crops = [warp_crop(frame.image, ffhq_affine(face.landmarks, size, scale), size)

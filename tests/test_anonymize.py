@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 from fractions import Fraction
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from deid import cli
 from deid.errors import DeidError, MediaError, NoFaceError
+from deid.evaluation.audit import audit_path
 from deid.faces.detection import FaceDetector
 from deid.media.images import load_image
 from deid.media.video import VideoWriter, audio_duration, ffmpeg_exe, frame_times, probe, read_frames, to_display
@@ -33,6 +35,18 @@ def _face_and_far_masks(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         inner[int(y0 + h / 4):int(y1 - h / 4), int(x0 + w / 4):int(x1 - w / 4)] = True
         far[max(0, int(y0 - h)):int(y1 + h), max(0, int(x0 - w)):int(x1 + w)] = False
     return inner, far
+
+
+def _covered_mask(output: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """Where the audit's fail-safe covered something in an output image (per OUTPUT.audit.json): on the astronaut,
+    dlib's HOG takes a patch of the suit for a face (score 0.12), which, being unreplaced, is covered."""
+    mask = np.zeros(shape[:2], bool)
+    for frame in json.loads(audit_path(output).read_text())["frames"]:
+        for cover in frame["covered"]:
+            x0, y0, x1, y1 = cover["box"]
+            mask[y0:y1, x0:x1] = True
+    assert mask.mean() < 0.1  # a patch, not the picture
+    return mask
 
 
 def _assert_faces_replaced(source: Path, output: Path, rotation: int = 0, frames: int = 6):
@@ -123,7 +137,8 @@ def test_image_identity_and_random_identities(tmp_path, astronaut_png, tiny_mode
         outputs[name] = load_image(tmp_path / f"{name}.png").astype(int)
         (codes[name],) = identity_spy.pop()  # the astronaut: one face
         assert np.abs(outputs[name] - image)[inner].mean() > 8
-        np.testing.assert_array_equal(outputs[name][far], image[far])  # images: no codec, untouched exactly
+        kept = far & ~_covered_mask(tmp_path / f"{name}.png", image.shape)
+        np.testing.assert_array_equal(outputs[name][kept], image[kept])  # images: no codec, untouched exactly
     np.testing.assert_array_equal(outputs["target_s0"], outputs["target_s1"])  # --identity ignores the seed
     assert torch.equal(codes["target_s0"], codes["target_s1"])
     synth = HeadSynthesizer(tiny_model)
@@ -161,7 +176,8 @@ def test_bf16_precision(tmp_path, astronaut_png, tiny_model):
     inner, far = _face_and_far_masks(image)
     result = load_image(out).astype(int)
     assert np.abs(result - image)[inner].mean() > 8
-    np.testing.assert_array_equal(result[far], image[far])
+    kept = far & ~_covered_mask(out, image.shape)
+    np.testing.assert_array_equal(result[kept], image[kept])
 
 
 def test_random_identity_is_fixed_per_person_and_distinct(tiny_model):

@@ -72,6 +72,44 @@ def blurred_clip(ntsc_clip, tmp_path_factory):
     return out
 
 
+def _edited_clip(source: Path, out: Path, edit) -> Path:
+    """The first AUDIT_FRAMES frames of `source` with edit(image) -> image applied to each, same timing."""
+    from deid.media.video import VideoWriter, probe, read_frames
+
+    with VideoWriter(out, probe(source)) as writer:
+        for frame, _ in zip(read_frames(source), range(AUDIT_FRAMES)):
+            writer.write(edit(frame.image.copy()), frame.pts, frame.duration)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fully_blurred_clip(ntsc_clip, tmp_path_factory):
+    """ntsc_clip with the whole frame blurred (Gaussian, sigma 8 px on 176x144): nobody is recognisable."""
+    return _edited_clip(ntsc_clip, tmp_path_factory.mktemp("fully_blurred") / "blurred.mp4",
+                        lambda image: cv2.GaussianBlur(image, (0, 0), sigmaX=8))
+
+
+@pytest.fixture(scope="module")
+def faceless_clip(ntsc_clip, tmp_path_factory):
+    """ntsc_clip with each face scrambled: the top-left and bottom-right quarters of its MTCNN box (grown by a fifth)
+    swapped. No longer
+    a face to a detector, yet dlib's recogniser, applied at the old box anyway, puts about a third of them within
+    0.6 of the original: the trap of measuring where no face is (a cartoon clip showed 36 %)."""
+    from deid.faces.detection import FaceDetector
+
+    detector = FaceDetector()
+
+    def scramble(image):
+        for x0, y0, x1, y1 in detector([image])[0].boxes:
+            cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, 0.6 * (x1 - x0), 0.6 * (y1 - y0)  # the box grown by a fifth
+            xa, ya, h, w = int(round(cx - hw)), int(round(cy - hh)), int(hh), int(hw)
+            top_left, bottom_right = image[ya:ya + h, xa:xa + w].copy(), image[ya + h:ya + 2 * h, xa + w:xa + 2 * w].copy()
+            image[ya:ya + h, xa:xa + w], image[ya + h:ya + 2 * h, xa + w:xa + 2 * w] = bottom_right, top_left
+        return image
+
+    return _edited_clip(ntsc_clip, tmp_path_factory.mktemp("faceless") / "faceless.mp4", scramble)
+
+
 # --------------------------------------------------------------------------------------- video audit
 
 
@@ -80,6 +118,9 @@ def test_audit_of_a_clip_against_itself_reidentifies_every_face(ntsc_clip, tmp_p
     metrics = run_video_audit(VideoAuditJob(ntsc_clip, ntsc_clip, report, max_items=AUDIT_FRAMES, samples=2))
     assert metrics["frames"] == AUDIT_FRAMES and metrics["faces"] == AUDIT_FRAMES  # one face per carphone frame
     assert metrics["reidentification_rate"] == 1.0
+    # the leak audit (dlib HOG, four orientations) finds the face in every frame, and it is the original person
+    assert metrics["leak_rate"] == 1.0 and metrics["leaked_frames"] == metrics["frames_with_output_faces"] == AUDIT_FRAMES
+    assert metrics["leak_frames"] == list(range(AUDIT_FRAMES))
     assert metrics["identity_distance"]["mean"] == 0.0 and metrics["expression"]["mean"] == 0.0 and metrics["pose"]["mean"] == 0.0
     # nothing was anonymized: every frame is a miss
     assert metrics["missed_frames"] == list(range(AUDIT_FRAMES)) and metrics["missed_faces"] == AUDIT_FRAMES
@@ -102,6 +143,25 @@ def test_audit_of_heavily_blurred_faces_reidentifies_few(ntsc_clip, blurred_clip
     assert metrics["missed_faces"] == 0 and metrics["missed_frames"] == []
     # the blurred faces are mostly not even detected; they are measured where the original face was
     assert metrics["output_faces_not_detected"] > AUDIT_FRAMES // 2
+
+
+def test_audit_of_a_fully_blurred_clip_finds_no_leak(ntsc_clip, fully_blurred_clip, tmp_path):
+    metrics = run_video_audit(VideoAuditJob(ntsc_clip, fully_blurred_clip, tmp_path / "blur", samples=0))
+    assert metrics["frames"] == AUDIT_FRAMES and metrics["faces"] == AUDIT_FRAMES
+    assert metrics["leak_rate"] == 0.0 and metrics["leaked_frames"] == 0 and metrics["leak_frames"] == []
+    assert metrics["reidentification_rate"] == 0.0
+
+
+def test_faces_replaced_by_non_faces_are_not_reidentified(ntsc_clip, faceless_clip, tmp_path):
+    """A recogniser's distance at a place without a face means nothing: such faces count as not re-identified."""
+    metrics = run_video_audit(VideoAuditJob(ntsc_clip, faceless_clip, tmp_path / "faceless", samples=0))
+    assert metrics["faces"] == AUDIT_FRAMES
+    assert metrics["output_faces_not_detected"] == AUDIT_FRAMES
+    assert metrics["reidentification_rate"] == 0.0 and metrics["reidentified_faces"] == 0
+    assert metrics["leak_rate"] == 0.0 and metrics["frames_with_output_faces"] == 0
+    records = [json.loads(line) for line in (tmp_path / "faceless" / "frames.jsonl").read_text().splitlines()]
+    # what the old rule (distance at the original box, detected or not) would have counted as re-identified
+    assert sum(r["identity_distance"] < 0.6 for r in records) > AUDIT_FRAMES // 2
 
 
 def test_audit_refuses_existing_report_and_mismatched_frames(ntsc_clip, odd_clip, tmp_path):

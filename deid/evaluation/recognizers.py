@@ -92,3 +92,8 @@ class DlibFaceAnalyzer:
 def _file_sha256(path: Path) -> str:
 
     return file_sha256(path)
+
+
+def dlib_module():
+    """The dlib module (its import is checked with a one-line install hint)."""
+    return _dlib_models()[0]

@@ -1,1 +1,2 @@
-"""Faces in frames: detection (MTCNN), FFHQ-style alignment, tracking and smoothing across frames, paste-back."""
+"""Faces in frames: detection (MTCNN, and over turned views for rolled faces), FFHQ-style alignment, tracking and
+smoothing across frames, paste-back."""

@@ -1,7 +1,8 @@
 """Face detection: MTCNN with 5-point landmarks, batched, on a downscaled copy of large frames.
 
 Coordinates are pixels in the (upright) image, x to the right and y down. The five landmarks are, in order:
-left eye, right eye (as seen in the image), nose tip, left and right mouth corner.
+left eye, right eye (as seen in the upright face: for a face turned upside down, the left one is on the right),
+nose tip, left and right mouth corner.
 """
 
 from __future__ import annotations
