@@ -75,8 +75,8 @@ def _timed(fn, count: int) -> dict:
 # ------------------------------------------------------------------------------------------- stages
 
 
-def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8) -> dict:
-    """Each stage alone on the same frames, then the whole threaded pipeline."""
+def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8, device="cpu") -> dict:
+    """Each stage alone on the same frames, then the whole threaded pipeline (networks and detection on `device`)."""
     import torch
 
     from deid.faces.alignment import ffhq_affine, warp_crop
@@ -89,15 +89,15 @@ def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8) 
 
     info = probe(clip)
     count = min(frames or info.frame_count, info.frame_count)
-    model = _model(model_kind)
-    synth = HeadSynthesizer(model)
+    model = _model(model_kind).to(device)
+    synth = HeadSynthesizer(model, device)
     size = synth.resolution
     result = {"bench": "stages", "clip": f"{info.width}x{info.height}", "frames": count, "model": model_kind,
               "resolution": size, "torch_threads": torch.get_num_threads(), "stages": {}}
     stages = result["stages"]
     decoded = []
     stages["decode"] = _timed(lambda: decoded.extend(f for f, _ in zip(read_frames(clip), range(count))), count)
-    detector = FaceDetector()
+    detector = FaceDetector(device=device)
     detections = []
     stages["detect"] = _timed(lambda: [detections.extend(detector([f.image for f in chunk])) for chunk in batched(iter(decoded), batch)], count)
     tracked = []
