@@ -25,8 +25,10 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from deid.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 GRACE_S = 20.0  # a group past its deadline gets this long to finish the variant it is in before it is killed
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         report["groups"].append(record)
     report["seconds"] = round(time.time() - start, 1)
     path = args.out / f"{args.device}-{stamp}.json"
-    path.write_text(json.dumps(report, indent=1))
+    write_text_atomic(path, json.dumps(report, indent=1, allow_nan=False))
     for leftover in work.iterdir():
         leftover.unlink()
     work.rmdir()

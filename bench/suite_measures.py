@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,7 @@ from deid.runtime import Dist
 from deid.stylegan.config import GeneratorConfig
 from deid.stylegan.loading import load_generator
 from deid.train.config import TrainConfig
+from deid.train.data import default_workers
 from deid.train.make_dataset import DatasetWriter, MakeDatasetConfig, auto_batch_size, encode_png, make_dataset, png_threads
 from deid.train.trainer import Trainer, train
 
@@ -70,7 +70,6 @@ def run_worker(measure: str, spec: dict, device: str, result: Path, deadline: fl
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.init()
-        torch.backends.cudnn.benchmark = True  # fixed shapes throughout: autotuning pays
     MEASURES[measure](spec, dev, Recorder(result, deadline, dev))
 
 
@@ -98,6 +97,12 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
+def pytorch_defaults() -> None:
+    """The backend flags a fresh `deid` process runs with (make_dataset turns TF32 off and determinism on)."""
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, False
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -111,10 +116,10 @@ def generator_config(name) -> GeneratorConfig:
     return GeneratorConfig(**name)
 
 
-def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR of images in [-1, 1] (peak-to-peak 2); inf when equal."""
+def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """PSNR of images in [-1, 1] (peak-to-peak 2); None when they are identical (plain JSON has no infinity)."""
     mse = (a.float().clamp(-1, 1) - b.float().clamp(-1, 1)).square().mean().item()
-    return math.inf if mse == 0 else round(10 * math.log10(4.0 / mse), 2)
+    return None if mse == 0 else round(10 * math.log10(4.0 / mse), 2)
 
 
 def timed(fn, device: torch.device, min_calls: int, max_calls: int, min_seconds: float) -> float:
@@ -136,6 +141,7 @@ def measure_synthesis(spec: dict, device: torch.device, rec: Recorder) -> None:
     """Images/s of G.synthesis per precision and batch (w from the mapping network, constant noise)."""
     base = load_generator("random", config=generator_config(spec["generator"]), seed=0).eval()
     gen = torch.Generator().manual_seed(0)
+    torch.backends.cudnn.benchmark = True  # fixed shapes per variant: the fastest kernels, found once per shape
     set_tf32(False)
     reference_model = copy.deepcopy(base).to(device)  # outside inference mode: its weights stay ordinary tensors
     with torch.inference_mode():
@@ -178,7 +184,7 @@ def _synthesis_variant(base, precision: str, spec: dict, device: torch.device, w
     if "largest_batch" in out:
         parts.append(f"largest b{out['largest_batch']}: {out['largest_images_per_second']:g}")
     psnr = out["psnr_vs_fp32_db"]
-    summary = f"{', '.join(parts)} img/s; PSNR vs fp32 {'= (reference)' if psnr == math.inf else f'{psnr} dB'}"
+    summary = f"{', '.join(parts)} img/s; PSNR vs fp32 {'- (identical)' if psnr is None else f'{psnr} dB'}"
     if spec.get("compile"):
         summary += f"; first call (compile) {max(out['first_call_seconds'].values()):.1f} s"
     out["summary"] = summary
@@ -269,6 +275,7 @@ def measure_train(spec: dict, device: torch.device, rec: Recorder) -> None:
         data = Path(tmp) / "data"
         make_dataset(MakeDatasetConfig(out=data, n=spec["samples"], generator="random", device=str(device)),
                      generator=copy.deepcopy(G).to(device))
+        pytorch_defaults()
         for batch in spec["batches"]:
             for precision in spec["precisions"]:
                 if batch == "largest":
@@ -276,8 +283,11 @@ def measure_train(spec: dict, device: torch.device, rec: Recorder) -> None:
 
                     def measure(precision=precision):
                         found.setdefault("batch", _largest_train_batch(G, model_config, precision, spec, device, rec))
-                        return _train_run(data, Path(tmp) / f"run-largest-{precision}", G, model_config, found["batch"],
-                                          precision, spec, device)
+                        row = _train_run(data, Path(tmp) / f"run-largest-{precision}", G, model_config, found["batch"],
+                                         precision, spec, device)
+                        if found["batch"] * 2 > spec["largest_cap"]:
+                            row["note"] = f"the search stops at batch {spec['largest_cap']}: a larger one may fit"
+                        return row
 
                     rec.row(f"largest batch, {precision}", measure)
                 else:
@@ -293,13 +303,13 @@ def _train_run(data: Path, out: Path, G, model_config, batch: int, precision: st
         raise ValueError(f"batch {batch} needs {2 * batch} samples, the dataset has {spec['samples']}")
     config = TrainConfig(data=data, out=out, model=model_config, steps=2 * steps, batch_size=batch, precision=precision,
                          device=str(device), checkpoint_every=10**9, sample_every=0, tensorboard=False, log_every=steps)
-    set_tf32(False)
+    pytorch_defaults()  # what `deid train` runs with (it turns on cuDNN autotuning itself)
     train(config)
     last = json.loads((out / "losses.jsonl").read_text().splitlines()[-1])
     rate, wait = last["steps_per_second"], last["data_wait_fraction"]
     return {"batch": batch, "precision": precision, "timed_steps": steps, "steps_per_second": round(rate, 3),
             "samples_per_second": round(rate * batch, 1), "data_wait_fraction": round(wait, 4),
-            "data_workers": last.get("data_workers"), "peak_gpu_gib": peak_memory_gib(device),
+            "data_workers": default_workers(device), "peak_gpu_gib": peak_memory_gib(device),
             "summary": f"{rate:.3g} steps/s ({rate * batch:.1f} samples/s), data wait {100 * wait:.1f} %"
                        + (f", peak {peak_memory_gib(device)} GiB" if device.type == "cuda" else "")}
 

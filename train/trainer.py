@@ -513,6 +513,8 @@ def train(config: TrainConfig, on_step=None) -> Path:
 def _start(config: TrainConfig, dist: Dist, device: torch.device) -> tuple[_Run, int]:
     """Check the run folder and the dataset, build the networks (with their resumed state), open the log."""
     dtype = resolve_dtype(config.precision, device)
+    if device.type == "cuda":  # every step has the same shapes: cuDNN's autotuning pays once, then each step gains
+        torch.backends.cudnn.benchmark = True
     if dtype == torch.float16:
         raise DeidError("--precision fp16 is not supported for training (its range is too small for these losses). "
                         "Use bf16 or fp32.")
