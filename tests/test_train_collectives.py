@@ -7,20 +7,19 @@ import os
 import socket
 
 import torch
+import torch.distributed as tdist
 import torch.multiprocessing as mp
+
+from deid.nets.encoders import LandmarkEncoder
+from deid.nets.model import Disentangler, build_discriminator
+from deid.nets.presets import TINY_GENERATOR_CONFIG, TINY_MODEL_CONFIG
+from deid.runtime import Dist
+from deid.stylegan.loading import load_generator
+from deid.train.config import TrainConfig
+from deid.train.trainer import Trainer
 
 
 def _step_rank(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as tdist
-
-    from deid.nets.encoders import LandmarkEncoder
-    from deid.nets.model import Disentangler, build_discriminator
-    from deid.nets.presets import TINY_GENERATOR_CONFIG, TINY_MODEL_CONFIG
-    from deid.runtime import Dist
-    from deid.stylegan.loading import load_generator
-    from deid.train.config import TrainConfig
-    from deid.train.trainer import Trainer
-
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     calls = {"all_reduce": 0, "broadcast": 0}
     for name in calls:

@@ -648,16 +648,18 @@ def _loop(run: _Run, start: int, on_step) -> Path:
                 save_sample_grid(trainer.model, *run.samples, config.out / "samples" / f"step-{step:08d}.png")
             stopping = stop.agreed(dist, run.device)
             checkpointing = step % config.checkpoint_every == 0 or step == config.steps or stopping
-            if step % config.log_every == 0 or checkpointing:
+            logging = step % config.log_every == 0 or checkpointing
+            if logging:
                 means = meter.pop()  # waits for the GPU: the window's timing below is honest
                 rate, waiting = window.close(step, run.batches.stats.wait_seconds)
                 if run.log is not None:
                     run.log.write(step - 1, means, rate, waiting, steps=window.steps)
                     bar.update(task, status=_status(rate, means))
-                window = _Window(step, run.batches.stats.wait_seconds)
             bar.update(task, completed=step)
             if checkpointing:
                 last_path = _checkpoint(run, step)
+            if logging:  # the next window starts after any checkpoint: its writing is not a training step
+                window = _Window(step, run.batches.stats.wait_seconds)
             if stopping:
                 raise TrainingInterrupted(
                     f"interrupted after step {step}; checkpoint {last_path} written. "
