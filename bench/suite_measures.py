@@ -316,15 +316,13 @@ def _train_run(data: Path, out: Path, G, model_config, batch: int, precision: st
 
 def _largest_train_batch(G, model_config, precision: str, spec: dict, device, rec: Recorder) -> int:
     """Double the batch from 6 while a reconstruction + adversarial step (the largest kind) still fits."""
-    dtype = PRECISION_DTYPES[precision]
+    model = Disentangler(model_config, copy.deepcopy(G)).to(device)
+    config = TrainConfig(data=None, out=None, model=model_config, batch_size=6, precision=precision)
+    trainer = Trainer(config, model, LandmarkEncoder(model_config.landmarks).to(device),
+                      build_discriminator(model_config, G.w_dim).to(device), dtype=PRECISION_DTYPES[precision])
     best, batch = 6, 12
     while batch <= spec["largest_cap"] and rec.seconds_left() > 30:
-        trainer = None
         try:
-            model = Disentangler(model_config, copy.deepcopy(G)).to(device)
-            config = TrainConfig(data=None, out=None, model=model_config, batch_size=batch, precision=precision)
-            trainer = Trainer(config, model, LandmarkEncoder(model_config.landmarks).to(device),
-                              build_discriminator(model_config, G.w_dim).to(device), dtype=dtype)
             images = torch.rand(batch, 3, G.resolution, G.resolution, device=device) * 2 - 1
             trainer.step(2, images, images, torch.randn(batch, G.w_dim, device=device))
             sync(device)
@@ -334,7 +332,7 @@ def _largest_train_batch(G, model_config, precision: str, spec: dict, device, re
                 raise
             break
         finally:
-            del trainer
+            images = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         batch *= 2
