@@ -107,6 +107,24 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def largest_fitting(first: int, cap: int, attempt, device: torch.device, rec: Recorder, reserve_s: float):
+    """Double the batch from `first` up to `cap` while attempt(batch) runs without running out of memory (and
+    `reserve_s` of the budget is left): (the last batch that ran, what attempt returned), or None."""
+    best, batch = None, first
+    while cap and batch <= cap and rec.seconds_left() > reserve_s:
+        try:
+            best = (batch, attempt(batch))
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            break
+        finally:  # the failed attempt's tensors are gone by now: hand their memory back
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        batch *= 2
+    return best
+
+
 def generator_config(name) -> GeneratorConfig:
     """'tiny' (32 px) and 'tiny64' stand in for 256 and 1024 in --quick; a dict is a published architecture."""
     if name == "tiny":
@@ -192,24 +210,15 @@ def _synthesis_variant(base, precision: str, spec: dict, device: torch.device, w
 
 
 def _largest_synthesis_batch(G, synthesis, spec, device, rec: Recorder, calls) -> tuple[int, float] | None:
-    """Double the batch past the largest listed one until it no longer fits (or the cap): (batch, images/s)."""
-    batch, best = max(spec["batches"]) * 2, None
-    while spec["largest_cap"] and batch <= spec["largest_cap"] and rec.seconds_left() > 10:
-        try:
-            w = G.mapping(torch.randn(batch, G.z_dim, device=device))
-            synthesis(w)
-            sync(device)
-            best = (batch, round(batch / timed(lambda: synthesis(w), device, 1, 2, 0.0), 2))
-        except RuntimeError as exc:
-            if not is_out_of_memory(exc):
-                raise
-            break
-        finally:
-            w = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        batch *= 2
-    return best
+    """The largest batch past the listed ones that fits (up to the cap), and its images/s."""
+
+    def attempt(batch: int) -> float:
+        w = G.mapping(torch.randn(batch, G.z_dim, device=device))
+        synthesis(w)  # warm-up
+        sync(device)
+        return round(batch / timed(lambda: synthesis(w), device, 1, 2, 0.0), 2)
+
+    return largest_fitting(max(spec["batches"]) * 2, spec["largest_cap"], attempt, device, rec, reserve_s=10)
 
 
 # ------------------------------------------------------------------------------------------- make-dataset
@@ -320,23 +329,14 @@ def _largest_train_batch(G, model_config, precision: str, spec: dict, device, re
     config = TrainConfig(data=None, out=None, model=model_config, batch_size=6, precision=precision)
     trainer = Trainer(config, model, LandmarkEncoder(model_config.landmarks).to(device),
                       build_discriminator(model_config, G.w_dim).to(device), dtype=PRECISION_DTYPES[precision])
-    best, batch = 6, 12
-    while batch <= spec["largest_cap"] and rec.seconds_left() > 30:
-        try:
-            images = torch.rand(batch, 3, G.resolution, G.resolution, device=device) * 2 - 1
-            trainer.step(2, images, images, torch.randn(batch, G.w_dim, device=device))
-            sync(device)
-            best = batch
-        except RuntimeError as exc:
-            if not is_out_of_memory(exc):
-                raise
-            break
-        finally:
-            images = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        batch *= 2
-    return best
+
+    def attempt(batch: int) -> None:
+        images = torch.rand(batch, 3, G.resolution, G.resolution, device=device) * 2 - 1
+        trainer.step(2, images, images, torch.randn(batch, G.w_dim, device=device))
+        sync(device)
+
+    found = largest_fitting(12, spec["largest_cap"], attempt, device, rec, reserve_s=30)
+    return found[0] if found else 6
 
 
 # ------------------------------------------------------------------------------------------- anonymize
