@@ -58,7 +58,7 @@ def plan(quick: bool, device: str) -> list[Group]:
         precisions = PRECISIONS if device != "cpu" else ["fp32", "bf16"]
         return [
             Group("synthesis-256-eager", "synthesis", {"generator": gens["256"], "precisions": precisions, **synth}, 10),
-            Group("train-256-batch6", "train", {"generator": "tiny", "model": "tiny", "batches": [6], "precisions": ["fp32"], "steps": 2, "samples": 24}, 20),
+            Group("train-256-batch6", "train", {"generator": "tiny", "model": "tiny", "batches": [6], "precisions": ["fp32"], "steps": 3, "samples": 24}, 20),
             Group("make-dataset-256", "make_dataset", {"generator": "tiny", "n": 24}, 8),
             Group("anonymize-1080p", "anonymize", {"model": "tiny", "size": [320, 180], "frames": 4, "faces": [1, 3]}, 20),
             Group("synthesis-1024-eager", "synthesis", {"generator": gens["1024"], "precisions": ["fp32"], **synth}, 8),

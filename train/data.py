@@ -30,8 +30,9 @@ def default_workers(device: torch.device, world: int = 1) -> int:
     return max(1, min(8, (os.cpu_count() or 2) // max(world, 1) - 1))
 
 
-class _Items(Dataset):
-    """(image uint8 [3, R, R], w float32 [w_dim], index) of a GeneratedDataset."""
+class _Images(Dataset):
+    """Image uint8 [3, R, R] of a GeneratedDataset. Only images cross from the workers: each tensor that crosses
+    costs the training thread milliseconds of shared-memory bookkeeping, and the w's are a memory-mapped read."""
 
     def __init__(self, dataset: GeneratedDataset):
         self.dataset = dataset
@@ -39,9 +40,8 @@ class _Items(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
-        image = torch.from_numpy(np.ascontiguousarray(self.dataset.image_uint8(index))).permute(2, 0, 1)
-        return image, torch.from_numpy(np.array(self.dataset.ws[index], dtype=np.float32)), index
+    def __getitem__(self, index: int) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.dataset.image_uint8(index))).permute(2, 0, 1)
 
 
 class _Ahead(Sampler):
@@ -68,9 +68,10 @@ class TrainBatches:
     (a train.trainer.DataOrder, advanced as batches are consumed). Close it (or use `with`) to stop the workers."""
 
     def __init__(self, dataset: GeneratedDataset, order, device: torch.device, workers: int, prefetch: int = 4):
-        self.order, self.device, self.workers = order, device, workers
+        self.dataset, self.order, self.device, self.workers = dataset, order, device, workers
         self.stats = LoaderStats()
-        loader = DataLoader(_Items(dataset), batch_sampler=_Ahead(copy.deepcopy(order)), num_workers=workers,
+        # the loader yields batches in the sampler's order, which is the order's own sequence
+        loader = DataLoader(_Images(dataset), batch_sampler=_Ahead(copy.deepcopy(order)), num_workers=workers,
                             pin_memory=device.type == "cuda", prefetch_factor=prefetch if workers else None,
                             persistent_workers=False)
         self._batches = iter(loader)
@@ -78,17 +79,14 @@ class TrainBatches:
     def next(self) -> tuple[Tensor, Tensor]:
         start = time.perf_counter()
         try:
-            images, ws, indices = next(self._batches)
+            images = next(self._batches)
         except DatasetError as exc:  # re-raised from a worker with its traceback: keep the one line users act on
             raise DatasetError(str(exc).strip().splitlines()[-1].split("Error: ", 1)[-1]) from None
         self.stats.wait_seconds += time.perf_counter() - start
         self.stats.batches += 1
-        expected = self.order.next_indices()
-        if indices.tolist() != expected:  # the read-ahead copy and the run's order must never part
-            raise RuntimeError(f"loader out of step with the data order: {indices.tolist()} != {expected}")
+        ws = torch.from_numpy(np.asarray(self.dataset.ws[self.order.next_indices()], dtype=np.float32))
         images = images.to(self.device, non_blocking=True)
-        ws = ws.to(self.device, non_blocking=True)
-        return images.float() / 127.5 - 1, ws
+        return images.float() / 127.5 - 1, ws.to(self.device, non_blocking=True)
 
     def close(self) -> None:
         self._batches = None  # the iterator's finaliser stops the worker processes
