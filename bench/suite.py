@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -168,6 +169,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _finite(value):
+    """The report with NaN and infinities (a broken fp16 image, say) as null: plain JSON has neither."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _cell(text: str) -> str:
     return str(text).replace("|", "/").replace("\n", " ")[:300]
 
@@ -220,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         report["groups"].append(record)
     report["seconds"] = round(time.time() - start, 1)
     path = args.out / f"{args.device}-{stamp}.json"
-    write_text_atomic(path, json.dumps(report, indent=1, allow_nan=False))
+    write_text_atomic(path, json.dumps(_finite(report), indent=1, allow_nan=False))
     for leftover in work.iterdir():
         leftover.unlink()
     work.rmdir()

@@ -53,8 +53,7 @@ class Recorder:
             try:
                 row = {"variant": variant, "status": "ok", **measure()}
             except Exception as exc:  # noqa: BLE001 - recorded; the next variant still runs
-                row = {"variant": variant, "status": "failed", "summary": "failed",
-                       "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:400]}
+                row = {"variant": variant, "status": "failed", "summary": "failed", "error": first_line(exc)}
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
         with open(self.path, "a", encoding="utf-8") as f:
@@ -108,21 +107,25 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def largest_fitting(first: int, cap: int, attempt, device: torch.device, rec: Recorder, reserve_s: float):
-    """Double the batch from `first` up to `cap` while attempt(batch) runs without running out of memory (and
-    `reserve_s` of the budget is left): (the last batch that ran, what attempt returned), or None."""
-    best, batch = None, first
+    """Double the batch from `first` up to `cap` while attempt(batch) runs (and `reserve_s` of the budget is left).
+    Returns ((the last batch that ran, what attempt returned) or None, why the search stopped or None)."""
+    best, batch, stopped = None, first, None
     while cap and batch <= cap and rec.seconds_left() > reserve_s:
         try:
             best = (batch, attempt(batch))
-        except RuntimeError as exc:
-            if not is_out_of_memory(exc):
-                raise
+        except RuntimeError as exc:  # out of memory, or a library's own allocation failure (cuDNN, cuBLAS)
+            stopped = f"batch {batch}: " + ("out of memory" if is_out_of_memory(exc) else first_line(exc))
             break
         finally:  # the failed attempt's tensors are gone by now: hand their memory back
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         batch *= 2
-    return best
+    return best, stopped
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:400]
 
 
 def generator_config(name) -> GeneratorConfig:
@@ -193,9 +196,11 @@ def _synthesis_variant(base, precision: str, spec: dict, device: torch.device, w
             out["first_call_seconds"][batch] = round(time.perf_counter() - start, 2)
             out["images_per_second"][batch] = round(batch / timed(lambda: synthesis(w), device, **calls), 2)
         out["psnr_vs_fp32_db"] = psnr_db(synthesis(w_check), reference)
-        largest = _largest_synthesis_batch(G, synthesis, spec, device, rec, calls)
+        largest, stopped = _largest_synthesis_batch(G, synthesis, spec, device, rec)
         if largest:
             out["largest_batch"], out["largest_images_per_second"] = largest
+        if stopped:
+            out["largest_search_stopped_at"] = stopped
     out["peak_gpu_gib"] = peak_memory_gib(device)
     ips = out["images_per_second"]
     parts = [f"b{b}: {v:g}" for b, v in ips.items()]
@@ -209,8 +214,9 @@ def _synthesis_variant(base, precision: str, spec: dict, device: torch.device, w
     return out
 
 
-def _largest_synthesis_batch(G, synthesis, spec, device, rec: Recorder, calls) -> tuple[int, float] | None:
-    """The largest batch past the listed ones that fits (up to the cap), and its images/s."""
+def _largest_synthesis_batch(G, synthesis, spec, device, rec: Recorder):
+    """The largest batch past the listed ones that fits (up to the cap) with its images/s, and why the search
+    stopped (largest_fitting)."""
 
     def attempt(batch: int) -> float:
         w = G.mapping(torch.randn(batch, G.z_dim, device=device))
@@ -335,7 +341,7 @@ def _largest_train_batch(G, model_config, precision: str, spec: dict, device, re
         trainer.step(2, images, images, torch.randn(batch, G.w_dim, device=device))
         sync(device)
 
-    found = largest_fitting(12, spec["largest_cap"], attempt, device, rec, reserve_s=30)
+    found, _ = largest_fitting(12, spec["largest_cap"], attempt, device, rec, reserve_s=30)
     return found[0] if found else 6
 
 
