@@ -28,7 +28,7 @@ from deid.nets.presets import TINY_GENERATOR_CONFIG, TINY_MODEL_CONFIG
 from deid.runtime import Dist
 from deid.stylegan.config import GeneratorConfig
 from deid.stylegan.loading import load_generator
-from deid.train.config import TrainConfig
+from deid.train.config import TrainConfig, Validation
 from deid.train.data import default_workers
 from deid.train.make_dataset import DatasetWriter, MakeDatasetConfig, auto_batch_size, encode_png, make_dataset, png_threads
 from deid.train.trainer import Trainer, train
@@ -317,7 +317,8 @@ def _train_run(data: Path, out: Path, G, model_config, batch: int, precision: st
     if batch * 2 > spec["samples"]:
         raise ValueError(f"batch {batch} needs {2 * batch} samples, the dataset has {spec['samples']}")
     config = TrainConfig(data=data, out=out, model=model_config, steps=2 * steps, batch_size=batch, precision=precision,
-                         device=str(device), checkpoint_every=10**9, sample_every=0, tensorboard=False, log_every=steps)
+                         device=str(device), checkpoint_every=10**9, sample_every=0, tensorboard=False, log_every=steps,
+                         validation=Validation(every=0))
     pytorch_defaults()  # what `deid train` runs with (it turns on cuDNN autotuning itself)
     train(config)
     last = json.loads((out / "losses.jsonl").read_text().splitlines()[-1])

@@ -13,7 +13,7 @@ from deid.dataset import GeneratedDataset, image_relpath
 from deid.errors import DatasetError
 from deid.nets.presets import TINY_MODEL_CONFIG
 from deid.runtime import Dist
-from deid.train.config import TrainConfig
+from deid.train.config import TrainConfig, Validation
 from deid.train.data import TrainBatches
 from deid.train.trainer import DataOrder, load_batch, train
 
@@ -53,7 +53,7 @@ def test_losses_are_logged_as_window_means(tiny_generator, tiny_dataset, tmp_pat
     """log_every=2 over 3 steps: entries after steps 1 (mean of 0-1) and 2 (the last step, a window of one)."""
     config = TrainConfig(data=tiny_dataset, out=tmp_path / "run", model=TINY_MODEL_CONFIG.for_generator(tiny_generator),
                          steps=3, batch_size=2, device="cpu", checkpoint_every=1000, sample_every=0, tensorboard=False,
-                         log_every=2)
+                         log_every=2, validation=Validation(every=0))
     seen: dict[int, dict[str, float]] = {}
     train(config, on_step=lambda step, losses: seen.__setitem__(step, {k: float(v) for k, v in losses.items()}))
     entries = [json.loads(line) for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]

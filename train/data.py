@@ -30,6 +30,14 @@ def default_workers(device: torch.device, world: int = 1) -> int:
     return max(1, min(8, (os.cpu_count() or 2) // max(world, 1) - 1))
 
 
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor (w's) on `device` without the host waiting for the GPU's queue: a copy from pageable
+    memory would; one from pinned memory (PyTorch's caching host allocator) runs asynchronously."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class _Images(Dataset):
     """Image uint8 [3, R, R] of a GeneratedDataset. Only images cross from the workers: each tensor that crosses
     costs the training thread milliseconds of shared-memory bookkeeping, and the w's are a memory-mapped read."""
@@ -86,7 +94,7 @@ class TrainBatches:
         self.stats.batches += 1
         ws = torch.from_numpy(np.asarray(self.dataset.ws[self.order.next_indices()], dtype=np.float32))
         images = images.to(self.device, non_blocking=True)
-        return images.float() / 127.5 - 1, ws.to(self.device, non_blocking=True)
+        return images.float() / 127.5 - 1, to_device(ws, self.device)
 
     def close(self) -> None:
         self._batches = None  # the iterator's finaliser stops the worker processes
@@ -98,4 +106,4 @@ class TrainBatches:
         self.close()
 
 
-__all__ = ["TrainBatches", "LoaderStats", "default_workers"]
+__all__ = ["TrainBatches", "LoaderStats", "default_workers", "to_device"]

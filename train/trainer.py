@@ -63,7 +63,7 @@ from deid.nets.model import (
 from deid.runs import checkpoint_path, complete_lines, latest_checkpoint, list_checkpoints
 from deid.runtime import Dist, autocast, init_distributed, resolve_dtype
 from deid.train.config import TrainConfig
-from deid.train.data import TrainBatches, default_workers
+from deid.train.data import TrainBatches, default_workers, to_device
 from deid.train.validation import Validator, ValidationState, validation_batches, with_holdout
 from deid.weights import resolve
 
@@ -618,7 +618,7 @@ class _Run:
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 2**40 + step)  # a stream of its own
         drawn = torch.randint(self.order.count, (self.config.batch_size * self.dist.world,), generator=g)
         mine = drawn[self.dist.rank * self.config.batch_size:(self.dist.rank + 1) * self.config.batch_size]
-        return torch.from_numpy(np.asarray(self.dataset.ws[mine.numpy()], dtype=np.float32)).to(self.device)
+        return to_device(torch.from_numpy(np.asarray(self.dataset.ws[mine.numpy()], dtype=np.float32)), self.device)
 
 
 def _loop(run: _Run, start: int, on_step) -> Path:
@@ -631,11 +631,13 @@ def _loop(run: _Run, start: int, on_step) -> Path:
     with stop.installed(), progress(TextColumn("{task.fields[status]}")) as bar:
         task = bar.add_task("train", total=config.steps, completed=start, status="", visible=dist.main)
         while step < config.steps:
-            if run.validator is not None and run.validator.due(step) and run.validator.run(step):
-                last_path = _checkpoint(run, step)
-                info(f"early stop: no new best in {config.validation.early_stop} validations in a row; "
-                     f"checkpoint {last_path} written.")
-                return last_path
+            if run.validator is not None and run.validator.due(step):
+                if run.validator.run(step):
+                    last_path = _checkpoint(run, step)
+                    info(f"early stop: no new best in {config.validation.early_stop} validations in a row; "
+                         f"checkpoint {last_path} written.")
+                    return last_path
+                window = _Window(step, run.batches.stats.wait_seconds)  # validating is not a training step
             I_id, w_id = run.batch()
             I_attr, w_attr = run.batch() if trainer.is_cross(step) else (I_id, w_id)
             w_real = run.real_ws(step, w_attr) if trainer.is_adversarial(step) else w_attr  # w_real: adversarial steps only
