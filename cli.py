@@ -310,10 +310,12 @@ def make_dataset_command(n, out, generator, seed, truncation, batch_size, resume
 @click.option("--holdout", type=click.FloatRange(min=0), default=Validation.holdout, help="Samples held out for validation: a count (>= 1) or a fraction (< 1). A resumed run keeps its own.")
 @click.option("--early-stop", type=click.IntRange(min=0), default=Validation.early_stop, help="Stop after this many validations in a row without a new best (0 = never).")
 @click.option("--recipe-1024", type=click.Choice(["paper", "official"]), default=Schedule.recipe_1024, help="At 1024: the paper's batch 2 and learning rates /10, or the official code's batch 6 and 1e-5.")
+@click.option("--log-every", type=click.IntRange(min=1), default=TrainConfig.log_every, help="Steps per losses.jsonl entry (their mean, steps/s and data-wait share).")
+@click.option("--data-workers", type=click.IntRange(min=0), default=TrainConfig.data_workers, help="PNG-decoding processes per GPU (default: from the CPU cores; 1 on a CPU).")
 @device_option
 def train_command(data, out, generator, identity_encoder, attribute_encoder, landmark_encoder, steps, batch_size, resume,
                   precision, gpus, checkpoint_every, sample_every, seed, validate_every, validation_batches, holdout,
-                  early_stop, recipe_1024, device):
+                  early_stop, recipe_1024, log_every, data_workers, device):
     """Train the attribute encoder and latent mapper (the paper's schedule and losses) against a frozen generator.
 
     \b
@@ -332,7 +334,7 @@ def train_command(data, out, generator, identity_encoder, attribute_encoder, lan
                          precision=precision, device=device, seed=seed, checkpoint_every=checkpoint_every,
                          sample_every=sample_every, gpus=gpus, schedule=Schedule(recipe_1024=recipe_1024),
                          validation=Validation(every=validate_every, batches=validation_batches, holdout=holdout,
-                                               early_stop=early_stop))
+                                               early_stop=early_stop), log_every=log_every, data_workers=data_workers)
     launch(config)
 
 

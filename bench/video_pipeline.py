@@ -79,8 +79,9 @@ def _timed(fn, count: int) -> dict:
 AUDIT_FRAMES = 60  # the audit stage keeps a copy of this many source frames (memory), and is timed on them
 
 
-def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8) -> dict:
-    """Each stage alone on the same frames, then the whole threaded pipeline with and without the audit."""
+def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8, device="cpu") -> dict:
+    """Each stage alone on the same frames (networks and detection on `device`), then the whole threaded pipeline
+    with and without the audit."""
     import torch
 
     from deid.errors import DeidError
@@ -96,15 +97,15 @@ def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8) 
 
     info = probe(clip)
     count = min(frames or info.frame_count, info.frame_count)
-    model = _model(model_kind)
-    synth = HeadSynthesizer(model)
+    model = _model(model_kind).to(device)
+    synth = HeadSynthesizer(model, device)
     size = synth.resolution
     result = {"bench": "stages", "clip": f"{info.width}x{info.height}", "frames": count, "model": model_kind,
               "resolution": size, "torch_threads": torch.get_num_threads(), "stages": {}}
     stages = result["stages"]
     decoded = []
     stages["decode"] = _timed(lambda: decoded.extend(f for f, _ in zip(read_frames(clip), range(count))), count)
-    detector = FaceDetector()
+    detector = FaceDetector(device=device)
     detections = []
     stages["detect"] = _timed(lambda: [detections.extend(detector([f.image for f in chunk])) for chunk in batched(iter(decoded), batch)], count)
     # rolled faces: upright every frame, all 8 views every 8th frame, plus the views that held a face

@@ -51,7 +51,7 @@ def main() -> None:
                          batch_size=args.batch_size, device="cpu", checkpoint_every=args.steps, sample_every=100)
     rec: list[tuple[int, float]] = []
     start = time.perf_counter()
-    train(config, on_step=lambda step, losses: rec.append((step, losses["reconstruction"])) if "reconstruction" in losses else None)
+    train(config, on_step=lambda step, losses: rec.append((step, float(losses["reconstruction"]))) if "reconstruction" in losses else None)
     seconds = time.perf_counter() - start
     curve = [
         {"steps": f"{rec[i][0]}-{rec[min(i + args.window, len(rec)) - 1][0]}",

@@ -13,8 +13,8 @@ import pytest
 
 from deid import cli
 from deid.evaluation.audit import AuditConfig, FaceAuditor, audit_path, cover_region, head_region
-from deid.faces.detection import FaceDetector
-from deid.faces.orientation import RollRobustDetector, face_roll, rotate_view
+from deid.faces.detection import Detections, FaceDetector
+from deid.faces.orientation import RollRobustDetector, face_roll, merge_views, rotate_view
 from deid.media.images import load_image, save_image
 from deid.media.video import read_frames
 from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
@@ -80,6 +80,20 @@ def test_roll_robust_detector_finds_a_turned_face_with_its_landmarks(astronaut_p
     assert (face_roll(found.landmarks[0]) - face_roll(upright.landmarks[0]) + angle + 180) % 360 - 180 == pytest.approx(0, abs=6)
     centre = (found.boxes[0, :2] + found.boxes[0, 2:]) / 2
     assert np.linalg.norm(centre - expected.mean(0)) < 20
+
+
+def test_a_box_that_holds_two_other_faces_is_not_a_face():
+    """merge_views drops a (turned-view) detection whose box spans the centres of two other faces, and keeps a
+    duplicate of one face as one face."""
+    def found(boxes, scores):
+        boxes = np.asarray(boxes, np.float64)
+        return Detections(boxes, np.asarray(scores, np.float32), np.zeros((len(boxes), 5, 2)))
+
+    upright = found([[10, 50, 40, 90], [60, 50, 90, 90], [110, 50, 140, 90]], [1.0, 1.0, 1.0])
+    turned = found([[0, 0, 100, 120], [112, 52, 141, 91]], [0.984, 0.99])
+    merged = merge_views([(0, upright), (45, turned)], 0.3)
+    np.testing.assert_array_equal(merged.boxes, upright.boxes)
+    assert len(merge_views([(45, turned)], 0.3)) == 2  # alone, neither box holds two others
 
 
 def test_rolled_video_every_face_replaced(rolled_clip, tiny_model, tmp_path):

@@ -26,7 +26,7 @@ def test_make_dataset_train_import_then_anonymize_with_the_default_model(tmp_pat
     invoke("make-dataset", "--verify", data)
     invoke("train", "--data", data, "--out", run, "--generator", tiny_generator_file, "--identity-encoder", "random",
            "--attribute-encoder", "random", "--landmark-encoder", "random", "--steps", 3, "--batch-size", 2,
-           "--checkpoint-every", 2, "--sample-every", 0, "--validate-every", 0, "--device", "cpu")
+           "--checkpoint-every", 2, "--sample-every", 0, "--validate-every", 0, "--log-every", 1, "--device", "cpu")
     header, _ = read_checkpoint(latest_checkpoint(run))
     assert header["step"] == 3 and header["generator_fingerprint"] == tiny_generator.fingerprint
     losses = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]

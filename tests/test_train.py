@@ -26,7 +26,7 @@ from deid.train.trainer import DataOrder, Trainer, TrainingInterrupted, load_bat
 
 def _config(tiny_generator, data, out, **kw) -> TrainConfig:
     kw = {"steps": 3, "batch_size": 2, "device": "cpu", "checkpoint_every": 1000, "sample_every": 0,
-          "sample_count": 2, "tensorboard": False, "validation": Validation(every=0), **kw}
+          "sample_count": 2, "tensorboard": False, "validation": Validation(every=0), "log_every": 1, **kw}
     return TrainConfig(data=data, out=out, model=TINY_MODEL_CONFIG.for_generator(tiny_generator), **kw)
 
 

@@ -95,6 +95,8 @@ class TrainConfig:
     keep_checkpoints: int = 5  # newest kept (0 = keep all); older ones are deleted after a new one is written
     sample_every: int = 500  # steps between sample grids (0 = never)
     sample_count: int = 4  # identities x attributes of the sample grid
+    log_every: int = 10  # steps per losses.jsonl entry (their mean): reading losses waits for the GPU
+    data_workers: int | None = None  # PNG-decoding processes per rank; None: by device (GPU: the cores, CPU: 1)
     gpus: int = 1  # > 1: `deid train` relaunches itself under torchrun with this many processes
     tensorboard: bool = True
 

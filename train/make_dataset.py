@@ -57,6 +57,11 @@ def sample_z(seed: int, index: int, z_dim: int) -> torch.Tensor:
     return torch.randn(z_dim, generator=torch.Generator().manual_seed((seed << 32) + index))
 
 
+def png_threads() -> int:
+    """PNG encoders running beside the generator: every core (OpenCV releases the GIL while it compresses)."""
+    return max(2, os.cpu_count() or 2)
+
+
 def auto_batch_size(device: torch.device, resolution: int) -> int:
     if device.type != "cuda":
         return 4
@@ -233,8 +238,7 @@ def _make(config: MakeDatasetConfig, generator: Generator | None, dist: Dist, de
     size = lambda s: min(batch_size, config.n - s)  # noqa: E731
     if todo and len(todo) < len(mine):
         info(f"resuming: {len(mine) - len(todo)} of {len(mine)} batches already done.")
-    with dist.failures_shared(), ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2))) as pool, \
-            progress(RateColumn()) as bar:
+    with dist.failures_shared(), ThreadPoolExecutor(max_workers=png_threads()) as pool, progress(RateColumn()) as bar:
         task = bar.add_task(f"samples (rank {dist.rank})" if dist.world > 1 else "samples",
                             total=sum(map(size, mine)), completed=sum(map(size, mine)) - sum(map(size, todo)))
         encoding = None  # the previous batch's PNGs encode in threads while the next batch generates

@@ -63,6 +63,7 @@ from deid.nets.model import (
 from deid.runs import checkpoint_path, complete_lines, latest_checkpoint, list_checkpoints
 from deid.runtime import Dist, autocast, init_distributed, resolve_dtype
 from deid.train.config import TrainConfig
+from deid.train.data import TrainBatches, default_workers, to_device
 from deid.train.validation import Validator, ValidationState, validation_batches, with_holdout
 from deid.weights import resolve
 
@@ -87,6 +88,25 @@ def average_across_ranks(tensors: list[Tensor], dist: Dist) -> None:
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def broadcast_from_rank0(tensors: list[Tensor], dist: Dist) -> None:
+    """Overwrite each (floating-point) tensor with rank 0's values, in one flat broadcast."""
+    if dist.world == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    tdist.broadcast(flat, 0)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def training_norm_buffers(module: torch.nn.Module) -> list[Tensor]:
+    """Running statistics that a forward pass updates (BatchNorm in training mode); its step counters are left
+    out: every rank counts the same steps."""
+    return [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+            for b in (m.running_mean, m.running_var) if b is not None]
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -213,12 +233,14 @@ class Trainer:
             losses["r1"] = r1_penalty(d, w_real, weights.r1_gamma)
         return losses
 
-    def step(self, step: int, I_id: Tensor, I_attr: Tensor, w_real: Tensor) -> dict[str, float]:  # noqa: N803
-        """One optimisation step; returns the losses (averaged over ranks) as floats."""
-        if self.dist.world > 1 and self.model.attribute_encoder.config.batchnorm == "train":
-            # as DDP does: every rank uses rank 0's BatchNorm statistics (they change only in "train" mode)
-            for buffer in self.model.attribute_encoder.buffers():
-                tdist.broadcast(buffer, 0)
+    def step(self, step: int, I_id: Tensor, I_attr: Tensor, w_real: Tensor) -> dict[str, Tensor]:  # noqa: N803
+        """One optimisation step; returns the losses (averaged over ranks) as 0-d float32 tensors on the device.
+        Nothing here waits for the GPU: reading a value does (the loop reads them every `log_every` steps).
+
+        Across ranks one all-reduce carries every gradient of the step and the losses (and one broadcast the
+        BatchNorm statistics), not one collective per tensor."""
+        # as DDP does: every rank uses rank 0's BatchNorm statistics
+        broadcast_from_rank0(training_norm_buffers(self.model.attribute_encoder), self.dist)
         losses = self.compute_losses(step, I_id, I_attr, w_real)
         adversarial = "adversarial" in losses
         updates = [("non_adversarial", self.g_params,
@@ -228,16 +250,14 @@ class Trainer:
                             torch.autograd.grad(self.config.losses.adversarial * losses["adversarial"], self.g_params)))
             updates.append(("discriminator", self.d_params,
                             torch.autograd.grad(losses["discriminator"] + losses["r1"], self.d_params)))
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        average_across_ranks([g for _, _, grads in updates for g in grads] + [values], self.dist)
         for name, params, grads in updates:
-            grads = list(grads)
-            average_across_ranks(grads, self.dist)
             for p, g in zip(params, grads):
                 p.grad = g
             self.optimizers[name].step()
             self.optimizers[name].zero_grad(set_to_none=True)
-        values = torch.stack([v.detach().float() for v in losses.values()])
-        average_across_ranks([values], self.dist)
-        return dict(zip(losses, values.tolist()))
+        return dict(zip(losses, values.unbind()))
 
 
 # ------------------------------------------------------------------------------------- checkpoints
@@ -311,9 +331,33 @@ def prune_checkpoints(out: Path, keep: int) -> None:
 # ----------------------------------------------------------------------------------------- logging
 
 
+class LossMeter:
+    """Sums each loss on the device across steps, so that reading them (a wait for the GPU) happens once per
+    logged window, not once per step."""
+
+    def __init__(self):
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, losses: dict[str, Tensor]) -> None:
+        for key, value in losses.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def pop(self) -> dict[str, float]:
+        """Mean of each loss over the steps that had it, since the last pop (one device-to-host copy)."""
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        means = torch.stack([self.sums[k] / self.counts[k] for k in keys]).tolist()
+        self.sums, self.counts = {}, {}
+        return dict(zip(keys, means))
+
+
 class RunLog:
-    """Per-step losses to `losses.jsonl` and TensorBoard (rank 0 only). A resumed run first drops the
-    entries of steps it will redo, so the curve has no duplicates."""
+    """Losses (means over windows of `log_every` steps, each entry at its window's last step) to `losses.jsonl`
+    and TensorBoard (rank 0 only). A resumed run first drops the entries of steps it will redo, so the curve
+    has no duplicates; windows also close at checkpoints, so an interrupted run's curve resumes cleanly."""
 
     def __init__(self, out: Path, start_step: int, tensorboard: bool):
         self.path = out / "losses.jsonl"
@@ -329,13 +373,18 @@ class RunLog:
 
             self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step)
 
-    def write(self, step: int, losses: dict[str, float], steps_per_second: float) -> None:
-        self.file.write(json.dumps({"step": step, **losses, "steps_per_second": steps_per_second}) + "\n")
+    def write(self, step: int, losses: dict[str, float], steps_per_second: float, data_wait_fraction: float = 0.0,
+              steps: int = 1) -> None:
+        """`steps`: the window's length; `data_wait_fraction`: its share of time spent waiting for batches."""
+        entry = {"step": step, **losses, "steps": steps, "steps_per_second": steps_per_second,
+                 "data_wait_fraction": data_wait_fraction}
+        self.file.write(json.dumps(entry) + "\n")
         self.file.flush()
         if self.writer is not None:
             for key, value in losses.items():
                 self.writer.add_scalar(f"loss/{key}", value, step)
             self.writer.add_scalar("speed/steps_per_second", steps_per_second, step)
+            self.writer.add_scalar("speed/data_wait_fraction", data_wait_fraction, step)
 
     def write_validation(self, step: int, metrics: dict[str, float]) -> None:
         """A validation result: its own line {"step": s, "validation": {...}} and TensorBoard `validation/*`."""
@@ -446,7 +495,8 @@ def _describe(config: TrainConfig, model_config: ModelConfig, lrs: tuple[float, 
 def train(config: TrainConfig, on_step=None) -> Path:
     """Run (or resume) training; returns the last checkpoint written.
 
-    on_step(step, losses) is called after every step (scripts use it to collect the loss curve)."""
+    on_step(step, losses) is called after every step with the step's losses as 0-d tensors on the device
+    (scripts use it to collect the loss curve; reading a value waits for the GPU)."""
     dist, device = init_distributed(config.device)
     # When one rank cannot start (rank 0 alone writes the run folder), every rank stops at once with its message
     # instead of waiting in the first collective until the timeout.
@@ -455,6 +505,7 @@ def train(config: TrainConfig, on_step=None) -> Path:
     try:
         return _loop(run, start, on_step)
     finally:
+        run.batches.close()
         if run.log is not None:
             run.log.close()
 
@@ -462,6 +513,8 @@ def train(config: TrainConfig, on_step=None) -> Path:
 def _start(config: TrainConfig, dist: Dist, device: torch.device) -> tuple[_Run, int]:
     """Check the run folder and the dataset, build the networks (with their resumed state), open the log."""
     dtype = resolve_dtype(config.precision, device)
+    if device.type == "cuda":  # every step has the same shapes: cuDNN's autotuning pays once, then each step gains
+        torch.backends.cudnn.benchmark = True
     if dtype == torch.float16:
         raise DeidError("--precision fp16 is not supported for training (its range is too small for these losses). "
                         "Use bf16 or fp32.")
@@ -512,10 +565,11 @@ def _start(config: TrainConfig, dist: Dist, device: torch.device) -> tuple[_Run,
         _describe(config, model.config, config.schedule.learning_rates(model.resolution), dist)
         if resume_from is not None:
             info(f"  resuming from {resume_from} (step {start})")
+    workers = config.data_workers if config.data_workers is not None else default_workers(device, dist.world)
     run = _Run(config, trainer, dataset, order, dist, device,
                log=RunLog(config.out, start, config.tensorboard) if dist.main else None,
                samples=_sample_images(dataset, config.sample_count, device) if dist.main and config.sample_every else None,
-               validator=validator)
+               batches=TrainBatches(dataset, order, device, workers), validator=validator)
     if validator is not None:
         validator.log = run.log
     return run, start
@@ -550,10 +604,11 @@ class _Run:
     device: torch.device
     log: RunLog | None  # rank 0 only
     samples: tuple[Tensor, Tensor] | None  # fixed identity and attribute images of the sample grids
+    batches: TrainBatches  # decodes ahead in worker processes; advances `order` as batches are consumed
     validator: Validator | None = None
 
     def batch(self) -> tuple[Tensor, Tensor]:
-        return load_batch(self.dataset, self.order.next_indices(), self.device)
+        return self.batches.next()
 
     def real_ws(self, step: int, batch_ws: Tensor) -> Tensor:
         """D_W's real w's of `step` [B, w_dim]: the batch's own (real_w "batch"), or (official) w's of training
@@ -563,7 +618,7 @@ class _Run:
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 2**40 + step)  # a stream of its own
         drawn = torch.randint(self.order.count, (self.config.batch_size * self.dist.world,), generator=g)
         mine = drawn[self.dist.rank * self.config.batch_size:(self.dist.rank + 1) * self.config.batch_size]
-        return torch.from_numpy(np.asarray(self.dataset.ws[mine.numpy()], dtype=np.float32)).to(self.device)
+        return to_device(torch.from_numpy(np.asarray(self.dataset.ws[mine.numpy()], dtype=np.float32)), self.device)
 
 
 def _loop(run: _Run, start: int, on_step) -> Path:
@@ -572,33 +627,41 @@ def _loop(run: _Run, start: int, on_step) -> Path:
     stop = StopFlag()
     last_path = None
     step = start
-    rate, tick = 0.0, time.perf_counter()
+    meter, window = LossMeter(), _Window(start, run.batches.stats.wait_seconds)
     with stop.installed(), progress(TextColumn("{task.fields[status]}")) as bar:
         task = bar.add_task("train", total=config.steps, completed=start, status="", visible=dist.main)
         while step < config.steps:
-            if run.validator is not None and run.validator.due(step) and run.validator.run(step):
-                last_path = _checkpoint(run, step)
-                info(f"early stop: no new best in {config.validation.early_stop} validations in a row; "
-                     f"checkpoint {last_path} written.")
-                return last_path
+            if run.validator is not None and run.validator.due(step):
+                if run.validator.run(step):
+                    last_path = _checkpoint(run, step)
+                    info(f"early stop: no new best in {config.validation.early_stop} validations in a row; "
+                         f"checkpoint {last_path} written.")
+                    return last_path
+                window = _Window(step, run.batches.stats.wait_seconds)  # validating is not a training step
             I_id, w_id = run.batch()
             I_attr, w_attr = run.batch() if trainer.is_cross(step) else (I_id, w_id)
             w_real = run.real_ws(step, w_attr) if trainer.is_adversarial(step) else w_attr  # w_real: adversarial steps only
             losses = trainer.step(step, I_id, I_attr, w_real)
+            meter.add(losses)
             step += 1
-            now = time.perf_counter()
-            rate = 1.0 / max(now - tick, 1e-9) if step == start + 1 else 0.9 * rate + 0.1 / max(now - tick, 1e-9)
-            tick = now
-            if run.log is not None:
-                run.log.write(step - 1, losses, rate)
-                bar.update(task, completed=step, status=_status(rate, losses))
             if on_step is not None:
                 on_step(step - 1, losses)
             if run.samples is not None and step % config.sample_every == 0:
                 save_sample_grid(trainer.model, *run.samples, config.out / "samples" / f"step-{step:08d}.png")
             stopping = stop.agreed(dist, run.device)
-            if step % config.checkpoint_every == 0 or step == config.steps or stopping:
+            checkpointing = step % config.checkpoint_every == 0 or step == config.steps or stopping
+            logging = step % config.log_every == 0 or checkpointing
+            if logging:
+                means = meter.pop()  # waits for the GPU: the window's timing below is honest
+                rate, waiting = window.close(step, run.batches.stats.wait_seconds)
+                if run.log is not None:
+                    run.log.write(step - 1, means, rate, waiting, steps=window.steps)
+                    bar.update(task, status=_status(rate, means))
+            bar.update(task, completed=step)
+            if checkpointing:
                 last_path = _checkpoint(run, step)
+            if logging:  # the next window starts after any checkpoint: its writing is not a training step
+                window = _Window(step, run.batches.stats.wait_seconds)
             if stopping:
                 raise TrainingInterrupted(
                     f"interrupted after step {step}; checkpoint {last_path} written. "
@@ -609,6 +672,19 @@ def _loop(run: _Run, start: int, on_step) -> Path:
         info(f"{config.out}: already trained for {start} steps (--steps {config.steps}); nothing to do.")
         return latest_checkpoint(config.out)
     return last_path
+
+
+class _Window:
+    """Steps/s and the share of time spent waiting for data, over the steps since the last log entry."""
+
+    def __init__(self, step: int, wait_seconds: float):
+        self.start_step, self.wait_seconds, self.start = step, wait_seconds, time.perf_counter()
+        self.steps = 0
+
+    def close(self, step: int, wait_seconds: float) -> tuple[float, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.steps = step - self.start_step
+        return self.steps / elapsed, min(1.0, (wait_seconds - self.wait_seconds) / elapsed)
 
 
 def _checkpoint(run: _Run, step: int) -> Path:
