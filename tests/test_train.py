@@ -231,6 +231,7 @@ def _r1_rank(rank: int, world: int, port: int, w: torch.Tensor, fake: torch.Tens
     from deid.nets.model import ModelConfig
     from deid.train.trainer import average_across_ranks
 
+    torch.set_num_threads(1)  # spawned ranks start with the default pool: oversubscribed on 2 cores
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         d = build_discriminator(ModelConfig(), w.shape[1])

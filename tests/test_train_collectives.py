@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import torch
 import torch.distributed as tdist
@@ -20,6 +21,9 @@ from deid.train.trainer import Trainer
 
 
 def _step_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    # A spawned process starts with torch's default thread pool: two ranks of it spinning on a 2-core machine
+    # slowed this one step from seconds to many minutes (seen in CI). One thread per rank, as conftest does.
+    torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     calls = {"all_reduce": 0, "broadcast": 0}
     for name in calls:
@@ -49,7 +53,13 @@ def test_one_all_reduce_per_step_and_ranks_stay_identical(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_step_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = mp.spawn(_step_rank, args=(2, port, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 300  # a hung rank fails this test instead of stalling the whole run
+    while not ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            raise AssertionError("the two training ranks did not finish one step within 300 s")
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for rank in (a, b):
         assert rank["calls"]["all_reduce"] == 1
