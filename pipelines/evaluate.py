@@ -63,7 +63,7 @@ from deid.pipelines.report import (
     write_html,
     write_metrics,
 )
-from deid.runs import complete_lines
+from deid.runs import complete_lines, read_records
 from deid.runtime import autocast
 from deid.weights import resolve
 
@@ -291,9 +291,8 @@ class _Pass:
         with atomic_output(self.checkpoint, overwrite=True) as tmp:
             np.savez(tmp, **state)
 
-    def items(self) -> Iterator[dict]:
-        for line in complete_lines(self.records):
-            yield json.loads(line)
+    def items(self) -> list[dict]:
+        return read_records(self.records)
 
 
 def _psnr_to_json(value: float) -> float | None:
