@@ -23,7 +23,8 @@ from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
 from deid.pipelines.evaluate import PairsJob, VideoAuditJob, run_pairs, run_video_audit
 from deid.pipelines.figures import InterpolateJob, MixJob, run_interpolate, run_mix
 from deid.pipelines.reenact import ReenactJob, run_reenact
-from deid.runtime import rank_device, resolve_device, resolve_dtype
+from deid.devices import resolve_device, resolve_dtype
+from deid.distributed import rank_device
 from deid.stylegan.loading import convert_generator
 from deid.train.config import Schedule, TrainConfig, Validation
 from deid.train.launch import launch, run_worker

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from deid.runtime import resolve_device, resolve_dtype
+from deid.devices import resolve_device, resolve_dtype
 from deid.stylegan.config import GeneratorConfig
 from deid.stylegan.loading import load_generator
 

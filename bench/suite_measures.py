@@ -25,7 +25,7 @@ from deid.console import set_quiet
 from deid.nets.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoder, LandmarkEncoderConfig
 from deid.nets.model import Disentangler, ModelConfig, build_discriminator
 from deid.nets.presets import TINY_GENERATOR_CONFIG, TINY_MODEL_CONFIG
-from deid.runtime import Dist
+from deid.distributed import Dist
 from deid.stylegan.config import GeneratorConfig
 from deid.stylegan.loading import load_generator
 from deid.train.config import TrainConfig, Validation

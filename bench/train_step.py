@@ -20,7 +20,8 @@ import torch
 
 from deid.nets.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoder, LandmarkEncoderConfig
 from deid.nets.model import Disentangler, ModelConfig, build_discriminator
-from deid.runtime import Dist, resolve_device, resolve_dtype
+from deid.devices import resolve_device, resolve_dtype
+from deid.distributed import Dist
 from deid.stylegan.config import GeneratorConfig
 from deid.stylegan.loading import load_generator
 from deid.train.config import TrainConfig

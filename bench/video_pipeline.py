@@ -93,7 +93,8 @@ def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8, 
     from deid.faces.tracking import TrackConfig, track
     from deid.media.video import VideoWriter, probe, read_frames
     from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
-    from deid.pipelines.common import HeadSynthesizer, batched
+    from deid.pipelines.engines import HeadSynthesizer
+    from deid.pipelines.stages import batched
 
     info = probe(clip)
     count = min(frames or info.frame_count, info.frame_count)

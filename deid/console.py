@@ -7,11 +7,13 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 console = Console(stderr=True, highlight=False)
 
@@ -45,3 +47,11 @@ def progress(*extra_columns) -> Progress:
         console=console,
         transient=False,
     )
+
+
+class FramesPerSecond(ProgressColumn):
+    """Progress column: frames per second of the current file."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:5.1f} fps" if speed else "  ... fps", style="cyan")

@@ -33,20 +33,13 @@ from deid.media.containers import resolve_codec
 from deid.media.images import load_image, save_image
 from deid.media.stills import load_still, save_still
 from deid.media.video import EncodeOptions, Frame, probe, to_display
-from deid.pipelines.common import (
-    FramesPerSecond,
-    HeadSynthesizer,
-    Task,
-    batched,
-    detect_frames,
-    expand_inputs,
-    make_folders,
-    parse_shard,
-    preview_path,
-    remove_empty,
-    shard,
-    video_job,
-)
+from deid.console import FramesPerSecond
+from deid.pipelines.detect import detect_frames
+from deid.pipelines.engines import HeadSynthesizer
+from deid.pipelines.inputs import Task, expand_inputs, make_folders, preview_path, remove_empty
+from deid.pipelines.sharding import parse_shard, shard
+from deid.pipelines.stages import batched
+from deid.pipelines.video_job import video_job
 
 
 @dataclass(frozen=True)

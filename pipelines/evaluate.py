@@ -64,7 +64,7 @@ from deid.pipelines.report import (
     write_metrics,
 )
 from deid.runs import complete_lines, read_records
-from deid.runtime import autocast
+from deid.devices import autocast
 from deid.weights import resolve
 
 # Detection and dlib's landmarks need faces of roughly 80+ pixels; smaller crops (tiny test models) are

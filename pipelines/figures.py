@@ -23,7 +23,7 @@ from deid.grid import GRID_GAP, grid_image, to_cells
 from deid.media.images import load_image, save_image
 from deid.media.video import EncodeOptions, VideoInfo, VideoWriter
 from deid.nets.model import mix_grid
-from deid.runtime import autocast
+from deid.devices import autocast
 
 CPU = torch.device("cpu")
 

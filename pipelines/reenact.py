@@ -25,7 +25,11 @@ from deid.faces.tracking import Face, TrackConfig, track
 from deid.media.containers import resolve_codec
 from deid.media.images import IMAGE_EXTENSIONS, load_image
 from deid.media.video import EncodeOptions, probe
-from deid.pipelines.common import FramesPerSecond, HeadSynthesizer, batched, detect_frames, video_job
+from deid.console import FramesPerSecond
+from deid.pipelines.detect import detect_frames
+from deid.pipelines.engines import HeadSynthesizer
+from deid.pipelines.stages import batched
+from deid.pipelines.video_job import video_job
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,10 @@ from deid.faces.detection import FaceDetector
 from deid.media.images import load_image
 from deid.media.video import VideoWriter, audio_duration, ffmpeg_exe, frame_times, probe, read_frames, to_display
 from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
-from deid.pipelines.common import HeadSynthesizer, expand_inputs, parse_shard, shard
-from deid.runtime import rank_device
+from deid.pipelines.engines import HeadSynthesizer
+from deid.pipelines.inputs import expand_inputs
+from deid.pipelines.sharding import parse_shard, shard
+from deid.distributed import rank_device
 
 
 def _anonymize(tiny_model, inputs, output, **kwargs):

@@ -18,7 +18,7 @@ from deid.faces.orientation import RollRobustDetector, face_roll, merge_views, r
 from deid.media.images import load_image, save_image
 from deid.media.video import read_frames
 from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
-from deid.pipelines.common import HeadSynthesizer
+from deid.pipelines.engines import HeadSynthesizer
 from deid.pipelines.reenact import ReenactJob, run_reenact
 
 

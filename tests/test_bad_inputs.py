@@ -25,7 +25,7 @@ from deid.errors import MediaError
 from deid.media.stills import load_still, save_still
 from deid.media.video import VideoWriter, probe
 from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
-from deid.pipelines.common import expand_inputs
+from deid.pipelines.inputs import expand_inputs
 
 from tests.test_anonymize import _face_and_far_masks
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from deid.runtime import CANDIDATE_BUCKETS, FACE_BUCKETS, BucketedBatch, bucket_size, pad_batch
+from deid.buckets import CANDIDATE_BUCKETS, FACE_BUCKETS, BucketedBatch, bucket_size, pad_batch
 from deid.faces.alignment import ffhq_affine, warp_crop
 from deid.faces.detection import FaceDetector, _mtcnn
 from deid.media.samples import crowd_frames
-from deid.pipelines.common import HeadSynthesizer
+from deid.pipelines.engines import HeadSynthesizer
 
 
 class TwoHeads(torch.nn.Module):

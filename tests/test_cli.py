@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deid.errors import DeidError
-from deid.runtime import resolve_device, resolve_dtype
+from deid.devices import resolve_device, resolve_dtype
 
 
 def run_deid(*args, env_extra=None):

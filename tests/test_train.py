@@ -19,7 +19,7 @@ from deid.nets.losses import ms_ssim
 from deid.nets.model import Disentangler, build_discriminator
 from deid.nets.presets import TINY_MODEL_CONFIG
 from deid.runs import latest_checkpoint
-from deid.runtime import Dist
+from deid.distributed import Dist
 from deid.train.config import TrainConfig, Validation
 from deid.train.trainer import DataOrder, Trainer, TrainingInterrupted, load_batch, state_path_for, train
 

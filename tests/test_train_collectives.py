@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from deid.nets.encoders import LandmarkEncoder
 from deid.nets.model import Disentangler, build_discriminator
 from deid.nets.presets import TINY_GENERATOR_CONFIG, TINY_MODEL_CONFIG
-from deid.runtime import Dist
+from deid.distributed import Dist
 from deid.stylegan.loading import load_generator
 from deid.train.config import TrainConfig
 from deid.train.trainer import Trainer

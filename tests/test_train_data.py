@@ -12,7 +12,7 @@ import torch
 from deid.dataset import GeneratedDataset, image_relpath
 from deid.errors import DatasetError
 from deid.nets.presets import TINY_MODEL_CONFIG
-from deid.runtime import Dist
+from deid.distributed import Dist
 from deid.train.config import TrainConfig, Validation
 from deid.train.data import TrainBatches
 from deid.train.trainer import DataOrder, load_batch, train

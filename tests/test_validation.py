@@ -16,7 +16,7 @@ from deid.errors import DatasetError, WeightsError
 from deid.nets.model import load_model, read_checkpoint
 from deid.nets.presets import TINY_MODEL_CONFIG
 from deid.runs import best_checkpoint_path, named_checkpoint
-from deid.runtime import Dist
+from deid.distributed import Dist
 from deid.train import validation as validation_module
 from deid.train.config import TrainConfig, Validation
 from deid.train.trainer import TrainingInterrupted, train

@@ -30,7 +30,7 @@ from deid.console import info, progress
 from deid.dataset import FORMAT, MANIFEST, RUN_FILE, image_relpath, read_manifest, verify_dataset
 from deid.errors import DatasetError
 from deid.media.images import to_uint8
-from deid.runtime import Dist, init_distributed
+from deid.distributed import Dist, init_distributed
 from deid.stylegan.loading import load_generator
 from deid.stylegan.network import Generator
 from deid.weights import resolve, source_sha256
@@ -216,7 +216,7 @@ def _exact_arithmetic() -> Iterator[None]:
 
 
 def _make(config: MakeDatasetConfig, generator: Generator | None, dist: Dist, device: torch.device) -> dict:
-    # Failures are shared across ranks (deid.runtime.Dist.failures_shared): when one rank cannot go on (rank 0
+    # Failures are shared across ranks (deid.distributed.Dist.failures_shared): when one rank cannot go on (rank 0
     # alone prepares the directory and writes the manifest), every rank stops at once with its message instead
     # of waiting in the next collective until the timeout.
     if generator is None and dist.world > 1:  # downloaded once per node, not by every rank into one cache

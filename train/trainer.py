@@ -61,7 +61,8 @@ from deid.nets.model import (
     unprefixed,
 )
 from deid.runs import checkpoint_path, complete_lines, latest_checkpoint, list_checkpoints
-from deid.runtime import Dist, autocast, init_distributed, resolve_dtype
+from deid.devices import autocast, resolve_dtype
+from deid.distributed import Dist, init_distributed
 from deid.train.config import TrainConfig
 from deid.train.data import TrainBatches, default_workers, to_device
 from deid.train.validation import Validator, ValidationState, validation_batches, with_holdout

@@ -39,7 +39,8 @@ from deid.console import info
 from deid.nets.losses import LANDMARK_POINTS
 from deid.nets.model import Disentangler
 from deid.runs import best_checkpoint_path
-from deid.runtime import Dist, autocast
+from deid.devices import autocast
+from deid.distributed import Dist
 from deid.train.config import TrainConfig, Validation
 
 

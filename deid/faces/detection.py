@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import torch
 
-from deid.runtime import BucketedBatch
+from deid.buckets import BucketedBatch
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -58,7 +58,7 @@ class DetectConfig:
     min_score: float = 0.9  # final face probability a detection must reach
     max_side: int = 640  # frames larger than this are detected on a downscaled copy (faces stay findable)
     # The detection image is padded (right and bottom, black) to a multiple of this: frames of many sizes share
-    # a few image pyramids, so the networks meet a bounded set of shapes (see deid.runtime's batch buckets).
+    # a few image pyramids, so the networks meet a bounded set of shapes (see deid.buckets).
     size_multiple: int = 32
 
 
