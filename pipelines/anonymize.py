@@ -99,23 +99,35 @@ def run_anonymize(job: AnonymizeJob, model, device: torch.device | str | None = 
                   dtype: torch.dtype = torch.float32) -> list[FileReport]:
     """Anonymize every input of the job (this shard's share); returns one report per input file."""
     tasks = shard(job.check(), *parse_shard(job.shard))
-    synth = HeadSynthesizer(model, device, dtype)
-    detector = RollRobustDetector(FaceDetector(job.detect, synth.device), job.orientation)
-    auditor = FaceAuditor(job.audit) if job.audit is not None else None
-    identity = None
-    if job.identity is not None:
-        identity = synth.identity_of(align_photo_file(job.identity, synth.resolution, detector=detector, scale=job.align.scale).tensor)
-    reports = []
+    anonymizer = Anonymizer(job, model, device, dtype)
     with progress(FramesPerSecond()) as bar:
-        for task in tasks:
-            if task.target.exists() and not job.overwrite:
-                reports.append(FileReport(task.source, task.target, skipped=True))
-                continue
-            swapper = _FaceSwapper(job, synth, identity, _identity_key(task, job), auditor)
-            reports.append(_run_task(task, job, detector, swapper, bar, batch=len(tasks) > 1))
+        reports = [anonymizer.run(task, bar, batch=len(tasks) > 1) for task in tasks]
     _print_summary(reports, job)
     _raise_failures(reports)
     return reports
+
+
+class Anonymizer:
+    """What anonymizing a file needs that is built once per process: the head synthesizer, the roll-robust
+    detector, the auditor and the target identity. `run(task)` anonymizes one file of the job."""
+
+    def __init__(self, job: AnonymizeJob, model, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        self.job = job
+        self.synth = HeadSynthesizer(model, device, dtype)
+        self.detector = RollRobustDetector(FaceDetector(job.detect, self.synth.device), job.orientation)
+        self.auditor = FaceAuditor(job.audit) if job.audit is not None else None
+        self.identity = None
+        if job.identity is not None:
+            photo = align_photo_file(job.identity, self.synth.resolution, detector=self.detector, scale=job.align.scale)
+            self.identity = self.synth.identity_of(photo.tensor)
+
+    def run(self, task: Task, bar, batch: bool = False) -> FileReport:
+        """One file (skipped when its output exists and the job does not overwrite); see `_run_task`."""
+        if task.target.exists() and not self.job.overwrite:
+            return FileReport(task.source, task.target, skipped=True)
+        swapper = _FaceSwapper(self.job, self.synth, self.identity, _identity_key(task, self.job), self.auditor)
+        return _run_task(task, self.job, self.detector, swapper, bar, batch=batch)
 
 
 def _run_task(task: Task, job: AnonymizeJob, detector: RollRobustDetector, swapper: "_FaceSwapper", bar,
