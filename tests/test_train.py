@@ -22,6 +22,7 @@ from deid.runs import latest_checkpoint
 from deid.distributed import Dist
 from deid.train.config import TrainConfig, Validation
 from deid.train.trainer import DataOrder, Trainer, TrainingInterrupted, load_batch, state_path_for, train
+from tests.ranks import free_port, spawn_ranks
 
 
 def _config(tiny_generator, data, out, **kw) -> TrainConfig:
@@ -244,21 +245,15 @@ def _r1_rank(rank: int, world: int, port: int, w: torch.Tensor, fake: torch.Tens
         tdist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_discriminator_and_r1_gradients_across_two_ranks_equal_the_global_batch(tmp_path):
     """Two gloo processes, each with half the batch: averaged gradients equal one process with all of it."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     from deid.nets.losses import discriminator_loss, r1_penalty
     from deid.nets.model import ModelConfig
 
     g = torch.Generator().manual_seed(0)
     w, fake = torch.randn(6, 512, generator=g), torch.randn(6, 512, generator=g)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_r1_rank, args=(2, port, w, fake, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_r1_rank, (2, free_port(), w, fake, str(tmp_path)))
     d = build_discriminator(ModelConfig(), 512)
     loss = discriminator_loss(d(w), d(fake)) + r1_penalty(d, w, 10.0)
     expected = torch.autograd.grad(loss, list(d.parameters()))
@@ -323,3 +318,23 @@ def test_record_files_drop_a_last_line_cut_by_a_kill_and_refuse_damage_elsewhere
     path.write_text('{"step": 0}\n{"st\n{"step": 2}\n')
     with pytest.raises(DeidError, match="record 2 is not valid JSON"):
         complete_lines(path)
+
+
+def test_training_turns_cudnn_autotuning_on_for_the_run_only():
+    """cuDNN's autotuner is process-wide: a run on a GPU turns it on, and the caller's setting comes back after
+    the run, also when it fails."""
+    from deid.train.trainer import cudnn_autotuning
+
+    cudnn, saved = torch.backends.cudnn, torch.backends.cudnn.benchmark
+    try:
+        cudnn.benchmark = False
+        with cudnn_autotuning(torch.device("cuda")):
+            assert cudnn.benchmark
+        assert not cudnn.benchmark
+        with pytest.raises(RuntimeError, match="boom"), cudnn_autotuning(torch.device("cuda")):
+            raise RuntimeError("boom")
+        assert not cudnn.benchmark
+        with cudnn_autotuning(torch.device("cpu")):
+            assert not cudnn.benchmark
+    finally:
+        cudnn.benchmark = saved

@@ -22,6 +22,7 @@ from deid.train.config import TrainConfig, Validation
 from deid.train.trainer import TrainingInterrupted, train
 from deid.train.validation import ValidationState, Validator, holdout_count, validation_batches
 from deid.weights import import_file
+from tests.ranks import free_port, spawn_ranks
 
 METRICS = {"id_to_pred", "id_to_attr", "attr_to_pred", "score", "landmarks", "reconstruction_mse",
            "reconstruction_psnr", "reconstruction_identity"}
@@ -112,6 +113,15 @@ def test_validator_keeps_bests_and_stops_after_n_tests_without_one(tiny_model, t
     assert ValidationState.from_dict(ValidationState().to_dict()) == ValidationState()
 
 
+def test_the_final_model_is_validated_when_the_last_step_is_off_schedule(tiny_generator, tiny_dataset, tmp_path):
+    """3 steps, every 2: validations before steps 0 and 2, and of the final model after step 3 (after its
+    checkpoint, so a new best of the final model is written too)."""
+    run = tmp_path / "run"
+    last = train(_config(tiny_generator, tiny_dataset, run, steps=3))
+    assert [step for step, _ in _validations(run)] == [0, 2, 3]
+    assert last.name == "step-00000003.safetensors" and last.is_file()
+
+
 def test_early_stop_ends_training_with_a_checkpoint(tiny_generator, tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(Validator, "run", lambda self, step: step == 2)
     last = train(_config(tiny_generator, tiny_dataset, tmp_path / "run", steps=10, validation=Validation(every=1, holdout=2)))
@@ -170,17 +180,11 @@ def _tiny_measure(images: torch.Tensor, dist: Dist) -> dict:
     return measure(model, LandmarkEncoder(TINY_MODEL_CONFIG.landmarks), pairs, lambda i: images[i], dist, torch.float32, 160)
 
 
+@pytest.mark.slow
 def test_validation_across_two_ranks_equals_one_process(tmp_path):
     """Each rank measures every other batch and the sums are all-reduced: the numbers of one process."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_measure_rank, args=(2, port, images, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_measure_rank, (2, free_port(), images, str(tmp_path)))
     expected = _tiny_measure(images, Dist())
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
