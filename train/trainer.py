@@ -37,7 +37,7 @@ from torch import Tensor
 from deid.atomic import write_text_atomic
 from deid.checkpoints import read_safetensors, write_safetensors
 from deid.console import info, progress
-from deid.dataset import GeneratedDataset, verify_dataset
+from deid.dataset import GeneratedDataset, truncation_text, verify_dataset
 from deid.errors import DatasetError, DeidError
 from deid.grid import grid_image
 from deid.media.images import save_image
@@ -588,6 +588,7 @@ def _start(config: TrainConfig, dist: Dist, device: torch.device) -> tuple[_Run,
         config.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(config.out / "config.json", dataclasses.replace(config, model=model.config).to_json())
         _describe(config, model.config, config.schedule.learning_rates(model.resolution), dist)
+        info(f"  data: {len(dataset)} samples ({train_count} train), {truncation_text(dataset.manifest)}")
         if resume_from is not None:
             info(f"  resuming from {resume_from} (step {start})")
     workers = config.data_workers if config.data_workers is not None else default_workers(device, dist.world)
