@@ -91,6 +91,49 @@ def test_validation_logs_the_official_numbers_writes_loadable_bests_and_resume_k
     assert _validations(cut) == seen
 
 
+def test_validation_numbers_equal_a_hand_computation_of_the_official_test(tiny_model):
+    """Every number of `measure`, recomputed here per sample in float64 from the networks themselves (not the
+    Disentangler's helpers): cosines of E_id codes on the output clipped to [-1, 1], the mean of per-sample
+    landmark MSEs over points 17-67 in 160-pixel units, per-image MSE and PSNR on [0, 1], each averaged over
+    samples."""
+    import torch.nn.functional as F
+
+    from deid.nets.encoders import LandmarkEncoder
+    from deid.train.validation import measure
+
+    m = tiny_model
+    landmarks = LandmarkEncoder(TINY_MODEL_CONFIG.landmarks)
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    pairs = validation_batches(0, 6, batches=3, batch_size=2, seed=4)
+    got = measure(m, landmarks, pairs, lambda i: images[i], Dist(), torch.float32, 160)
+
+    def output(identity_image, attribute_image):
+        code = torch.cat([m.identity_encoder(identity_image), m.attribute_encoder(attribute_image)], dim=1)
+        return m.generator.synthesis(m.mapper(code), noise_mode="const").clamp(-1, 1)
+
+    rows = []
+    with torch.no_grad():
+        for ids, attrs in pairs:
+            for i, a in zip(ids, attrs):
+                I_id, I_attr = images[i:i + 1], images[a:a + 1]  # noqa: N806
+                pred, recon = output(I_id, I_attr), output(I_id, I_id)
+                e = {k: m.identity_encoder(x).double() for k, x in (("id", I_id), ("attr", I_attr), ("pred", pred),
+                                                                      ("recon", recon))}
+                cos = lambda x, y: float(F.cosine_similarity(e[x], e[y]))  # noqa: E731
+                lnd = ((landmarks(I_attr) - landmarks(pred)).double()[0, 17:68] * (160 / 32)) ** 2
+                mse = float((((recon.double() + 1) / 2 - (I_id.double() + 1) / 2) ** 2).mean())
+                rows.append({"id_to_pred": cos("id", "pred"), "id_to_attr": cos("id", "attr"),
+                             "attr_to_pred": cos("attr", "pred"), "landmarks": float(lnd.mean()),
+                             "reconstruction_mse": mse, "reconstruction_psnr": 10 * math.log10(1 / mse),
+                             "reconstruction_identity": cos("id", "recon")})
+    assert len(rows) == 6
+    expected = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    expected["score"] = expected["id_to_pred"] - expected["attr_to_pred"]
+    assert set(got) == set(expected) == METRICS
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
 def test_validator_keeps_bests_and_stops_after_n_tests_without_one(tiny_model, tmp_path, monkeypatch):
     script = iter([(0.5, 10.0), (0.6, 12.0), (0.55, 9.0), (0.55, 11.0), (0.4, 20.0)])
 
