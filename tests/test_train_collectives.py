@@ -20,9 +20,8 @@ import torch
 import torch.distributed as tdist
 
 from deid.nets.model import Disentangler
-from deid.nets.presets import TINY_MODEL_CONFIG
+from deid.nets.presets import TINY_GENERATOR_CONFIG, TINY_MODEL_CONFIG
 from deid.stylegan.loading import load_generator
-from deid.nets.presets import TINY_GENERATOR_CONFIG
 from deid.train import trainer as trainer_module
 from deid.train.config import TrainConfig, Validation
 from deid.train.trainer import RunLog, Trainer, train
@@ -31,7 +30,8 @@ from tests.ranks import free_port, spawn_ranks
 pytestmark = pytest.mark.slow
 
 WORLD = 2
-GROUP_TIMEOUT_S = 60  # a rank left waiting in a collective fails after this, not gloo's default 30 minutes
+GROUP_TIMEOUT_S = 120  # a rank left waiting in a collective fails after this, not gloo's default 30 minutes
+SPAWN_TIMEOUT_S = 600  # two ranks building tiny models twice: about a minute alone, minutes on a shared 2-core CI
 
 
 def _config(data: Path, out: Path, **kw) -> TrainConfig:
@@ -110,7 +110,7 @@ def _loop_rank(rank: int, port: int, data: str, out_dir: str) -> None:
 
 
 def test_the_loop_talks_once_per_step_and_ranks_stay_identical(tiny_dataset, tmp_path):
-    spawn_ranks(_loop_rank, (free_port(), str(tiny_dataset), str(tmp_path)))
+    spawn_ranks(_loop_rank, (free_port(), str(tiny_dataset), str(tmp_path)), timeout=SPAWN_TIMEOUT_S)
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
     for rank in (a, b):
         # one all-reduce per step (gradients, losses and the stop vote); no broadcast: E_attr's BatchNorm is
@@ -170,7 +170,7 @@ def _failing_rank(rank: int, port: int, data: str, out_dir: str) -> None:
 
 
 def test_when_rank_0_cannot_write_every_rank_stops_at_once_with_its_message(tiny_dataset, tmp_path):
-    spawn_ranks(_failing_rank, (free_port(), str(tiny_dataset), str(tmp_path)))
+    spawn_ranks(_failing_rank, (free_port(), str(tiny_dataset), str(tmp_path)), timeout=SPAWN_TIMEOUT_S)
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD))
     assert set(rank0) == {"log line", "sample grid", "best checkpoint"}
     for case in rank0:

@@ -434,6 +434,7 @@ class StopFlag:
 
     def __init__(self):
         self.requested = False
+        self._vote: Tensor | None = None  # on the device, reused: a fresh tensor per step would copy from the host
 
     @contextmanager
     def installed(self):
@@ -456,8 +457,13 @@ class StopFlag:
                 signal.signal(s, h)
 
     def vote(self, dist: Dist, device: torch.device) -> Tensor | None:
-        """This rank's vote for the step's all-reduce: [1] float32, 1 when asked to stop (None alone)."""
-        return torch.tensor([float(self.requested)], device=device) if dist.world > 1 else None
+        """This rank's vote for the step's all-reduce: [1] float32 on `device`, 1 when asked to stop (None for a
+        single process). Filled in place: no host-to-device copy, so no wait for the GPU."""
+        if dist.world == 1:
+            return None
+        if self._vote is None:
+            self._vote = torch.zeros(1, device=device)
+        return self._vote.fill_(float(self.requested))
 
     def agreed(self, vote: Tensor | None, boundary: bool) -> bool:
         """True on every rank when any rank was asked to stop; `vote` is after the all-reduce. A single process
