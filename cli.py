@@ -263,7 +263,7 @@ def _batch_size(value: str) -> int | None:
 @click.option("--out", type=click.Path(path_type=Path), help="Dataset folder: new or empty (or an interrupted run, with --resume).")
 @click.option("--generator", default=MakeDatasetConfig.generator, help="Generator: registry name or file (.pkl, .pt, .safetensors).")
 @click.option("--seed", type=int, default=MakeDatasetConfig.seed, help="Sample i depends only on (seed, i).")
-@click.option("--truncation", type=float, default=MakeDatasetConfig.truncation, help="Truncation psi: w = w_avg + psi (w - w_avg) (1.0 = none, the paper's data).")
+@click.option("--truncation", type=float, default=MakeDatasetConfig.truncation, help="Truncation psi: w = w_avg + psi (w - w_avg) (1.0 = none, as the official code's first version).")
 @click.option("--truncation-cutoff", type=click.IntRange(min=1), default=MakeDatasetConfig.truncation_cutoff, help="Truncate the first K style rows (default: all). With psi != 1 K must cover every row: deid's mapper makes one w for all of them.")
 @click.option("--batch-size", default="auto", help="Samples per batch, or auto (from device and resolution).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out; the result equals an uninterrupted run.")
