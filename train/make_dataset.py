@@ -4,7 +4,7 @@ Truncation (`truncation`, ψ) pulls every sample's w toward the mapping network'
 on every style row the synthesis reads. StyleGAN's truncation can stop after the first K rows (the official
 code's latest generate_fake_data.py: ψ 0.7 on the first 8); deid refuses that with ψ ≠ 1 (see
 `truncated_rows`), and records ψ and K in the manifest. The default, ψ = 1 (no truncation), is the official
-code's first version; the paper states none.
+code's first version (the paper gives no value).
 
 Sample i depends only on (seed, i): its z comes from its own torch.Generator seeded with (seed << 32) + i,
 and batches are aligned to multiples of the batch size (kept in run.json), so a resumed run writes exactly
