@@ -263,18 +263,20 @@ def _batch_size(value: str) -> int | None:
 @click.option("--out", type=click.Path(path_type=Path), help="Dataset folder: new or empty (or an interrupted run, with --resume).")
 @click.option("--generator", default=MakeDatasetConfig.generator, help="Generator: registry name or file (.pkl, .pt, .safetensors).")
 @click.option("--seed", type=int, default=MakeDatasetConfig.seed, help="Sample i depends only on (seed, i).")
-@click.option("--truncation", type=float, default=MakeDatasetConfig.truncation, help="Truncation psi (1.0 = none).")
+@click.option("--truncation", type=float, default=MakeDatasetConfig.truncation, help="Truncation psi: w = w_avg + psi (w - w_avg) (1.0 = none, as the official code's first version).")
+@click.option("--truncation-cutoff", type=click.IntRange(min=1), default=MakeDatasetConfig.truncation_cutoff, help="Truncate the first K style rows (default: all). With psi != 1 K must cover every row: deid's mapper makes one w for all of them.")
 @click.option("--batch-size", default="auto", help="Samples per batch, or auto (from device and resolution).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out; the result equals an uninterrupted run.")
 @click.option("--verify", "verify_dir", type=click.Path(path_type=Path), help="Check that a dataset is complete and intact (hashes every image), then exit.")
 @device_option
-def make_dataset_command(n, out, generator, seed, truncation, batch_size, resume, verify_dir, device):
+def make_dataset_command(n, out, generator, seed, truncation, truncation_cutoff, batch_size, resume, verify_dir, device):
     """Sample the pretrained generator: images (PNG) and their w, the training data of the mapper.
 
     \b
     Examples:
       deid make-dataset --n 70000 --out generated/
       deid make-dataset --n 70000 --out generated/ --resume          # after an interruption
+      deid make-dataset --n 70000 --out generated/ --truncation 0.7  # psi 0.7 on every style row
       torchrun --nproc-per-node 8 --no-python deid make-dataset -n 70000 --out generated/   # one share per GPU
       deid make-dataset --verify generated/
     """
@@ -285,7 +287,8 @@ def make_dataset_command(n, out, generator, seed, truncation, batch_size, resume
     if n is None or out is None:
         raise click.UsageError("give --n and --out (or --verify DIR).")
     make_dataset(MakeDatasetConfig(out=out, n=n, generator=generator, seed=seed, truncation=truncation,
-                                   batch_size=_batch_size(batch_size), device=device, resume=resume))
+                                   truncation_cutoff=truncation_cutoff, batch_size=_batch_size(batch_size), device=device,
+                                   resume=resume))
 
 # ------------------------------------------------------------------------------------------- train
 # (model issue: `deid train`)

@@ -2,7 +2,8 @@
 
 Layout of a dataset directory (written by train/make_dataset.py):
 
-    manifest.json                 written last (atomically): generator identity, seed, truncation, count, ...
+    manifest.json                 written last (atomically): generator identity, seed, truncation (ψ) and
+                                  truncation_cutoff (the style rows it reaches), count, ...
     images/00000/00000000.png     sample i as lossless 8-bit RGB PNG, 1000 per folder
     ws.npy                        float32 [count, w_dim]: the w fed to the synthesis for each sample
     image_sha256.npy              uint8 [count, 32]: sha256 of each PNG file
@@ -49,6 +50,13 @@ def read_manifest(root: Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise DatasetError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}. Re-create the dataset.")
     return manifest
+
+
+def truncation_text(manifest: dict) -> str:
+    """A dataset's truncation in words. deid truncates every style row or none (train/make_dataset.py
+    `truncated_rows`); datasets recorded before `truncation_cutoff` existed truncated every row too."""
+    psi = float(manifest.get("truncation", 1.0))
+    return "no truncation" if psi == 1 else f"truncation ψ {psi:g} on every style row"
 
 
 def decode_png(path: Path) -> np.ndarray:

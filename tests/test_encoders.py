@@ -147,3 +147,88 @@ def test_landmark_encoder_loads_a_fan_state_dict(tmp_path):
     assert weights_fingerprint(enc.net) == weights_fingerprint(published)
     with pytest.raises(WeightsError, match="FAN"):
         LandmarkEncoder(LandmarkEncoderConfig(source=str(path), modules=2, input_size=64))
+
+
+def _pool_branches(encoder):
+    """(block name, block, its pool branch's 1x1 convolution) of every Inception block with a 3x3 average pool."""
+    from torchvision.models.inception import InceptionA, InceptionC, InceptionE
+
+    return [(name, block, block.branch_pool) for name, block in encoder.net.named_children()
+            if isinstance(block, (InceptionA, InceptionC, InceptionE))]
+
+
+@pytest.mark.parametrize("pooling, count_include_pad", [("keras", False), ("torchvision", True)])
+def test_attribute_encoder_pool_branches_average_like_keras(pooling, count_include_pad):
+    """Keras' AveragePooling2D(3, 1, 'same'), as in the official E_attr, averages the pixels inside the map only;
+    torchvision's avg_pool2d(padding=1) also counts the zeros around it. Each pool branch's input is checked
+    against a manual average of its block's input."""
+    enc = AttributeEncoder(AttributeEncoderConfig(**{**ATTR_SMALL.__dict__, "pooling": pooling})).eval()
+    seen = {}
+    for name, block, conv in _pool_branches(enc):
+        block.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__((name, "x"), args[0]))
+        conv.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__((name, "pooled"), args[0]))
+    with torch.no_grad():
+        enc(_images(size=75))
+    names = [name for name, _, _ in _pool_branches(enc)]
+    assert names == ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+                     "Mixed_7b", "Mixed_7c"]
+    for name in names:
+        x = seen[(name, "x")]
+        expected = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=count_include_pad)
+        torch.testing.assert_close(seen[(name, "pooled")], expected, rtol=1e-5, atol=1e-6, msg=name)
+    # the two differ exactly at the border: a map's corner averages 4 pixels, not 4 pixels and 5 zeros
+    x = seen[("Mixed_5b", "x")]
+    assert not torch.allclose(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)[..., 0, 0],
+                              F.avg_pool2d(x, 3, 1, 1, count_include_pad=True)[..., 0, 0])
+
+
+def test_attribute_encoder_reads_images_in_minus_one_to_one_without_imagenet_normalisation():
+    """The Google weights expect [-1, 1] (Keras' preprocess_input, the official code): the first convolution must
+    see the resized image itself, not (x - ImageNet mean) / std nor torchvision's transform_input."""
+    enc = AttributeEncoder(ATTR_SMALL).eval()
+    assert enc.net.transform_input is False
+    seen = []
+    enc.net.Conv2d_1a_3x3.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    for value in (-1.0, 0.25, 1.0):  # a flat image keeps its value through any resize
+        with torch.no_grad():
+            enc(torch.full((1, 3, 40, 40), value))
+        assert seen[-1].shape == (1, 3, 75, 75)
+        torch.testing.assert_close(seen[-1], torch.full_like(seen[-1], value))
+    images = _images(size=75)
+    with torch.no_grad():
+        enc(images)
+    assert torch.equal(seen[-1], images)  # at the input size: the image as it is
+
+
+def test_landmark_encoder_feeds_fan_rgb_in_zero_to_one(landmark_encoder):
+    """face-alignment's FAN reads RGB in [0, 1]: the generator's [-1, 1] becomes (x + 1) / 2, and the part of FAN's
+    crop beyond the image is black (0)."""
+    seen = []
+    handle = landmark_encoder.net.conv1.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        for value in (-1.0, 0.0, 0.6, 1.0):
+            with torch.no_grad():
+                landmark_encoder(torch.full((1, 3, 32, 32), value))
+            x = seen[-1]
+            assert x.shape == (1, 3, 64, 64)
+            centre = x[..., 16:48, 16:48]  # inside the image whatever the crop's border
+            torch.testing.assert_close(centre, torch.full_like(centre, (value + 1) / 2))
+            assert float(x.min()) >= 0.0 and float(x.max()) <= (value + 1) / 2 + 1e-6
+            assert torch.all(x[..., 0, :] < (value + 1) / 2 + 1e-6)
+        assert float(seen[-1][..., 0, 0].max()) == 0.0  # the crop reaches beyond the image: padded black
+    finally:
+        handle.remove()
+
+
+def test_models_recorded_before_the_pooling_field_keep_torchvisions_pooling():
+    """A checkpoint trained with the padding counted must be rebuilt that way; new configs pool as Keras does."""
+    import dataclasses
+
+    from deid.nets.model import ModelConfig
+
+    recorded = ModelConfig().to_dict()
+    assert ModelConfig.from_dict(recorded).attributes.pooling == "keras"
+    del recorded["attributes"]["pooling"]
+    assert ModelConfig.from_dict(recorded).attributes.pooling == "torchvision"
+    with pytest.raises(ValueError, match="pooling"):
+        AttributeEncoder(dataclasses.replace(ATTR_SMALL, pooling="tf"))

@@ -222,3 +222,49 @@ def test_make_dataset_restores_the_process_wide_cudnn_and_tf32_flags(tmp_path, t
     finally:
         md.DatasetWriter.generate = real_generate
         cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+def test_truncation_psi_and_cutoff_are_applied_and_recorded(tmp_path, tiny_generator, monkeypatch):
+    """ψ pulls each stored w toward w_avg on every style row, and the image is the synthesis of that one w;
+    the manifest records ψ and the rows it reaches. The tiny generator has 8 style rows."""
+    from deid import cli
+
+    assert tiny_generator.num_ws == 8
+    monkeypatch.setattr(md, "load_generator", lambda source, device="cpu": tiny_generator)
+    out = tmp_path / "psi"
+    result = CliRunner().invoke(cli.cli, ["make-dataset", "--n", "3", "--out", str(out), "--generator", "tiny",
+                                          "--truncation", "0.7", "--truncation-cutoff", "8", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    ds = GeneratedDataset(out)
+    assert (ds.manifest["truncation"], ds.manifest["truncation_cutoff"], ds.manifest["num_ws"]) == (0.7, 8, 8)
+    w_avg = tiny_generator.mapping.w_avg
+    for i in range(3):
+        image, w = ds[i]
+        untruncated = tiny_generator.mapping(sample_z(0, i, tiny_generator.z_dim)[None])[0]
+        torch.testing.assert_close(w, w_avg + 0.7 * (untruncated - w_avg), rtol=1e-5, atol=1e-5)
+        # one w made the whole image: every row read the stored w
+        expect = tiny_generator.synthesis(w[None].expand(tiny_generator.num_ws, -1)[None]).clamp(-1, 1)[0]
+        assert (image - expect).abs().max() <= 1 / 127.5 + 1e-5
+    # the default: no truncation, every row (the stored w is the mapping's own)
+    plain = make_dataset(MakeDatasetConfig(out=tmp_path / "plain", n=1, device="cpu"), generator=tiny_generator)
+    assert (plain["truncation"], plain["truncation_cutoff"]) == (1.0, 8)
+    torch.testing.assert_close(GeneratedDataset(tmp_path / "plain")[0][1],
+                               tiny_generator.mapping(sample_z(0, 0, tiny_generator.z_dim)[None])[0])
+
+
+def test_a_truncation_cutoff_short_of_every_style_row_is_refused_with_psi_below_one(tmp_path, tiny_generator):
+    """Rows after K would keep the untruncated w: an image made by two w's, which deid's one-w mapper cannot
+    reproduce. Refused before anything is written; with ψ = 1 a cutoff changes nothing and is accepted."""
+    out = tmp_path / "wplus"
+    with pytest.raises(DatasetError, match=r"first 4 of the generator's 8 style rows.*Omit --truncation-cutoff"):
+        make_dataset(MakeDatasetConfig(out=out, n=2, truncation=0.7, truncation_cutoff=4, device="cpu"),
+                     generator=tiny_generator)
+    assert not out.exists()
+    manifest = make_dataset(MakeDatasetConfig(out=out, n=2, truncation_cutoff=4, device="cpu"), generator=tiny_generator)
+    assert (manifest["truncation"], manifest["truncation_cutoff"]) == (1.0, 4)
+    wide = make_dataset(MakeDatasetConfig(out=tmp_path / "wide", n=2, truncation=0.5, truncation_cutoff=18, device="cpu"),
+                        generator=tiny_generator)
+    assert wide["truncation_cutoff"] == 8  # all the rows there are
+    # a different cutoff is a different dataset: resuming into `out` with another one is refused
+    with pytest.raises(DatasetError, match="truncation_cutoff 4"):
+        make_dataset(MakeDatasetConfig(out=out, n=2, device="cpu"), generator=tiny_generator)

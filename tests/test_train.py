@@ -22,6 +22,7 @@ from deid.runs import latest_checkpoint
 from deid.distributed import Dist
 from deid.train.config import TrainConfig, Validation
 from deid.train.trainer import DataOrder, Trainer, TrainingInterrupted, load_batch, state_path_for, train
+from tests.ranks import free_port, spawn_ranks
 
 
 def _config(tiny_generator, data, out, **kw) -> TrainConfig:
@@ -244,21 +245,15 @@ def _r1_rank(rank: int, world: int, port: int, w: torch.Tensor, fake: torch.Tens
         tdist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_discriminator_and_r1_gradients_across_two_ranks_equal_the_global_batch(tmp_path):
     """Two gloo processes, each with half the batch: averaged gradients equal one process with all of it."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     from deid.nets.losses import discriminator_loss, r1_penalty
     from deid.nets.model import ModelConfig
 
     g = torch.Generator().manual_seed(0)
     w, fake = torch.randn(6, 512, generator=g), torch.randn(6, 512, generator=g)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_r1_rank, args=(2, port, w, fake, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_r1_rank, (2, free_port(), w, fake, str(tmp_path)))
     d = build_discriminator(ModelConfig(), 512)
     loss = discriminator_loss(d(w), d(fake)) + r1_penalty(d, w, 10.0)
     expected = torch.autograd.grad(loss, list(d.parameters()))
@@ -323,3 +318,138 @@ def test_record_files_drop_a_last_line_cut_by_a_kill_and_refuse_damage_elsewhere
     path.write_text('{"step": 0}\n{"st\n{"step": 2}\n')
     with pytest.raises(DeidError, match="record 2 is not valid JSON"):
         complete_lines(path)
+
+
+def test_training_turns_cudnn_autotuning_on_for_the_run_only():
+    """cuDNN's autotuner is process-wide: a run on a GPU turns it on, and the caller's setting comes back after
+    the run, also when it fails."""
+    from deid.train.trainer import cudnn_autotuning
+
+    cudnn, saved = torch.backends.cudnn, torch.backends.cudnn.benchmark
+    try:
+        cudnn.benchmark = False
+        with cudnn_autotuning(torch.device("cuda")):
+            assert cudnn.benchmark
+        assert not cudnn.benchmark
+        with pytest.raises(RuntimeError, match="boom"), cudnn_autotuning(torch.device("cuda")):
+            raise RuntimeError("boom")
+        assert not cudnn.benchmark
+        with cudnn_autotuning(torch.device("cpu")):
+            assert not cudnn.benchmark
+    finally:
+        cudnn.benchmark = saved
+
+
+# ------------------------------------------------------------------- the recipe as the trainer runs it
+# (docs/recipe.md, "Schedule and optimisers" and "Data": a wrong rate, a network under the wrong Adam, a cross
+# step without its own attribute batch or D_W fed the batch's own w's must fail here)
+
+
+def _ids(params) -> set[int]:
+    return {id(p) for p in params}
+
+
+def test_each_adam_updates_its_networks_at_the_recipes_rate(parts):
+    """non-adversarial and adversarial: E_attr (less BatchNorm's frozen scales) and M, at 5e-5 and 5e-6; D_W
+    alone at 2e-5; all three torch Adam with betas (0.9, 0.999), eps 1e-8, no weight decay. E_id, E_lnd and G in
+    none of them."""
+    trainer = parts[0]
+    m = trainer.model
+    attributes = [p for p in m.attribute_encoder.parameters() if p.requires_grad]
+    assert 0 < len(attributes) < len(list(m.attribute_encoder.parameters()))  # BatchNorm's γ stays out
+    generator_side = _ids(attributes + list(m.mapper.parameters()))
+    expected = {"non_adversarial": (generator_side, 5e-5), "adversarial": (generator_side, 5e-6),
+                "discriminator": (_ids(trainer.discriminator.parameters()), 2e-5)}
+    assert set(trainer.optimizers) == set(expected)
+    for name, (params, lr) in expected.items():
+        optimizer = trainer.optimizers[name]
+        (group,) = optimizer.param_groups
+        assert type(optimizer) is torch.optim.Adam, name
+        assert _ids(group["params"]) == params and len(group["params"]) == len(params), name
+        assert group["lr"] == pytest.approx(lr, rel=1e-12), name
+        assert tuple(group["betas"]) == (0.9, 0.999) and group["eps"] == 1e-8 and group["weight_decay"] == 0, name
+    frozen = _ids(p for net in (m.identity_encoder, trainer.landmarks, m.generator) for p in net.parameters())
+    assert not frozen & (generator_side | expected["discriminator"][0])
+
+
+def _record_steps(monkeypatch) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Make Trainer.step record what the loop hands it: (step, I_id, I_attr, w_real)."""
+    seen, real_step = [], Trainer.step
+
+    def recording(self, step, I_id, I_attr, w_real, **kwargs):  # noqa: N803
+        seen.append((step, I_id.clone(), I_attr.clone(), w_real.clone()))
+        return real_step(self, step, I_id, I_attr, w_real, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step", recording)
+    return seen
+
+
+def test_a_cross_step_draws_a_second_batch_and_other_steps_reuse_the_first(tiny_generator, tiny_dataset, tmp_path,
+                                                                            monkeypatch):
+    """Step 0 (cross) takes the next two batches of the order as I_id and I_attr; steps 1 and 2 one batch each,
+    as both I_id and I_attr."""
+    from deid.dataset import GeneratedDataset
+
+    seen = _record_steps(monkeypatch)
+    train(_config(tiny_generator, tiny_dataset, tmp_path / "run", data_workers=0))
+    dataset, order = GeneratedDataset(tiny_dataset), DataOrder(24, 2, seed=0, dist=Dist())
+    batches = [load_batch(dataset, order.next_indices(), torch.device("cpu"))[0] for _ in range(4)]
+    assert [s[0] for s in seen] == [0, 1, 2]
+    (_, id0, attr0, _), (_, id1, attr1, _), (_, id2, attr2, _) = seen
+    assert torch.equal(id0, batches[0]) and torch.equal(attr0, batches[1])
+    assert torch.equal(id1, batches[2]) and torch.equal(attr1, batches[2])
+    assert torch.equal(id2, batches[3]) and torch.equal(attr2, batches[3])
+
+
+def test_the_discriminators_real_ws_are_random_training_samples_independent_of_the_batch(tiny_generator, tiny_dataset,
+                                                                                       tmp_path):
+    """The official get_real_w: each adversarial step draws its own w's from the training split (never a held-out
+    sample), whatever the batch is; the same step draws the same w's again (exact resume)."""
+    import numpy as np
+
+    from deid.train.trainer import _start
+
+    config = _config(tiny_generator, tiny_dataset, tmp_path / "run", data_workers=0,
+                     validation=Validation(every=10, holdout=4))  # 24 samples: 20 train, 4 held out
+    run, _ = _start(config, Dist(), torch.device("cpu"))
+    try:
+        ws = np.array(run.dataset.ws)  # a copy: the memory map is read-only
+        not_a_w = torch.full((2, 64), 1e3)
+        drawn = []
+        for step in range(0, 400, 2):
+            real = run.real_ws(step, not_a_w)
+            assert real.shape == (2, 64)
+            torch.testing.assert_close(run.real_ws(step, not_a_w), real, rtol=0, atol=0)
+            # each row is a sample's w: find which
+            distances = ((torch.from_numpy(ws)[None] - real[:, None]) ** 2).sum(-1)
+            assert float(distances.min(dim=1).values.max()) == 0.0
+            drawn.append(distances.argmin(dim=1).tolist())
+    finally:
+        run.batches.close()
+    indices = [i for pair in drawn for i in pair]
+    assert set(indices) == set(range(20))  # 400 draws reach every training sample, and no held-out one
+    assert len({tuple(pair) for pair in drawn}) > 100  # a fresh draw per step, not a fixed set
+
+
+
+@pytest.mark.parametrize("initialiser", ["official", "pytorch"])
+def test_the_models_initialiser_reaches_the_mapper_and_the_discriminator(tiny_generator, initialiser):
+    """ModelConfig.initialiser is forwarded to M and D_W: the official (Keras) one has zero biases and Glorot
+    uniform first layers of M, PyTorch's nn.Linear defaults have neither."""
+    import math
+
+    config = dataclasses.replace(TINY_MODEL_CONFIG.for_generator(tiny_generator), initialiser=initialiser)
+    mapper = Disentangler(config, tiny_generator).mapper
+    discriminator = build_discriminator(config, tiny_generator.w_dim)
+    linears = [m for net in (mapper, discriminator) for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 8
+    first = linears[0].weight.detach()
+    fan_out, fan_in = first.shape
+    glorot, default = math.sqrt(6 / (fan_in + fan_out)), 1 / math.sqrt(fan_in)
+    if initialiser == "official":
+        assert all(torch.count_nonzero(layer.bias) == 0 for layer in linears)
+        assert float(first.abs().max()) > 1.5 * default  # Glorot's wider limit is used, not PyTorch's
+        assert float(first.abs().max()) <= glorot
+    else:
+        assert all(torch.count_nonzero(layer.bias) > 0 for layer in linears)
+        assert float(first.abs().max()) <= default

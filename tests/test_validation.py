@@ -22,6 +22,7 @@ from deid.train.config import TrainConfig, Validation
 from deid.train.trainer import TrainingInterrupted, train
 from deid.train.validation import ValidationState, Validator, holdout_count, validation_batches
 from deid.weights import import_file
+from tests.ranks import free_port, spawn_ranks
 
 METRICS = {"id_to_pred", "id_to_attr", "attr_to_pred", "score", "landmarks", "reconstruction_mse",
            "reconstruction_psnr", "reconstruction_identity"}
@@ -53,9 +54,10 @@ def test_holdout_and_fixed_cross_identity_batches():
 def test_validation_logs_the_official_numbers_writes_loadable_bests_and_resume_keeps_the_split(
         tiny_generator, tiny_dataset, tmp_path):
     full = tmp_path / "full"
-    train(_config(tiny_generator, tiny_dataset, full))
+    train(_config(tiny_generator, tiny_dataset, full, steps=5))
     seen = _validations(full)
-    assert [step for step, _ in seen] == [0, 2, 4]  # before the first step, every 2, and after the last
+    # before the first step, every 2, and the final model after the last step, which is off that schedule
+    assert [step for step, _ in seen] == [0, 2, 4, 5]
     for _, metrics in seen:
         assert set(metrics) == METRICS and all(math.isfinite(v) for v in metrics.values())
         assert metrics["score"] == pytest.approx(metrics["id_to_pred"] - metrics["attr_to_pred"])
@@ -81,13 +83,56 @@ def test_validation_logs_the_official_numbers_writes_loadable_bests_and_resume_k
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(TrainingInterrupted):
-        train(_config(tiny_generator, tiny_dataset, cut), on_step=ctrl_c_at_step_1)
-    resumed = train(_config(tiny_generator, tiny_dataset, cut, resume=True,
+        train(_config(tiny_generator, tiny_dataset, cut, steps=5), on_step=ctrl_c_at_step_1)
+    resumed = train(_config(tiny_generator, tiny_dataset, cut, resume=True, steps=5,
                             validation=Validation(every=2, batches=2, holdout=8)))
     assert json.loads((cut / "config.json").read_text())["validation"]["holdout"] == 4
-    a, b = load_file(str(full / "checkpoints" / "step-00000004.safetensors")), load_file(str(resumed))
+    a, b = load_file(str(full / "checkpoints" / "step-00000005.safetensors")), load_file(str(resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _validations(cut) == seen
+
+
+def test_validation_numbers_equal_a_hand_computation_of_the_official_test(tiny_model):
+    """Every number of `measure`, recomputed here per sample in float64 from the networks themselves (not the
+    Disentangler's helpers): cosines of E_id codes on the output clipped to [-1, 1], the mean of per-sample
+    landmark MSEs over points 17-67 in 160-pixel units, per-image MSE and PSNR on [0, 1], each averaged over
+    samples."""
+    import torch.nn.functional as F
+
+    from deid.nets.encoders import LandmarkEncoder
+    from deid.train.validation import measure
+
+    m = tiny_model
+    landmarks = LandmarkEncoder(TINY_MODEL_CONFIG.landmarks)
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    pairs = validation_batches(0, 6, batches=3, batch_size=2, seed=4)
+    got = measure(m, landmarks, pairs, lambda i: images[i], Dist(), torch.float32, 160)
+
+    def output(identity_image, attribute_image):
+        code = torch.cat([m.identity_encoder(identity_image), m.attribute_encoder(attribute_image)], dim=1)
+        return m.generator.synthesis(m.mapper(code), noise_mode="const").clamp(-1, 1)
+
+    rows = []
+    with torch.no_grad():
+        for ids, attrs in pairs:
+            for i, a in zip(ids, attrs):
+                I_id, I_attr = images[i:i + 1], images[a:a + 1]  # noqa: N806
+                pred, recon = output(I_id, I_attr), output(I_id, I_id)
+                e = {k: m.identity_encoder(x).double() for k, x in (("id", I_id), ("attr", I_attr), ("pred", pred),
+                                                                      ("recon", recon))}
+                cos = lambda x, y: float(F.cosine_similarity(e[x], e[y]))  # noqa: E731
+                lnd = ((landmarks(I_attr) - landmarks(pred)).double()[0, 17:68] * (160 / 32)) ** 2
+                mse = float((((recon.double() + 1) / 2 - (I_id.double() + 1) / 2) ** 2).mean())
+                rows.append({"id_to_pred": cos("id", "pred"), "id_to_attr": cos("id", "attr"),
+                             "attr_to_pred": cos("attr", "pred"), "landmarks": float(lnd.mean()),
+                             "reconstruction_mse": mse, "reconstruction_psnr": 10 * math.log10(1 / mse),
+                             "reconstruction_identity": cos("id", "recon")})
+    assert len(rows) == 6
+    expected = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    expected["score"] = expected["id_to_pred"] - expected["attr_to_pred"]
+    assert set(got) == set(expected) == METRICS
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
 def test_validator_keeps_bests_and_stops_after_n_tests_without_one(tiny_model, tmp_path, monkeypatch):
@@ -170,17 +215,11 @@ def _tiny_measure(images: torch.Tensor, dist: Dist) -> dict:
     return measure(model, LandmarkEncoder(TINY_MODEL_CONFIG.landmarks), pairs, lambda i: images[i], dist, torch.float32, 160)
 
 
+@pytest.mark.slow
 def test_validation_across_two_ranks_equals_one_process(tmp_path):
     """Each rank measures every other batch and the sums are all-reduced: the numbers of one process."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_measure_rank, args=(2, port, images, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_measure_rank, (2, free_port(), images, str(tmp_path)))
     expected = _tiny_measure(images, Dist())
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

@@ -1,5 +1,11 @@
 """`deid make-dataset`: sample the pretrained generator, keeping every image (lossless PNG) and its w.
 
+Truncation (`truncation`, ψ) pulls every sample's w toward the mapping network's average, w_avg + ψ (w − w_avg),
+on every style row the synthesis reads. StyleGAN's truncation can stop after the first K rows (the official
+code's latest generate_fake_data.py: ψ 0.7 on the first 8); deid refuses that with ψ ≠ 1 (see
+`truncated_rows`), and records ψ and K in the manifest. The default, ψ = 1 (no truncation), is the official
+code's first version (the paper gives no value).
+
 Sample i depends only on (seed, i): its z comes from its own torch.Generator seeded with (seed << 32) + i,
 and batches are aligned to multiples of the batch size (kept in run.json), so a resumed run writes exactly
 the files an uninterrupted one would. Under torchrun each rank generates every WORLD_SIZE-th batch and rank 0
@@ -27,7 +33,7 @@ from rich.text import Text
 
 from deid.atomic import TEMPORARY_GLOB, write_bytes_atomic
 from deid.console import info, progress
-from deid.dataset import FORMAT, MANIFEST, RUN_FILE, image_relpath, read_manifest, verify_dataset
+from deid.dataset import FORMAT, MANIFEST, RUN_FILE, image_relpath, read_manifest, truncation_text, verify_dataset
 from deid.errors import DatasetError
 from deid.media.images import to_uint8
 from deid.distributed import Dist, init_distributed
@@ -36,7 +42,8 @@ from deid.stylegan.network import Generator
 from deid.weights import resolve, source_sha256
 
 # Settings that define the samples; a run or dataset with other values is a different dataset.
-IDENTITY_KEYS = ("format", "generator_fingerprint", "seed", "truncation", "noise_mode", "count", "resolution", "w_dim")
+IDENTITY_KEYS = ("format", "generator_fingerprint", "seed", "truncation", "truncation_cutoff", "noise_mode", "count",
+                 "resolution", "w_dim")
 
 
 @dataclass(frozen=True)
@@ -46,10 +53,31 @@ class MakeDatasetConfig:
     generator: str = "stylegan2-ffhq-256"      # registry name or generator file
     seed: int = 0
     truncation: float = 1.0                    # psi; 1.0 = no truncation
+    truncation_cutoff: int | None = None       # truncate the first K style rows; None = all (see truncated_rows)
     batch_size: int | None = None              # None = pick from device and resolution
     device: str = "auto"
     resume: bool = False                       # continue an interrupted run in `out`
     noise_mode: str = "const"                  # the checkpoint's stored noise: samples depend on z only
+
+
+def truncated_rows(psi: float, cutoff: int | None, num_ws: int) -> int:
+    """How many of the generator's `num_ws` style rows truncation reaches: the first `cutoff` (None: all).
+
+    deid's mapper M outputs one w that every row reads (W, not W+), and the dataset keeps for each image the one
+    w that made it: D_W's real samples, and the code M must reproduce. With ψ ≠ 1 and K < num_ws the rows
+    after K keep the untruncated w, so an image is made by two different w's: M, whose w is the same on every
+    row, could not reproduce it, and no single stored w would be the one that made it (the official code
+    stores every row and gives D_W row 0, a truncated w that did not make the fine rows). That is refused; with
+    ψ = 1 every cutoff gives the same samples and is accepted."""
+    rows = num_ws if cutoff is None else min(cutoff, num_ws)
+    if cutoff is not None and cutoff < 1:
+        raise DatasetError(f"--truncation-cutoff {cutoff}: give a number of style rows, at least 1.")
+    if psi != 1 and rows < num_ws:
+        raise DatasetError(
+            f"--truncation-cutoff {cutoff}: truncating only the first {cutoff} of the generator's {num_ws} style rows "
+            "makes each image from two w's (W+), but deid's mapper outputs one w for every row, so it could not "
+            f"reproduce these images. Omit --truncation-cutoff (all {num_ws} rows), or use --truncation 1.")
+    return rows
 
 
 def sample_z(seed: int, index: int, z_dim: int) -> torch.Tensor:
@@ -105,6 +133,7 @@ class DatasetWriter:
         self.parts = self.root / "parts"
         self.settings = {
             "format": FORMAT, **generator_identity(G), "seed": config.seed, "truncation": float(config.truncation),
+            "truncation_cutoff": truncated_rows(config.truncation, config.truncation_cutoff, G.num_ws),
             "noise_mode": config.noise_mode, "count": config.n, "resolution": G.resolution, "w_dim": G.w_dim,
             "num_ws": G.num_ws, "z_dim": G.z_dim, "z_seeding": "torch.Generator seed (seed << 32) + index",
             "image_layout": "images/{index // 1000:05d}/{index:08d}.png",
@@ -113,6 +142,8 @@ class DatasetWriter:
     # ------------------------------------------------------------------------------------ directory
 
     def _differences(self, other: dict) -> list[str]:
+        # runs and datasets recorded before the cutoff was a setting truncated every row
+        other = {"truncation_cutoff": self.G.num_ws, **other}
         return [f"{k} {other.get(k)!r} (asked: {self.settings[k]!r})" for k in IDENTITY_KEYS if other.get(k) != self.settings[k]]
 
     def prepare(self, batch_size: int) -> int | None:
@@ -261,5 +292,5 @@ def verify_with_progress(root: Path) -> dict:
         task = bar.add_task("verifying", total=int(manifest["count"]))
         manifest = verify_dataset(root, deep=True, on_progress=lambda done: bar.update(task, completed=done))
     info(f"{root}: complete and intact ({manifest['count']} samples, {manifest['resolution']} px, "
-         f"generator {manifest['generator']}).")
+         f"generator {manifest['generator']}, {truncation_text(manifest)}).")
     return manifest

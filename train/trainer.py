@@ -37,7 +37,7 @@ from torch import Tensor
 from deid.atomic import write_text_atomic
 from deid.checkpoints import read_safetensors, write_safetensors
 from deid.console import info, progress
-from deid.dataset import GeneratedDataset, verify_dataset
+from deid.dataset import GeneratedDataset, truncation_text, verify_dataset
 from deid.errors import DatasetError, DeidError
 from deid.grid import grid_image
 from deid.media.images import save_image
@@ -234,12 +234,15 @@ class Trainer:
             losses["r1"] = r1_penalty(d, w_real, weights.r1_gamma)
         return losses
 
-    def step(self, step: int, I_id: Tensor, I_attr: Tensor, w_real: Tensor) -> dict[str, Tensor]:  # noqa: N803
+    def step(self, step: int, I_id: Tensor, I_attr: Tensor, w_real: Tensor,  # noqa: N803
+             shared: Tensor | None = None) -> dict[str, Tensor]:
         """One optimisation step; returns the losses (averaged over ranks) as 0-d float32 tensors on the device.
         Nothing here waits for the GPU: reading a value does (the loop reads them every `log_every` steps).
 
-        Across ranks one all-reduce carries every gradient of the step and the losses (and one broadcast the
-        BatchNorm statistics), not one collective per tensor."""
+        Across ranks one all-reduce carries every gradient of the step and the losses (and, only while E_attr's
+        BatchNorm trains, one broadcast its statistics), not one collective per tensor. `shared`: a float tensor
+        on the device that rides along in that all-reduce and is averaged over ranks in place (the loop's stop
+        vote), so that nothing else needs a collective of its own."""
         # as DDP does: every rank uses rank 0's BatchNorm statistics
         broadcast_from_rank0(training_norm_buffers(self.model.attribute_encoder), self.dist)
         losses = self.compute_losses(step, I_id, I_attr, w_real)
@@ -252,7 +255,8 @@ class Trainer:
             updates.append(("discriminator", self.d_params,
                             torch.autograd.grad(losses["discriminator"] + losses["r1"], self.d_params)))
         values = torch.stack([v.detach().float() for v in losses.values()])
-        average_across_ranks([g for _, _, grads in updates for g in grads] + [values], self.dist)
+        extra = [shared] if shared is not None else []
+        average_across_ranks([g for _, _, grads in updates for g in grads] + [values] + extra, self.dist)
         for name, params, grads in updates:
             for p, g in zip(params, grads):
                 p.grad = g
@@ -421,10 +425,16 @@ def save_sample_grid(model: Disentangler, identities: Tensor, attributes: Tensor
 
 class StopFlag:
     """Ctrl-C / SIGTERM ask training to stop at the next step boundary (after which a checkpoint is written);
-    a second Ctrl-C interrupts at once."""
+    a second Ctrl-C interrupts at once.
+
+    Across ranks every rank must stop after the same step. Each step's vote (`vote`) travels in the step's
+    one all-reduce (`Trainer.step(shared=...)`), and is read, which waits for the device, only at the steps
+    where the loop waits anyway (log entries and checkpoints): a stop asked for on any rank then stops all
+    of them within `log_every` steps, with no collective and no wait of its own."""
 
     def __init__(self):
         self.requested = False
+        self._vote: Tensor | None = None  # on the device, reused: a fresh tensor per step would copy from the host
 
     @contextmanager
     def installed(self):
@@ -446,13 +456,21 @@ class StopFlag:
             for s, h in previous.items():
                 signal.signal(s, h)
 
-    def agreed(self, dist: Dist, device: torch.device) -> bool:
-        """True on every rank when any rank was asked to stop."""
+    def vote(self, dist: Dist, device: torch.device) -> Tensor | None:
+        """This rank's vote for the step's all-reduce: [1] float32 on `device`, 1 when asked to stop (None for a
+        single process). Filled in place: no host-to-device copy, so no wait for the GPU."""
         if dist.world == 1:
+            return None
+        if self._vote is None:
+            self._vote = torch.zeros(1, device=device)
+        return self._vote.fill_(float(self.requested))
+
+    def agreed(self, vote: Tensor | None, boundary: bool) -> bool:
+        """True on every rank when any rank was asked to stop; `vote` is after the all-reduce. A single process
+        answers every step; ranks answer only at a `boundary` step (all of them at the same one)."""
+        if vote is None:
             return self.requested
-        flag = torch.tensor([float(self.requested)], device=device)
-        tdist.all_reduce(flag)
-        return bool(flag.item() > 0)
+        return boundary and bool(vote.item() > 0)
 
 
 def _in_main_thread() -> bool:
@@ -499,23 +517,35 @@ def train(config: TrainConfig, on_step=None) -> Path:
     on_step(step, losses) is called after every step with the step's losses as 0-d tensors on the device
     (scripts use it to collect the loss curve; reading a value waits for the GPU)."""
     dist, device = init_distributed(config.device)
-    # When one rank cannot start (rank 0 alone writes the run folder), every rank stops at once with its message
-    # instead of waiting in the first collective until the timeout.
-    with dist.failures_shared():
-        run, start = _start(config, dist, device)
+    with cudnn_autotuning(device):
+        # When one rank cannot start (rank 0 alone writes the run folder), every rank stops at once with its
+        # message instead of waiting in the first collective until the timeout.
+        with dist.failures_shared():
+            run, start = _start(config, dist, device)
+        try:
+            return _loop(run, start, on_step)
+        finally:
+            run.batches.close()
+            if run.log is not None:
+                run.log.close()
+
+
+@contextmanager
+def cudnn_autotuning(device: torch.device):
+    """cuDNN's autotuner on for this run on a GPU (every step has the same shapes: the search pays once, then
+    each step gains), and the caller's process-wide setting back afterwards."""
+    saved = torch.backends.cudnn.benchmark
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     try:
-        return _loop(run, start, on_step)
+        yield
     finally:
-        run.batches.close()
-        if run.log is not None:
-            run.log.close()
+        torch.backends.cudnn.benchmark = saved
 
 
 def _start(config: TrainConfig, dist: Dist, device: torch.device) -> tuple[_Run, int]:
     """Check the run folder and the dataset, build the networks (with their resumed state), open the log."""
     dtype = resolve_dtype(config.precision, device)
-    if device.type == "cuda":  # every step has the same shapes: cuDNN's autotuning pays once, then each step gains
-        torch.backends.cudnn.benchmark = True
     if dtype == torch.float16:
         raise DeidError("--precision fp16 is not supported for training (its range is too small for these losses). "
                         "Use bf16 or fp32.")
@@ -564,6 +594,7 @@ def _start(config: TrainConfig, dist: Dist, device: torch.device) -> tuple[_Run,
         config.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(config.out / "config.json", dataclasses.replace(config, model=model.config).to_json())
         _describe(config, model.config, config.schedule.learning_rates(model.resolution), dist)
+        info(f"  data: {len(dataset)} samples ({train_count} train), {truncation_text(dataset.manifest)}")
         if resume_from is not None:
             info(f"  resuming from {resume_from} (step {start})")
     workers = config.data_workers if config.data_workers is not None else default_workers(device, dist.world)
@@ -623,7 +654,9 @@ class _Run:
 
 
 def _loop(run: _Run, start: int, on_step) -> Path:
-
+    """Steps `start` .. config.steps - 1. Across ranks each step has one collective, the step's all-reduce; the
+    steps that validate, log, draw samples or checkpoint add their own exchanges (failures included: a rank 0
+    that cannot write stops every rank with its message, see `Dist.failures_shared`)."""
     config, trainer, dist = run.config, run.trainer, run.dist
     stop = StopFlag()
     last_path = None
@@ -642,22 +675,27 @@ def _loop(run: _Run, start: int, on_step) -> Path:
             I_id, w_id = run.batch()
             I_attr, w_attr = run.batch() if trainer.is_cross(step) else (I_id, w_id)
             w_real = run.real_ws(step, w_attr) if trainer.is_adversarial(step) else w_attr  # w_real: adversarial steps only
-            losses = trainer.step(step, I_id, I_attr, w_real)
+            vote = stop.vote(dist, run.device)
+            losses = trainer.step(step, I_id, I_attr, w_real, shared=vote)
             meter.add(losses)
             step += 1
             if on_step is not None:
                 on_step(step - 1, losses)
-            if run.samples is not None and step % config.sample_every == 0:
-                save_sample_grid(trainer.model, *run.samples, config.out / "samples" / f"step-{step:08d}.png")
-            stopping = stop.agreed(dist, run.device)
+            boundary = step % config.log_every == 0 or step % config.checkpoint_every == 0 or step == config.steps
+            stopping = stop.agreed(vote, boundary)
             checkpointing = step % config.checkpoint_every == 0 or step == config.steps or stopping
-            logging = step % config.log_every == 0 or checkpointing
+            logging = boundary or stopping
+            sampling = config.sample_every > 0 and step % config.sample_every == 0
             if logging:
                 means = meter.pop()  # waits for the GPU: the window's timing below is honest
                 rate, waiting = window.close(step, run.batches.stats.wait_seconds)
-                if run.log is not None:
-                    run.log.write(step - 1, means, rate, waiting, steps=window.steps)
-                    bar.update(task, status=_status(rate, means))
+            if logging or sampling:
+                with dist.failures_shared():  # rank 0 writes; a full disk there stops every rank with its message
+                    if logging and run.log is not None:
+                        run.log.write(step - 1, means, rate, waiting, steps=window.steps)
+                        bar.update(task, status=_status(rate, means))
+                    if sampling and run.samples is not None:
+                        save_sample_grid(trainer.model, *run.samples, config.out / "samples" / f"step-{step:08d}.png")
             bar.update(task, completed=step)
             if checkpointing:
                 last_path = _checkpoint(run, step)
@@ -667,11 +705,13 @@ def _loop(run: _Run, start: int, on_step) -> Path:
                 raise TrainingInterrupted(
                     f"interrupted after step {step}; checkpoint {last_path} written. "
                     f"Continue with `deid train --data {config.data} --out {config.out} --resume`.")
-    if run.validator is not None and last_path is not None and run.validator.due(step):
-        run.validator.run(step)  # the final model, after the last checkpoint (its bests are written)
     if last_path is None:  # nothing to do: the run had already reached --steps
         info(f"{config.out}: already trained for {start} steps (--steps {config.steps}); nothing to do.")
         return latest_checkpoint(config.out)
+    if run.validator is not None:
+        # The final model is always measured (the loop validated only before steps), after the last
+        # checkpoint, so its bests are written.
+        run.validator.run(step)
     return last_path
 
 

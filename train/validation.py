@@ -165,18 +165,24 @@ class Validator:
             s.best_landmarks, s.best_landmarks_step = metrics["landmarks"], step
             improved.append("best-landmarks")
         s.not_improved = 0 if improved else s.not_improved + 1
-        if self.dist.main:
-            for kind in improved:
-                path = best_checkpoint_path(self.out, kind)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self.model.save(path, step=step)
-            if self.log is not None:
-                self.log.write_validation(step, metrics)
-            info(f"validation at step {step}: id→pred {metrics['id_to_pred']:.4f}  id→attr {metrics['id_to_attr']:.4f}  "
-                 f"attr→pred {metrics['attr_to_pred']:.4f}  score {metrics['score']:.4f}  landmarks {metrics['landmarks']:.4g}  "
-                 f"reconstruction PSNR {metrics['reconstruction_psnr']:.2f} dB, identity {metrics['reconstruction_identity']:.4f}"
-                 + (f"  (new {', '.join(improved)})" if improved else f"  (no new best for {s.not_improved} test(s))"))
+        with self.dist.failures_shared():  # rank 0 writes; a full disk there stops every rank with its message
+            if self.dist.main:
+                self._write(step, metrics, improved)
         return self.config.early_stop > 0 and s.not_improved >= self.config.early_stop
+
+    def _write(self, step: int, metrics: dict[str, float], improved: list[str]) -> None:
+        """Rank 0: the new best checkpoints, the log line and the console line."""
+        s = self.state
+        for kind in improved:
+            path = best_checkpoint_path(self.out, kind)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.model.save(path, step=step)
+        if self.log is not None:
+            self.log.write_validation(step, metrics)
+        info(f"validation at step {step}: id→pred {metrics['id_to_pred']:.4f}  id→attr {metrics['id_to_attr']:.4f}  "
+             f"attr→pred {metrics['attr_to_pred']:.4f}  score {metrics['score']:.4f}  landmarks {metrics['landmarks']:.4g}  "
+             f"reconstruction PSNR {metrics['reconstruction_psnr']:.2f} dB, identity {metrics['reconstruction_identity']:.4f}"
+             + (f"  (new {', '.join(improved)})" if improved else f"  (no new best for {s.not_improved} test(s))"))
 
 
 __all__ = ["Validator", "ValidationState", "holdout_count", "measure", "recorded_holdout", "validation_batches",

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import inception_v3
+from torchvision.models.inception import InceptionA, InceptionC, InceptionE
 
 from deid.checkpoints import read_state_dict
 from deid.errors import DeidError, WeightsError
@@ -147,9 +148,15 @@ class AttributeEncoderConfig:
     # which never change, and its scale γ is frozen (Keras' InceptionV3 has none; the Google weights carry
     # γ = 1), only the offset β trains. "train": PyTorch's default, batch statistics in train mode.
     batchnorm: str = "inference"
+    # The 3x3 average pooling (stride 1, padding 1) of the Inception blocks' pool branches: "keras" averages
+    # only the pixels inside the map, as Keras' AveragePooling2D(padding='same') in the official E_attr and the
+    # TF graph the Google weights were trained in do; "torchvision" also counts the zero padding, as
+    # torchvision's inception_v3 does (its edge pixels' pool then weighs 6/9, its corners' 4/9).
+    pooling: str = "keras"
 
 
 BATCHNORM_MODES = ("inference", "train")
+POOLING_MODES = ("keras", "torchvision")
 
 
 class AttributeEncoder(nn.Module):
@@ -183,6 +190,12 @@ class AttributeEncoder(nn.Module):
             _load_weights(self.net, config.source, ("AuxLogits.", "fc."), "torchvision inception_v3")
         if config.batchnorm not in BATCHNORM_MODES:
             raise ValueError(f"batchnorm {config.batchnorm!r}: expected one of {BATCHNORM_MODES}")
+        if config.pooling not in POOLING_MODES:
+            raise ValueError(f"pooling {config.pooling!r}: expected one of {POOLING_MODES}")
+        if config.pooling == "keras":
+            for block in self.net.modules():
+                if isinstance(block, (InceptionA, InceptionC, InceptionE)):
+                    block.branch_pool.register_forward_pre_hook(_exclude_padding_from_average)
         if random_init:
             self._estimate_batchnorm_statistics()
         if config.batchnorm == "inference":
@@ -223,6 +236,16 @@ class AttributeEncoder(nn.Module):
         x = img if img.shape[-2:] == (size, size) else F.interpolate(
             img, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return self.net(x)
+
+
+def _exclude_padding_from_average(module: nn.Module, args: tuple[Tensor]) -> tuple[Tensor]:
+    """Forward pre-hook of an Inception pool branch's 1x1 convolution, whose input torchvision computes as
+    avg_pool2d(x, 3, stride 1, padding 1) counting the zero padding: rescale each pixel by 9 / (the number of
+    its 3x3 neighbours inside the map), which turns that into the average over the pixels inside only (as
+    count_include_pad=False, Keras' 'same' pooling). pooled: [N, C, H, W]."""
+    (pooled,) = args
+    inside = F.avg_pool2d(torch.ones_like(pooled[:1, :1]), kernel_size=3, stride=1, padding=1)  # share inside, 4/9..1
+    return (pooled / inside,)
 
 
 # --------------------------------------------------------------------------------------- landmarks

@@ -72,8 +72,9 @@ class ModelConfig:
             generator_seed=int(data.get("generator_seed", 0)),
             generator_config=data.get("generator_config"),
             identity=sub(IdentityEncoderConfig, data["identity"]),
-            # runs recorded before these fields existed trained BatchNorm and used the whole-map soft-argmax
-            attributes=sub(AttributeEncoderConfig, {"batchnorm": "train", **data["attributes"]}),
+            # runs recorded before these fields existed trained BatchNorm, counted the pooling's padding and used
+            # the whole-map soft-argmax
+            attributes=sub(AttributeEncoderConfig, {"batchnorm": "train", "pooling": "torchvision", **data["attributes"]}),
             landmarks=sub(LandmarkEncoderConfig, {"window": None, **data["landmarks"]}),
             mapper_hidden=tuple(data["mapper_hidden"]),
             discriminator_hidden=tuple(data["discriminator_hidden"]),
