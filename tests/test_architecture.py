@@ -76,6 +76,7 @@ def test_only_deid_is_imported_by_bench_and_scripts():
     assert not wrong
 
 
+@pytest.mark.slow
 def test_torchrun_starts_the_installed_entry_point(tmp_path):
     """`deid train --gpus N` relaunches the installed `deid` script (--no-python), not `python -m ...`, so a
     user's own train.py or deid/ in the current folder cannot be imported in its place."""

@@ -34,6 +34,7 @@ def quick_run(tmp_path_factory):
     return _suite(tmp_path_factory.mktemp("bench"), "--budget", "240", "--inject-failure", "synthesis-1024-eager")
 
 
+@pytest.mark.slow
 def test_quick_suite_measures_everything_and_survives_a_failing_measurement(quick_run):
     report, table = quick_run
     groups = {g["group"]: g for g in report["groups"]}
@@ -82,6 +83,7 @@ def test_quick_suite_measures_everything_and_survives_a_failing_measurement(quic
         assert f"| {name} |" in table
 
 
+@pytest.mark.slow
 def test_groups_that_do_not_fit_the_budget_are_skipped_and_reported(tmp_path):
     report, table = _suite(tmp_path, "--budget", "0")
     assert {g["group"] for g in report["groups"]} == QUICK_GROUPS
