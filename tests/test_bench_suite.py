@@ -136,7 +136,7 @@ def test_each_precision_searches_its_largest_training_batch_once_and_trains_at_i
 
     def run(data, out, G, model_config, batch, precision, spec, device):
         trained.append((precision, batch))
-        return {"batch": batch, "precision": precision}
+        return {"batch": batch, "precision": precision, "summary": "1.5 steps/s"}
 
     monkeypatch.setattr(measures, "_largest_train_batch", search)
     monkeypatch.setattr(measures, "_train_run", run)
@@ -148,7 +148,7 @@ def test_each_precision_searches_its_largest_training_batch_once_and_trains_at_i
     assert searched == ["bf16", "fp32", "fp16"]
     assert trained == [("bf16", 48), ("fp32", 24)]
     rows = _rows(tmp_path / "rows.jsonl")
-    assert rows["largest batch, bf16"]["batch"] == 48
+    assert rows["largest batch, bf16"]["batch"] == 48 and rows["largest batch, bf16"]["summary"] == "batch 48: 1.5 steps/s"
     assert rows["largest batch, fp32"]["largest_search_stopped"] == "batch 48: out of memory"
     failed = rows["largest batch, fp16"]
     assert failed["status"] == "failed" and "no batch fits" in failed["error"] and "batch 12: out of memory" in failed["error"]

@@ -151,6 +151,7 @@ def test_data_order_shards_one_global_batch_across_ranks():
     assert resumed.next_indices() == single.next_indices()
 
 
+@pytest.mark.slow
 def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tiny_generator, tiny_dataset, tmp_path):
     """Steps 0-2 cover cross/same-image and adversarial/non-adversarial steps; the cut run stops after step 1."""
     full = train(_config(tiny_generator, tiny_dataset, tmp_path / "full", sample_every=3, tensorboard=True))
@@ -244,6 +245,7 @@ def _r1_rank(rank: int, world: int, port: int, w: torch.Tensor, fake: torch.Tens
         tdist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_discriminator_and_r1_gradients_across_two_ranks_equal_the_global_batch(tmp_path):
     """Two gloo processes, each with half the batch: averaged gradients equal one process with all of it."""
     import socket
