@@ -82,6 +82,7 @@ def test_final_rename_never_replaces_a_file_that_appeared(tmp_path, monkeypatch)
     assert (tmp_path / "new.png").read_bytes() == b"new" and _files(tmp_path) == ["new.png", "other.png", "out.png"]
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_output_the_second_refuses(tmp_path, astronaut_png, tiny_model_path, capsys, monkeypatch):
     out = tmp_path / "out.png"
     real = anonymize_module.save_still
@@ -123,6 +124,7 @@ def test_output_that_is_the_input_is_refused(tmp_path, ntsc_clip, astronaut_png,
 # ------------------------------------------------------------------------- 3. SIGTERM and leftovers
 
 
+@pytest.mark.slow
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path, ntsc_clip, tiny_model_path, capsys, monkeypatch):
     """What `timeout`, `docker stop` and Slurm send: it used to leave a hidden .NAME.xxxx.partial.mp4 behind."""
     calls = {"n": 0}
@@ -176,6 +178,7 @@ def test_killed_runs_leftovers_are_removed_and_never_inputs(tmp_path, astronaut_
 # ------------------------------------------------------------------------- 4. batches go on
 
 
+@pytest.mark.slow
 def test_batch_goes_on_past_unreadable_files(tmp_path, astronaut_png, not_a_video, tiny_model_path, capsys):
     src = tmp_path / "in"
     (src / "broken").mkdir(parents=True)
@@ -219,6 +222,7 @@ def test_webm_output_gets_vp9_and_opus(tmp_path, ntsc_clip, tiny_model_path, cap
 # ------------------------------------------------------------------------- 6. read-only folders
 
 
+@pytest.mark.slow
 def test_read_only_output_folder_is_one_line(tmp_path, astronaut_png, ntsc_clip, tiny_model_path, capsys, monkeypatch):
     read_only = tmp_path / "ro"
     read_only.mkdir()
