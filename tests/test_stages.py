@@ -65,15 +65,16 @@ def test_a_consumer_that_stops_after_one_item_ends_the_producer_and_closes_the_s
     assert source.produced <= 4  # stopped within one item of the full queue
 
 
-@pytest.mark.parametrize("fail_at", [None, 3], ids=["end of the source", "failing source"])
-def test_the_end_or_failure_marker_never_blocks_on_a_full_queue(fail_at):
+@pytest.mark.parametrize("count, fail_at", [(2, None), (3, 2)], ids=["end of the source", "failing source"])
+def test_the_end_or_failure_marker_never_blocks_on_a_full_queue(count, fail_at):
     """The source ends (or fails) while the queue is full and the consumer has stopped reading: the marker's put
     gives up instead of blocking, so closing the stream does not wait (it used to take 5 s and leak the thread)."""
     before = _prefetch_threads()
-    source = Source(3, fail_at=fail_at)
+    source = Source(count, fail_at=fail_at)
     stream = prefetch(iter(source), maxsize=1)
     assert next(stream) == 0
-    _wait_until(lambda: source.closed_in is not None)  # the source is done; its marker waits for a slot
+    _wait_until(lambda: source.closed_in is not None)  # item 1 fills the queue, the source ends (or fails)...
+    assert source.closed_in == "deid-prefetch" and source.produced == 2  # ...and its marker waits for a slot
     start = time.monotonic()
     stream.close()
     assert time.monotonic() - start < PROMPT_S
