@@ -36,6 +36,15 @@ from deid.train.trainer import Trainer, train
 PRECISION_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class CheckFailed(Exception):
+    """A measurement ran but a check on it failed (e.g. fewer faces replaced than shown): its row is failed and
+    keeps its figures."""
+
+    def __init__(self, message: str, figures: dict):
+        super().__init__(message)
+        self.figures = figures
+
+
 class Recorder:
     """Appends one JSON row per variant to the result file; stops starting variants past the deadline."""
 
@@ -52,6 +61,8 @@ class Recorder:
             reset_peak_memory(self.device)
             try:
                 row = {"variant": variant, "status": "ok", **measure()}
+            except CheckFailed as exc:
+                row = {"variant": variant, **exc.figures, "status": "failed", "error": str(exc)}
             except Exception as exc:  # noqa: BLE001 - recorded; the next variant still runs
                 row = {"variant": variant, "status": "failed", "summary": "failed", "error": first_line(exc)}
                 if self.device.type == "cuda":
@@ -108,19 +119,39 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def largest_fitting(first: int, cap: int, attempt, device: torch.device, rec: Recorder, reserve_s: float):
     """Double the batch from `first` up to `cap` while attempt(batch) runs (and `reserve_s` of the budget is left).
-    Returns ((the last batch that ran, what attempt returned) or None, why the search stopped or None)."""
-    best, batch, stopped = None, first, None
-    while cap and batch <= cap and rec.seconds_left() > reserve_s:
+    Returns ((the last batch that ran, what attempt returned) or None, why the search stopped: the batch that
+    failed and how, the cap, or the budget)."""
+    best, batch = None, first
+    while True:
+        if batch > cap:
+            return best, f"the cap: batch {batch} is over the search's limit of {cap} (a larger one may fit)"
+        if rec.seconds_left() <= reserve_s:
+            return best, f"the budget: {max(rec.seconds_left(), 0):.0f} s left before batch {batch}"
         try:
             best = (batch, attempt(batch))
         except RuntimeError as exc:  # out of memory, or a library's own allocation failure (cuDNN, cuBLAS)
-            stopped = f"batch {batch}: " + ("out of memory" if is_out_of_memory(exc) else first_line(exc))
-            break
+            return best, f"batch {batch}: " + ("out of memory" if is_out_of_memory(exc) else first_line(exc))
         finally:  # the failed attempt's tensors are gone by now: hand their memory back
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         batch *= 2
-    return best, stopped
+
+
+def once(compute):
+    """compute() at the first call; later calls return its result, or raise its error, again without rerunning it."""
+    outcome: dict = {}
+
+    def call():
+        if not outcome:
+            try:
+                outcome["value"] = compute()
+            except Exception as exc:  # noqa: BLE001 - raised again to every caller
+                outcome["error"] = exc
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return call
 
 
 def first_line(exc: BaseException) -> str:
@@ -196,11 +227,10 @@ def _synthesis_variant(base, precision: str, spec: dict, device: torch.device, w
             out["first_call_seconds"][batch] = round(time.perf_counter() - start, 2)
             out["images_per_second"][batch] = round(batch / timed(lambda: synthesis(w), device, **calls), 2)
         out["psnr_vs_fp32_db"] = psnr_db(synthesis(w_check), reference)
-        largest, stopped = _largest_synthesis_batch(G, synthesis, spec, device, rec)
-        if largest:
-            out["largest_batch"], out["largest_images_per_second"] = largest
-        if stopped:
-            out["largest_search_stopped_at"] = stopped
+        if spec["largest_cap"]:
+            largest, out["largest_search_stopped"] = _largest_synthesis_batch(G, synthesis, spec, device, rec)
+            if largest:
+                out["largest_batch"], out["largest_images_per_second"] = largest
     out["peak_gpu_gib"] = peak_memory_gib(device)
     ips = out["images_per_second"]
     parts = [f"b{b}: {v:g}" for b, v in ips.items()]
@@ -294,21 +324,27 @@ def measure_train(spec: dict, device: torch.device, rec: Recorder) -> None:
         for batch in spec["batches"]:
             for precision in spec["precisions"]:
                 if batch == "largest":
-                    found: dict = {}
-
-                    def measure(precision=precision):
-                        found.setdefault("batch", _largest_train_batch(G, model_config, precision, spec, device, rec))
-                        row = _train_run(data, Path(tmp) / f"run-largest-{precision}", G, model_config, found["batch"],
-                                         precision, spec, device)
-                        if found["batch"] * 2 > spec["largest_cap"]:
-                            row["note"] = f"the search stops at batch {spec['largest_cap']}: a larger one may fit"
-                        return row
-
-                    rec.row(f"largest batch, {precision}", measure)
+                    rec.row(f"largest batch, {precision}",
+                            lambda p=precision: _train_largest(data, Path(tmp) / f"run-largest-{p}", G, model_config, p,
+                                                               spec, device, rec))
                 else:
                     rec.row(f"batch {batch}, {precision}",
                             lambda b=batch, p=precision: _train_run(data, Path(tmp) / f"run-{b}-{p}", G, model_config, b, p,
                                                                     spec, device))
+
+
+def _train_largest(data: Path, out: Path, G, model_config, precision: str, spec: dict, device, rec: Recorder) -> dict:
+    """Steps/s at the largest batch that fits in this precision (searched once, for this precision alone), and
+    why the search stopped."""
+    batch, stopped = _largest_train_batch(G, model_config, precision, spec, device, rec)
+    if batch is None:
+        raise RuntimeError(f"no batch fits: the search from batch 12 stopped at {stopped}")
+    reset_peak_memory(device)  # the row's peak is the run's own, not the search's
+    row = _train_run(data, out, G, model_config, batch, precision, spec, device)
+    row["largest_search_stopped"] = stopped
+    row["summary"] = f"batch {batch}: {row['summary']}"
+    row["note"] = f"largest-batch search ended at {stopped}"
+    return row
 
 
 def _train_run(data: Path, out: Path, G, model_config, batch: int, precision: str, spec: dict, device) -> dict:
@@ -330,8 +366,9 @@ def _train_run(data: Path, out: Path, G, model_config, batch: int, precision: st
                        + (f", peak {peak_memory_gib(device)} GiB" if device.type == "cuda" else "")}
 
 
-def _largest_train_batch(G, model_config, precision: str, spec: dict, device, rec: Recorder) -> int:
-    """Double the batch from 6 while a reconstruction + adversarial step (the largest kind) still fits."""
+def _largest_train_batch(G, model_config, precision: str, spec: dict, device, rec: Recorder) -> tuple[int | None, str]:
+    """Double the batch from 12 (6 is the batch-6 group's) while a reconstruction + adversarial step (the largest
+    kind) still fits. Returns (the largest batch that ran, or None when none did; why the search stopped)."""
     model = Disentangler(model_config, copy.deepcopy(G)).to(device)
     config = TrainConfig(data=None, out=None, model=model_config, batch_size=6, precision=precision)
     trainer = Trainer(config, model, LandmarkEncoder(model_config.landmarks).to(device),
@@ -342,8 +379,8 @@ def _largest_train_batch(G, model_config, precision: str, spec: dict, device, re
         trainer.step(2, images, images, torch.randn(batch, G.w_dim, device=device))
         sync(device)
 
-    found, _ = largest_fitting(12, spec["largest_cap"], attempt, device, rec, reserve_s=30)
-    return found[0] if found else 6
+    found, stopped = largest_fitting(12, spec["largest_cap"], attempt, device, rec, reserve_s=30)
+    return (found[0] if found else None), stopped
 
 
 # ------------------------------------------------------------------------------------------- anonymize
@@ -382,30 +419,50 @@ def make_face_clip(path: Path, size: tuple[int, int], frames: int, faces: int, f
 
 
 def measure_anonymize(spec: dict, device: torch.device, rec: Recorder) -> None:
-    """`deid anonymize` stage by stage and end to end (bench/video_pipeline.py's stages) on synthetic clips."""
+    """`deid anonymize` stage by stage and end to end (bench/video_pipeline.py's stages) on synthetic clips: per
+    face count a row without the privacy audit (the figure of the 60 frames/s goal) and a row with it (what
+    `deid anonymize` runs by default)."""
     import video_pipeline  # bench/ is on sys.path (this process was started as bench/suite.py)
 
     width, height = spec["size"]
     with tempfile.TemporaryDirectory() as tmp:
         for faces in spec["faces"]:
-            def measure(faces=faces) -> dict:
+            @once
+            def stages(faces=faces):  # both rows read one run (it measures the pipeline with and without the audit)
                 clip = make_face_clip(Path(tmp) / f"faces{faces}.mp4", (width, height), spec["frames"], faces)
-                result = video_pipeline.run_stages(clip, spec["model"], None, device=device)
-                stages = {name: s["fps"] for name, s in result["stages"].items() if "fps" in s}
-                # The built-in audit needs dlib's model package, which the GPU machine lacks: there the pipeline
-                # is measured without it, and the row says so.
-                audited = "pipeline" in result
-                whole = result["pipeline" if audited else "pipeline_no_audit"]
-                end = whole["fps"]
-                note = "" if audited else f"; audit not measured ({result['stages']['audit']['skipped']})"
-                return {"clip": f"{width}x{height}", "frames": result["frames"], "faces_per_frame": faces,
-                        "faces_found": whole["faces"], "stages_fps": stages, "end_to_end_fps": end,
-                        "end_to_end_no_audit_fps": result["pipeline_no_audit"]["fps"], "audited": audited,
-                        "peak_gpu_gib": peak_memory_gib(device), "peak_rss_mib": result["peak_rss_mib"],
-                        "summary": f"{end:g} fps end to end{' with the audit' if audited else ''} ({whole['faces']} "
-                                   "faces replaced); " + ", ".join(f"{k} {v:g}" for k, v in stages.items()) + " fps" + note}
+                return video_pipeline.run_stages(clip, spec["model"], None, device=device)
 
-            rec.row(f"{faces} face{'s' if faces > 1 else ''}", measure)
+            label = f"{faces} face{'s' if faces > 1 else ''}"
+            rec.row(f"{label}, no audit", lambda faces=faces, stages=stages: anonymize_row(stages(), faces, False, device))
+            rec.row(f"{label}, with the audit", lambda faces=faces, stages=stages: anonymize_row(stages(), faces, True, device))
+
+
+def anonymize_row(result: dict, faces: int, audited: bool, device: torch.device) -> dict:
+    """One row from bench/video_pipeline.run_stages' result: the threaded pipeline with or without the audit. Fails
+    (CheckFailed, figures kept) when the faces replaced are not the faces the clip shows in every frame."""
+    stages = result["stages"]
+    key = "pipeline" if audited else "pipeline_no_audit"
+    if key not in result:  # the audit's dlib and its model files are missing (see bench/README.md)
+        raise RuntimeError(f"audit not measured: {stages['audit']['skipped']}")
+    whole = result[key]
+    shown = faces * result["frames"]
+    row = {"clip": result["clip"], "frames": result["frames"], "faces_per_frame": faces, "faces_shown": shown,
+           "faces_found": whole["faces"], "audited": audited, "end_to_end_fps": whole["fps"],
+           "peak_gpu_gib": peak_memory_gib(device), "peak_rss_mib": result["peak_rss_mib"]}
+    if audited:
+        row["audit_ms_per_frame"] = stages["audit"]["ms_per_frame"]
+        row["audit_adds"] = result["audit_adds"]  # the pipeline's time with the audit / without it, minus 1
+        row["summary"] = (f"{whole['fps']:g} fps end to end with the audit ({whole['faces']} faces replaced); the audit "
+                          f"alone {stages['audit']['ms_per_frame']:g} ms/frame, adds {100 * result['audit_adds']:.0f} %")
+    else:
+        row["stages_fps"] = {name: s["fps"] for name, s in stages.items() if "fps" in s}
+        row["summary"] = (f"{whole['fps']:g} fps end to end without the audit ({whole['faces']} faces replaced); "
+                          + ", ".join(f"{k} {v:g}" for k, v in row["stages_fps"].items()) + " fps")
+        row["note"] = "without the audit, which deid anonymize runs by default (next row)"
+    if whole["faces"] != shown:
+        raise CheckFailed(f"{whole['faces']} faces replaced, the clip shows {shown} ({faces} in each of "
+                          f"{result['frames']} frames)", row)
+    return row
 
 
 MEASURES = {"synthesis": measure_synthesis, "make_dataset": measure_make_dataset, "train": measure_train,

@@ -11,6 +11,8 @@ T = TypeVar("T")
 
 
 _DONE = object()
+POLL_S = 0.05  # how often a producer waiting for a free slot checks whether the consumer has stopped
+JOIN_S = 30.0  # bound on waiting for a producer that is inside its source's next() (one decode, normally)
 
 
 class _Failure:
@@ -19,24 +21,38 @@ class _Failure:
 
 
 def prefetch(items: Iterator[T], maxsize: int) -> Iterator[T]:
-    """Run an iterator in a background thread, `maxsize` items ahead (bounded memory); errors re-raise here."""
+    """Run an iterator in a background thread, `maxsize` items ahead (bounded memory); errors re-raise here.
+
+    When the consumer stops early (closes this generator, or an error unwinds it), the producer stops within one
+    item, closes `items` in its own thread (a decoder's container is closed before this generator's close returns)
+    and ends: no put is left blocking on a full queue nobody reads."""
     slots: queue.Queue = queue.Queue(maxsize=maxsize)
     stop = threading.Event()
 
+    def offer(item) -> bool:
+        """Queue `item` once there is room; False (and nothing queued) when the consumer has stopped."""
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
+        outcome: object = _DONE
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        slots.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            slots.put(_DONE)
+                if not offer(item):
+                    break
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            slots.put(_Failure(exc))
+            outcome = _Failure(exc)
+        finally:
+            try:
+                _close(items)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                outcome = outcome if isinstance(outcome, _Failure) else _Failure(exc)
+        offer(outcome)
 
     thread = threading.Thread(target=produce, daemon=True, name="deid-prefetch")
     thread.start()
@@ -50,7 +66,14 @@ def prefetch(items: Iterator[T], maxsize: int) -> Iterator[T]:
             yield item
     finally:
         stop.set()
-        thread.join(timeout=5)
+        thread.join(timeout=JOIN_S)
+
+
+def _close(items: Iterator) -> None:
+    """Close a generator (runs its `finally`: a decoder closes its file); other iterators have nothing to close."""
+    close = getattr(items, "close", None)
+    if close is not None:
+        close()
 
 
 class BackgroundSink:

@@ -68,6 +68,7 @@ def anonymized_ntsc(tmp_path_factory, ntsc_clip, tiny_model):
     return out, report
 
 
+@pytest.mark.slow
 def test_video_keeps_timing_audio_and_replaces_faces(ntsc_clip, anonymized_ntsc):
     out, report = anonymized_ntsc
     src, dst = probe(ntsc_clip), probe(out)
@@ -81,6 +82,7 @@ def test_video_keeps_timing_audio_and_replaces_faces(ntsc_clip, anonymized_ntsc)
     _assert_faces_replaced(ntsc_clip, out)
 
 
+@pytest.mark.slow
 def test_preview_and_crops(anonymized_ntsc, tiny_model):
     out, _ = anonymized_ntsc
     preview = probe(out.with_name("ntsc.preview.mp4"))
@@ -90,6 +92,7 @@ def test_preview_and_crops(anonymized_ntsc, tiny_model):
     assert load_image(crops[0]).shape == (tiny_model.resolution, tiny_model.resolution, 3)
 
 
+@pytest.mark.slow
 def test_vfr_timestamps_kept(tmp_path, vfr_clip, tiny_model):
     out = tmp_path / "vfr.mp4"
     _anonymize(tiny_model, vfr_clip, out)
@@ -97,6 +100,7 @@ def test_vfr_timestamps_kept(tmp_path, vfr_clip, tiny_model):
     assert probe(out).duration == pytest.approx(probe(vfr_clip).duration, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_rotated_video_detected_upright_and_rotation_kept(tmp_path, rotated_clip, tiny_model):
     out = tmp_path / "rotated.mp4"
     (report,) = _anonymize(tiny_model, rotated_clip, out)
@@ -106,6 +110,7 @@ def test_rotated_video_detected_upright_and_rotation_kept(tmp_path, rotated_clip
     _assert_faces_replaced(rotated_clip, out, rotation=90, frames=3)
 
 
+@pytest.mark.slow
 def test_odd_size_and_two_audio_streams(tmp_path, odd_clip, two_audio_clip, tiny_model):
     odd = tmp_path / "odd.mp4"
     _anonymize(tiny_model, odd_clip, odd)
@@ -129,6 +134,7 @@ def identity_spy(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_image_identity_and_random_identities(tmp_path, astronaut_png, tiny_model, identity_spy):
     image = load_image(astronaut_png)
     inner, far = _face_and_far_masks(image)
@@ -152,6 +158,7 @@ def test_image_identity_and_random_identities(tmp_path, astronaut_png, tiny_mode
     assert not torch.equal(codes["random_s0"], codes["target_s0"])
 
 
+@pytest.mark.slow
 def test_random_identities_differ_across_the_files_of_a_batch_unless_shared(tmp_path, astronaut_png, tiny_model, identity_spy):
     """Track ids restart in every file; person 0 of two files must still be two people (unless asked otherwise)."""
     src = tmp_path / "in"
@@ -171,6 +178,7 @@ def test_random_identities_differ_across_the_files_of_a_batch_unless_shared(tmp_
     torch.testing.assert_close(first, synth.random_identity(3, 0))
 
 
+@pytest.mark.slow
 def test_bf16_precision(tmp_path, astronaut_png, tiny_model):
     out = tmp_path / "bf16.png"
     run_anonymize(AnonymizeJob(inputs=(astronaut_png,), output=out), tiny_model, dtype=torch.bfloat16)
@@ -190,6 +198,7 @@ def test_random_identity_is_fixed_per_person_and_distinct(tiny_model):
     assert not torch.equal(a, b)  # (the random-weight tiny E_id puts every image at cosine ~0.9998)
 
 
+@pytest.mark.slow
 def test_two_people_get_two_tracks_and_two_fixed_identities(tmp_path, carphone, tiny_model, monkeypatch):
     import ffmpeg
 
@@ -216,6 +225,7 @@ def test_two_people_get_two_tracks_and_two_fixed_identities(tmp_path, carphone, 
     torch.testing.assert_close(torch.sort(codes, dim=0).values, torch.sort(expected, dim=0).values)
 
 
+@pytest.mark.slow
 def test_batch_mirrors_tree_skips_existing_and_shards(tmp_path, astronaut_png, ntsc_clip, tiny_model):
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
@@ -277,6 +287,7 @@ def test_bad_inputs_leave_nothing(tmp_path, not_a_video, truncated_clip, no_face
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.mp4"]
 
 
+@pytest.mark.slow
 def test_interrupt_and_full_disk_remove_partial_output(tmp_path, ntsc_clip, tiny_model, monkeypatch):
     calls = {"n": 0}
     original = VideoWriter.write
@@ -301,6 +312,7 @@ def test_interrupt_and_full_disk_remove_partial_output(tmp_path, ntsc_clip, tiny
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_anonymize(tmp_path, ntsc_clip, astronaut_png, tiny_model_path, capsys):
     out = tmp_path / "cli.mp4"
     cli.main(["-q", "anonymize", str(ntsc_clip), "-o", str(out), "--identity", str(astronaut_png),

@@ -67,6 +67,7 @@ def _frames(path: Path) -> list[np.ndarray]:
 # ------------------------------------------------------------------------------------------- rolled faces
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("angle", [0, 45, 90, 135, 180, 250, 300])
 def test_roll_robust_detector_finds_a_turned_face_with_its_landmarks(astronaut_png, angle):
     image = load_image(astronaut_png)
@@ -96,6 +97,7 @@ def test_a_box_that_holds_two_other_faces_is_not_a_face():
     assert len(merge_views([(45, turned)], 0.3)) == 2  # alone, neither box holds two others
 
 
+@pytest.mark.slow
 def test_rolled_video_every_face_replaced(rolled_clip, tiny_model, tmp_path):
     clip, angle = rolled_clip
     out = tmp_path / "out.mp4"
@@ -110,6 +112,7 @@ def test_rolled_video_every_face_replaced(rolled_clip, tiny_model, tmp_path):
         assert np.abs(src[inner].astype(int) - dst[inner]).mean() > 8, "the face must change"
 
 
+@pytest.mark.slow
 def test_rolled_photo_and_reenact_driving_video(rolled_clip, astronaut_png, tiny_model, tmp_path):
     clip, angle = rolled_clip
     report = run_reenact(ReenactJob(astronaut_png, clip, tmp_path / "reenacted.mp4"), tiny_model)
@@ -120,6 +123,7 @@ def test_rolled_photo_and_reenact_driving_video(rolled_clip, astronaut_png, tiny
     assert (report.frames, report.faces, report.frames_without_faces) == (1, 1, 0)
 
 
+@pytest.mark.slow
 def test_rolled_stream_searches_few_views(rolled_clip):
     clip, angle = rolled_clip
     stream = RollRobustDetector(FaceDetector()).stream()
@@ -136,6 +140,7 @@ def test_rolled_stream_searches_few_views(rolled_clip):
 # ------------------------------------------------------------------------------------------- audit + fail-safe
 
 
+@pytest.mark.slow
 def test_default_blur_defeats_the_recogniser(carphone, astronaut_png):
     """The fail-safe's strength, checked against dlib directly: every covered face is another person to it."""
     detector, shape, recognizer = _dlib_check()
@@ -154,6 +159,7 @@ def test_default_blur_defeats_the_recogniser(carphone, astronaut_png):
         assert len(distances) == 7 and min(distances) > 0.65, (method, distances)
 
 
+@pytest.mark.slow
 def test_leaky_model_on_rolled_video_is_caught_and_covered(rolled_clip, tiny_model, tmp_path, leaky):
     clip, _ = rolled_clip
     sources = _frames(clip)
@@ -178,6 +184,7 @@ def test_leaky_model_on_rolled_video_is_caught_and_covered(rolled_clip, tiny_mod
     assert totals["covered_frames"] == 0 and totals["residual_leaked_frames"] == totals["leaked_frames"] >= 22
 
 
+@pytest.mark.slow
 def test_leaky_model_on_a_photo(astronaut_png, tiny_model, tmp_path, leaky):
     source = load_image(astronaut_png)
     for fail_safe, expected in (("blur", False), ("none", True)):
@@ -207,6 +214,7 @@ def test_clean_output_has_no_leaks_and_no_audit_means_no_file(carphone, tiny_mod
     assert [(f.replaced, f.leak, f.distance) for f in audit.faces] == [(False, True, None)]
 
 
+@pytest.mark.slow
 def test_cli_fail_safe_and_no_audit(astronaut_png, tiny_model_path, tmp_path):
     base = ["-q", "anonymize", str(astronaut_png), "--model", str(tiny_model_path), "--device", "cpu"]
     cli.main(base + ["-o", str(tmp_path / "a.png"), "--fail-safe", "pixelate"])

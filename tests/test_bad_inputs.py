@@ -82,6 +82,7 @@ def test_final_rename_never_replaces_a_file_that_appeared(tmp_path, monkeypatch)
     assert (tmp_path / "new.png").read_bytes() == b"new" and _files(tmp_path) == ["new.png", "other.png", "out.png"]
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_output_the_second_refuses(tmp_path, astronaut_png, tiny_model_path, capsys, monkeypatch):
     out = tmp_path / "out.png"
     real = anonymize_module.save_still
@@ -123,6 +124,7 @@ def test_output_that_is_the_input_is_refused(tmp_path, ntsc_clip, astronaut_png,
 # ------------------------------------------------------------------------- 3. SIGTERM and leftovers
 
 
+@pytest.mark.slow
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path, ntsc_clip, tiny_model_path, capsys, monkeypatch):
     """What `timeout`, `docker stop` and Slurm send: it used to leave a hidden .NAME.xxxx.partial.mp4 behind."""
     calls = {"n": 0}
@@ -144,6 +146,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, ntsc_clip, tiny_model_path, cap
     assert signal.getsignal(signal.SIGTERM) is handler  # restored for the rest of the process
 
 
+@pytest.mark.slow
 def test_killed_runs_leftovers_are_removed_and_never_inputs(tmp_path, astronaut_png, tiny_model):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -175,6 +178,7 @@ def test_killed_runs_leftovers_are_removed_and_never_inputs(tmp_path, astronaut_
 # ------------------------------------------------------------------------- 4. batches go on
 
 
+@pytest.mark.slow
 def test_batch_goes_on_past_unreadable_files(tmp_path, astronaut_png, not_a_video, tiny_model_path, capsys):
     src = tmp_path / "in"
     (src / "broken").mkdir(parents=True)
@@ -204,6 +208,7 @@ def test_bad_codec_fails_before_the_model_loads(tmp_path, ntsc_clip, astronaut_p
     assert _files(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_webm_output_gets_vp9_and_opus(tmp_path, ntsc_clip, tiny_model_path, capsys):
     """`deid anonymize x.mp4 -o x.webm` used to end in "'webm' format does not support 'libx264' codec"."""
     out = tmp_path / "out.webm"
@@ -217,6 +222,7 @@ def test_webm_output_gets_vp9_and_opus(tmp_path, ntsc_clip, tiny_model_path, cap
 # ------------------------------------------------------------------------- 6. read-only folders
 
 
+@pytest.mark.slow
 def test_read_only_output_folder_is_one_line(tmp_path, astronaut_png, ntsc_clip, tiny_model_path, capsys, monkeypatch):
     read_only = tmp_path / "ro"
     read_only.mkdir()
@@ -259,6 +265,7 @@ def test_read_only_output_folder_is_one_line(tmp_path, astronaut_png, ntsc_clip,
 # ------------------------------------------------------------------------- 7. reenact outputs
 
 
+@pytest.mark.slow
 def test_reenact_output_must_be_a_video_file(tmp_path, astronaut_png, ntsc_clip, tiny_model_path, capsys):
     for name in ("x.jpg", "x.png"):
         code, err = _run(capsys, "reenact", astronaut_png, ntsc_clip, "-o", tmp_path / name, *_model(tiny_model_path))
@@ -279,6 +286,7 @@ def test_reenact_output_must_be_a_video_file(tmp_path, astronaut_png, ntsc_clip,
 # ------------------------------------------------------------------------- 9. pixel formats of photos
 
 
+@pytest.mark.slow
 def test_photos_keep_their_channels_and_bit_depth(tmp_path, astronaut_variants, astronaut_png, tiny_model):
     # (no audit: its fail-safe covers a suit patch dlib's HOG takes for a face, which `far` would see; test_audit)
     reports = run_anonymize(AnonymizeJob(inputs=tuple(astronaut_variants.values()), output=tmp_path, audit=None), tiny_model)
@@ -301,6 +309,7 @@ def test_photos_keep_their_channels_and_bit_depth(tmp_path, astronaut_variants, 
 # ------------------------------------------------------------------------- 11. HEIC/AVIF and multi-frame stills
 
 
+@pytest.mark.slow
 def test_avif_is_a_still_and_heic_needs_its_plugin(tmp_path, astronaut_png, tiny_model, capsys):
     avif = tmp_path / "photo.avif"
     Image.open(astronaut_png).save(avif, quality=90)
@@ -318,6 +327,7 @@ def test_avif_is_a_still_and_heic_needs_its_plugin(tmp_path, astronaut_png, tiny
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.avif", "out.avif.audit.json", "photo.avif", "photo.heic"]
 
 
+@pytest.mark.slow
 def test_multi_frame_stills_are_refused(tmp_path, astronaut_png, tiny_model_path, capsys):
     frames = [Image.open(astronaut_png).convert("RGB").rotate(angle) for angle in (0, 5, 10)]
     files = {"anim.webp": "3 frames", "anim.png": "3 frames", "pages.tif": "3 pages", "anim.gif": "3 frames"}
@@ -335,6 +345,7 @@ def test_multi_frame_stills_are_refused(tmp_path, astronaut_png, tiny_model_path
 # ------------------------------------------------------------------------- 10, 12. what the summary says
 
 
+@pytest.mark.slow
 def test_summary_names_what_an_output_loses(tmp_path, hdr_clip, extra_streams_clip, tiny_model_path, capsys):
     out = tmp_path / "out"
     code, err = _run(capsys, "anonymize", hdr_clip, extra_streams_clip, "-o", out, *_model(tiny_model_path))

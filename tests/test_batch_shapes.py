@@ -52,6 +52,7 @@ def test_bucketed_batch_gives_the_unpadded_answer(count):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_clip_with_a_changing_number_of_faces_meets_the_networks_in_bucket_sizes(tiny_model):
     """Detection and generation on 16 frames of the crowd clip (0 to 4 faces per frame): every batch that
     reaches MTCNN's three nets and the generator is a bucket size, while the raw counts vary widely."""

@@ -19,6 +19,7 @@ def run_deid(*args, env_extra=None):
     return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_runtime_error_is_one_line_exit_1_without_traceback():
     result = run_deid("weights", "fetch", "no-such-network")
     assert result.returncode == 1
@@ -27,12 +28,14 @@ def test_runtime_error_is_one_line_exit_1_without_traceback():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback():
     result = run_deid("--debug", "weights", "fetch", "no-such-network")
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "WeightsError" in result.stderr
 
 
+@pytest.mark.slow
 def test_usage_error_exits_2():
     result = run_deid("weights", "fetch")
     assert result.returncode == 2
@@ -40,6 +43,7 @@ def test_usage_error_exits_2():
     assert run_deid("no-such-command").returncode == 2
 
 
+@pytest.mark.slow
 def test_fetch_fails_fast_when_the_network_is_unreachable(tmp_path):
     # A name that cannot resolve stands in for "no internet": the error is one line, exit 1, quickly.
     url = "http://deid-test.invalid/ffhq.pkl"
@@ -59,6 +63,7 @@ def test_fetch_fails_fast_when_the_network_is_unreachable(tmp_path):
     assert not any(tmp_path.rglob("*.pkl"))
 
 
+@pytest.mark.slow
 def test_help_lists_examples():
     result = run_deid("weights", "fetch", "--help")
     assert result.returncode == 0 and "Examples:" in result.stdout

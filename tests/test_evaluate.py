@@ -113,6 +113,7 @@ def faceless_clip(ntsc_clip, tmp_path_factory):
 # --------------------------------------------------------------------------------------- video audit
 
 
+@pytest.mark.slow
 def test_audit_of_a_clip_against_itself_reidentifies_every_face(ntsc_clip, tmp_path):
     report = tmp_path / "self"
     metrics = run_video_audit(VideoAuditJob(ntsc_clip, ntsc_clip, report, max_items=AUDIT_FRAMES, samples=2))
@@ -135,6 +136,7 @@ def test_audit_of_a_clip_against_itself_reidentifies_every_face(ntsc_clip, tmp_p
     assert not list(tmp_path.glob(".*partial"))  # the work folder became the report
 
 
+@pytest.mark.slow
 def test_audit_of_heavily_blurred_faces_reidentifies_few(ntsc_clip, blurred_clip, tmp_path):
     metrics = run_video_audit(VideoAuditJob(ntsc_clip, blurred_clip, tmp_path / "blur", max_items=AUDIT_FRAMES, samples=0))
     assert metrics["faces"] == AUDIT_FRAMES
@@ -145,6 +147,7 @@ def test_audit_of_heavily_blurred_faces_reidentifies_few(ntsc_clip, blurred_clip
     assert metrics["output_faces_not_detected"] > AUDIT_FRAMES // 2
 
 
+@pytest.mark.slow
 def test_audit_of_a_fully_blurred_clip_finds_no_leak(ntsc_clip, fully_blurred_clip, tmp_path):
     metrics = run_video_audit(VideoAuditJob(ntsc_clip, fully_blurred_clip, tmp_path / "blur", samples=0))
     assert metrics["frames"] == AUDIT_FRAMES and metrics["faces"] == AUDIT_FRAMES
@@ -152,6 +155,7 @@ def test_audit_of_a_fully_blurred_clip_finds_no_leak(ntsc_clip, fully_blurred_cl
     assert metrics["reidentification_rate"] == 0.0
 
 
+@pytest.mark.slow
 def test_faces_replaced_by_non_faces_are_not_reidentified(ntsc_clip, faceless_clip, tmp_path):
     """A recogniser's distance at a place without a face means nothing: such faces count as not re-identified."""
     metrics = run_video_audit(VideoAuditJob(ntsc_clip, faceless_clip, tmp_path / "faceless", samples=0))
@@ -177,6 +181,7 @@ def test_audit_refuses_existing_report_and_mismatched_frames(ntsc_clip, odd_clip
         run_video_audit(VideoAuditJob(ntsc_clip, odd_clip, tmp_path / "other", max_items=2))
 
 
+@pytest.mark.slow
 def test_video_cli_writes_the_report_and_refuses_to_overwrite_it(ntsc_clip, tmp_path, capsys):
     from deid import cli
 
@@ -213,6 +218,7 @@ def passthrough_report(faces_dir, tmp_path_factory):
     return run_pairs(_pairs_job(faces_dir, report), model, model_source="passthrough"), report, model.calls
 
 
+@pytest.mark.slow
 def test_pairs_with_a_passthrough_model_give_the_known_answers(faces_dir, passthrough_report):
     metrics, report, _ = passthrough_report
     table1, table2 = metrics["pairs"], metrics["reconstruction"]
@@ -253,6 +259,7 @@ def test_pairs_with_a_passthrough_model_give_the_known_answers(faces_dir, passth
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
 
 
+@pytest.mark.slow
 def test_pairs_resume_after_an_interruption_matches_an_uninterrupted_run(faces_dir, passthrough_report, tmp_path, monkeypatch):
     import deid.pipelines.evaluate as evaluate
 
@@ -379,6 +386,7 @@ def face_dataset(faces_dir, tmp_path_factory):
     return out, [photos[i % len(photos)].name.split("_")[0].removesuffix(".png") for i in range(8)]
 
 
+@pytest.mark.slow
 def test_pairs_on_a_generated_dataset_of_real_faces_give_the_known_answers(face_dataset, tmp_path):
     dataset, person = face_dataset
     job = PairsJob(output=tmp_path / "ds", dataset=dataset, n=6, seed=5, batch_size=4, fid_weights="random", fid_dims=64, samples=1)

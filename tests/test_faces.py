@@ -168,6 +168,7 @@ def test_tracker_memory_is_bounded():
         assert len(tracker.pending) <= 7 and len(tracker.history) <= 4
 
 
+@pytest.mark.slow
 def test_carphone_track_is_stable_and_smoothing_reduces_jitter(carphone_detections):
     frames, detections = carphone_detections
     assert sum(len(d) for d in detections) >= 115  # MTCNN finds the face in (nearly) every frame at 176x144

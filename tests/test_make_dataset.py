@@ -172,6 +172,7 @@ def _make_dataset_rank(rank: int, port: int, out: str, results) -> None:
             torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_when_rank_0_fails_while_preparing_rank_1_stops_at_once_with_its_message(tmp_path):
     """Rank 0 refuses a non-empty --out; without sharing the failure rank 1 would wait in a collective until the
     process group's timeout (30 minutes for gloo, 10 for NCCL)."""

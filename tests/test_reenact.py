@@ -21,6 +21,7 @@ def _reenact(model, portrait, driving, output, **kwargs):
     return run_reenact(ReenactJob(portrait=Path(portrait), driving=Path(driving), output=Path(output), **kwargs), model)
 
 
+@pytest.mark.slow
 def test_heads_keep_driving_timing_and_audio(tmp_path, astronaut_png, ntsc_clip, tiny_model):
     out = tmp_path / "heads.mp4"
     report = _reenact(tiny_model, astronaut_png, ntsc_clip, out, preview=True)
@@ -39,6 +40,7 @@ def test_heads_keep_driving_timing_and_audio(tmp_path, astronaut_png, ntsc_clip,
     assert np.abs(heads[1:] - heads[:-1]).mean() > 0.5
 
 
+@pytest.mark.slow
 def test_paste_into_portrait(tmp_path, astronaut_png, ntsc_clip, tiny_model):
     out = tmp_path / "pasted.mp4"
     _reenact(tiny_model, astronaut_png, ntsc_clip, out, paste=True)
@@ -83,6 +85,7 @@ def test_errors_leave_no_output(tmp_path, astronaut_png, no_face_png, ntsc_clip,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["testsrc.mp4"]
 
 
+@pytest.mark.slow
 def test_cli_reenact(tmp_path, astronaut_png, ntsc_clip, tiny_model_path, capsys):
     out = tmp_path / "cli.mp4"
     cli.main(["-q", "reenact", str(astronaut_png), str(ntsc_clip), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu"])

@@ -152,6 +152,7 @@ def test_data_order_shards_one_global_batch_across_ranks():
     assert resumed.next_indices() == single.next_indices()
 
 
+@pytest.mark.slow
 def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tiny_generator, tiny_dataset, tmp_path):
     """Steps 0-2 cover cross/same-image and adversarial/non-adversarial steps; the cut run stops after step 1."""
     full = train(_config(tiny_generator, tiny_dataset, tmp_path / "full", sample_every=3, tensorboard=True))

@@ -49,6 +49,7 @@ def test_an_unreadable_image_stops_training_with_one_line(tiny_dataset, tmp_path
     assert "\n" not in message and message.startswith(str(broken / image_relpath(3))) and "--verify" in message
 
 
+@pytest.mark.slow
 def test_losses_are_logged_as_window_means(tiny_generator, tiny_dataset, tmp_path):
     """log_every=2 over 3 steps: entries after steps 1 (mean of 0-1) and 2 (the last step, a window of one)."""
     config = TrainConfig(data=tiny_dataset, out=tmp_path / "run", model=TINY_MODEL_CONFIG.for_generator(tiny_generator),

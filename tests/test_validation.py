@@ -51,6 +51,7 @@ def test_holdout_and_fixed_cross_identity_batches():
     assert {i for ids, _ in pairs for i in ids} == {20, 21, 22, 23}
 
 
+@pytest.mark.slow
 def test_validation_logs_the_official_numbers_writes_loadable_bests_and_resume_keeps_the_split(
         tiny_generator, tiny_dataset, tmp_path):
     full = tmp_path / "full"
@@ -157,6 +158,7 @@ def test_validator_keeps_bests_and_stops_after_n_tests_without_one(tiny_model, t
     assert ValidationState.from_dict(ValidationState().to_dict()) == ValidationState()
 
 
+@pytest.mark.slow
 def test_early_stop_ends_training_with_a_checkpoint(tiny_generator, tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(Validator, "run", lambda self, step: step == 2)
     last = train(_config(tiny_generator, tiny_dataset, tmp_path / "run", steps=10, validation=Validation(every=1, holdout=2)))

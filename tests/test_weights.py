@@ -266,6 +266,7 @@ def _fetch_in_process(home: str, entry: weights.WeightsEntry, start, results) ->
     results.put(str(weights.fetch(entry.name)))
 
 
+@pytest.mark.slow
 def test_two_processes_fetching_one_entry_leave_one_correct_file_and_index(server, _isolated_deid_home):
     """Without the cache lock both processes write the same .part file (and record whatever hash they read)."""
     import multiprocessing
