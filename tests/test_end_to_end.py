@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from deid import cli
@@ -19,6 +20,7 @@ def invoke(*args: str):
     return result
 
 
+@pytest.mark.slow
 def test_make_dataset_train_import_then_anonymize_with_the_default_model(tmp_path, tiny_generator, tiny_generator_file,
                                                                         ntsc_clip):
     data, run, out = tmp_path / "generated", tmp_path / "run", tmp_path / "anonymized.mp4"
