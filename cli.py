@@ -12,7 +12,7 @@ from rich.table import Table
 
 from deid import __version__
 from deid.atomic import check_output_path
-from deid.console import console, set_quiet
+from deid.console import console, set_debug, set_quiet
 from deid.errors import DeidError, WeightsError
 from deid.evaluation.audit import FAIL_SAFES, AuditConfig
 from deid.interrupts import Terminated, sigterm_as_interrupt
@@ -49,6 +49,7 @@ def cli(quiet: bool, debug: bool, offline: bool) -> None:
       deid reenact portrait.png driving.mp4 -o reenacted.mp4
     """
     set_quiet(quiet)
+    set_debug(debug)
     if offline:
         os.environ["DEID_OFFLINE"] = "1"
 

@@ -35,6 +35,14 @@ def is_partial(path: str | Path) -> bool:
     return _PARTIAL.match(Path(path).name) is not None
 
 
+def target_of(path: str | Path) -> Path:
+    """The output that a temporary file of `atomic_output` becomes (`path` itself when it is not one): messages
+    name the file the user asked for."""
+    path = Path(path)
+    match = _PARTIAL.match(path.name)
+    return path.with_name(f"{match['stem']}{match['suffix'] or ''}") if match else path
+
+
 def check_output_path(path: Path, overwrite: bool) -> None:
     """Refuse an output in a missing or unwritable directory, a directory, or an existing file without `--overwrite`."""
     if not path.parent.is_dir():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from rich.table import Table
 
 from deid.atomic import atomic_output, check_not_input, check_output_path, check_writable_folder
-from deid.console import console, info, progress, warn
+from deid.console import console, debugging, info, progress, warn
 from deid.errors import DeidError, MediaError
 from deid.faces.alignment import AlignConfig, align_photo_file, ffhq_affine, warp_crop
 from deid.evaluation.audit import AuditConfig, AuditLog, AuditTotals, FaceAuditor, audit_path
@@ -154,11 +155,34 @@ def _run_task(task: Task, job: AnonymizeJob, detector: RollRobustDetector, swapp
             raise
         report.error = str(exc)
         warn(f"{task.source}: failed; going on with the other files.")
+    except Exception as exc:  # an FFmpeg error or a bug in one file: the other files of a batch still finish
+        remove_empty(created)
+        if not batch:
+            raise
+        log = _log_traceback(task, job, exc)
+        report.error = f"{task.source}: unexpected {exc.__class__.__name__}: {exc} (traceback in {log})"
+        warn(f"{task.source}: failed; going on with the other files.")
     except BaseException:
         remove_empty(created)
         raise
     report.seconds = time.perf_counter() - start
     return report
+
+
+FAILURE_LOG = "deid-failures.log"
+
+
+def _log_traceback(task: Task, job: AnonymizeJob, exc: Exception) -> Path:
+    """Append the traceback of a file's unexpected failure to FAILURE_LOG in the output folder (printed as well
+    under --debug); returns the log's path."""
+    log = job.output / FAILURE_LOG
+    text = "".join(traceback.format_exception(exc))
+    if debugging():
+        console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+    make_folders(log.parent)
+    with log.open("a") as out:
+        out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {task.source} -> {task.target}\n{text}")
+    return log
 
 
 def _raise_failures(reports: list[FileReport]) -> None:

@@ -10,8 +10,10 @@ import os
 import shutil
 import signal
 import time
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ from deid import cli
 from deid.atomic import atomic_output
 from deid.errors import MediaError
 from deid.media.stills import load_still, save_still
-from deid.media.video import VideoWriter, probe
+from deid.media.video import VideoInfo, VideoWriter, probe
 from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
 from deid.pipelines.inputs import expand_inputs
 
@@ -189,6 +191,61 @@ def test_batch_goes_on_past_unreadable_files(tmp_path, astronaut_png, not_a_vide
     assert f"failed: {src / 'broken' / 'notes.mp4'}: not a readable video" in err
     assert err.splitlines()[-1] == (f"error: 2 of 3 files failed ({src / 'broken' / 'empty.jpg'}, {src / 'broken' / 'notes.mp4'}; "
                                     "the reasons are listed above). Fix or remove them and run again: finished files are skipped.")
+
+
+def test_batch_of_b_frame_avis_finishes_every_file(tmp_path, bframes_avis, astronaut_png, tiny_model_path, capsys):
+    """DivX/XviD-style AVIs (B-frames, MP3/AC3 audio) used to crash the run with `returned 22` and stop the batch
+    there; now each is anonymized, every frame kept, and the file after them too."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, clip in bframes_avis.items():
+        shutil.copy(clip, src / f"{name}.avi")
+    shutil.copy(astronaut_png, src / "z_after.png")
+    out = tmp_path / "out"
+    code, err = _run(capsys, "anonymize", src, "-o", out, "--no-audit", *_model(tiny_model_path))
+    assert code == 0, err
+    assert _files(out) == ["in", "in/h264.avi", "in/mpeg4.avi", "in/z_after.png"]
+    for name, clip in bframes_avis.items():
+        assert probe(out / "in" / f"{name}.avi").frame_count == probe(clip).frame_count
+        assert len(probe(out / "in" / f"{name}.avi").audio) == 1
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_batch_goes_on_past_an_unexpected_exception(tmp_path, astronaut_png, tiny_model_path, capsys, monkeypatch, debug):
+    """A bug or an FFmpeg error in one file fails that file with its message and a traceback (in the output
+    folder's deid-failures.log, and on screen under --debug); the other files finish; exit 1."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        shutil.copy(astronaut_png, src / name)
+    real = anonymize_module._anonymize_image
+
+    def flaky(task, *args):
+        if task.source.name == "b.png":
+            raise av.error.ArgumentError(22, "Invalid argument", "avcodec_send_frame()")
+        return real(task, *args)
+
+    monkeypatch.setattr(anonymize_module, "_anonymize_image", flaky)
+    out = tmp_path / "out"
+    code, err = _run(capsys, *(["--debug"] if debug else []), "anonymize", src, "-o", out, "--no-audit", *_model(tiny_model_path))
+    assert code == 1
+    assert _files(out) == ["deid-failures.log", "in", "in/a.png", "in/c.png"]
+    log = (out / "deid-failures.log").read_text()
+    assert f"{src / 'b.png'} -> {out / 'in' / 'b.png'}" in log and "Traceback" in log and "in flaky" in log
+    assert f"failed: {src / 'b.png'}: unexpected ArgumentError: Invalid argument: 'avcodec_send_frame()' returned 22" in err
+    assert ("Traceback (most recent call last)" in err) is debug
+    assert err.splitlines()[-1].startswith(f"error: 1 of 3 files failed ({src / 'b.png'}; ")
+
+
+def test_writer_turns_ffmpeg_errors_into_a_media_error(tmp_path):
+    """An encoder that refuses a frame (time going backwards) is a one-line MediaError naming the output file,
+    not av's `returned 22`."""
+    out = tmp_path / "out.avi"  # MPEG-4 part 2 refuses a frame whose time does not advance
+    with pytest.raises(MediaError, match=rf"^{out}: could not write frame 2 \(pts 1\)"), atomic_output(out) as tmp:
+        with VideoWriter(tmp, VideoInfo.for_frames(64, 48, Fraction(25))) as writer:
+            for pts in (0, 1, 1):
+                writer.write(np.zeros((48, 64, 3), np.uint8), pts)
+    assert _files(tmp_path) == []
 
 
 # ------------------------------------------------------------------------- 5. codecs up front, defaults

@@ -15,7 +15,7 @@ import pytest
 from deid.errors import MediaError
 import deid.media.video as video
 from deid.media.containers import CONTAINERS, resolve_codec, usable_codecs
-from deid.media.video import VIDEO_EXTENSIONS, ColorTags, EncodeOptions, VideoWriter, probe, read_frames
+from deid.media.video import VIDEO_EXTENSIONS, ColorTags, EncodeOptions, VideoWriter, audio_duration, probe, read_frames
 
 from tests.fixtures.inputs import FRAMES, lavfi_clip
 
@@ -152,6 +152,23 @@ def test_re_encoded_audio_keeps_its_start(tmp_path, late_audio_clip, suffix):
     _roundtrip(late_audio_clip, out)
     assert probe(out).audio[0].codec == {".webm": "opus", ".ts": "aac"}[suffix]
     assert abs(_av_offset(out) - _av_offset(late_audio_clip)) < 1 / 25
+
+
+@pytest.mark.parametrize("suffix", [".avi", ".mkv"])
+def test_audio_before_the_first_frame_is_cut(tmp_path, early_audio_ts, suffix):
+    """Audio that starts 0.2 s before the video (TS): the output's clock starts at the first frame, and the sound
+    before it is cut, not moved to 0 (it came out late by that much in AVI). AVI re-encodes the AAC to PCM (cut to
+    the sample), MKV copies it (cut to the AAC frame: 1024 samples, 21 ms)."""
+    src = probe(early_audio_ts)
+    starts = _starts(early_audio_ts)
+    assert starts["video"] - starts["audio"] == pytest.approx(0.2, abs=0.03)
+    audio_end = starts["audio"] + audio_duration(early_audio_ts, src.audio[0].index)
+    out = tmp_path / f"out{suffix}"
+    _roundtrip(early_audio_ts, out)
+    kept = audio_duration(out, probe(out).audio[0].index)
+    frame = 1024 / 48000 if suffix == ".mkv" else 1 / 48000
+    assert 0 <= _starts(out)["audio"] - _starts(out)["video"] <= frame + 1e-3
+    assert audio_end - starts["video"] - frame - 1e-3 <= kept <= audio_end - starts["video"] + 1e-3
 
 
 def _roundtrip_path(tmp_path, source, suffix):

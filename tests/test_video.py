@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +21,9 @@ from deid.media.video import (
     read_frames,
     to_display,
 )
+from deid.media import video
+
+from tests.fixtures.media import BFRAME_AVI_FRAMES
 
 
 def _roundtrip(source, target):
@@ -203,3 +207,34 @@ def test_cli_passes_keep_metadata_to_the_writer(monkeypatch, tmp_path, tagged_cl
         result = CliRunner().invoke(cli.cli, ["anonymize", str(tagged_clip), "-o", str(tmp_path / "o.mkv"), *flags])
         assert result.exit_code == 0, result.output
         assert seen.pop().keep_metadata is expected
+
+
+def test_presentation_order_sorts_misplaced_labels_and_keeps_vfr_times():
+    """Frames come out of the decoder in presentation order; AVI labels them in decode order. Each frame takes the
+    smallest label among itself and the next REORDER_DEPTH frames: the set of times (VFR gaps included) is kept."""
+    labels = [(0, 1), (3, 2), (5, 1), (1, 2), (9, 4), (13, 1), (6, 3), (14, 1), (None, 0)]  # (pts, duration)
+    frames = [SimpleNamespace(pts=p, duration=d, name=i) for i, (p, d) in enumerate(labels)]
+    out = list(video._presentation_order(iter(frames), step=1))
+    assert [f.name for f, _, _ in out] == list(range(len(labels)))  # the frames keep their order
+    assert [(p, d) for _, p, d in out] == [(0, 1), (1, 2), (3, 2), (5, 1), (6, 3), (9, 4), (13, 1), (14, 1), (15, 0)]
+    # Deeper than REORDER_DEPTH: time still never goes backwards (the encoder would refuse the frame).
+    deep = [SimpleNamespace(pts=p, duration=0) for p in (0, 10, 11, 12, 13, 14, 15, 1)]
+    times = [p for _, p, _ in video._presentation_order(iter(deep), step=1)]
+    assert all(b > a for a, b in zip(times, times[1:]))
+
+
+@pytest.mark.parametrize("codec", ["mpeg4", "h264"])
+def test_avi_with_b_frames_reads_and_writes_in_presentation_order(tmp_path, bframes_avis, codec):
+    """DivX/XviD-style AVIs (B-frames, MP3 or AC3 audio) used to crash the encoder: `avcodec_send_frame() returned
+    22` writing .avi, `returned 22` muxing .mp4. Every frame is kept, at its presentation time, with the audio."""
+    clip = bframes_avis[codec]
+    times = frame_times(clip)
+    tb = float(probe(clip).time_base)
+    np.testing.assert_allclose([f.pts * tb for f in read_frames(clip)], times, atol=1e-9)
+    for suffix in (".avi", ".mp4", ".mkv"):
+        out = tmp_path / f"{codec}{suffix}"
+        src, dst = _roundtrip(clip, out)
+        assert dst.frame_count == src.frame_count == BFRAME_AVI_FRAMES
+        exact = 5e-4 if suffix == ".mkv" else 1e-6  # Matroska stores milliseconds
+        np.testing.assert_allclose(frame_times(out) - frame_times(out)[0], times - times[0], atol=exact)
+        assert len(dst.audio) == 1 and dst.duration == pytest.approx(src.duration, abs=exact)

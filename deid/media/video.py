@@ -8,6 +8,9 @@ Frames are handled as stored (not rotated); `to_display`/`points_to_stored` conv
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import heapq
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ from typing import Iterator
 import av
 import numpy as np
 
+from deid.atomic import target_of
 from deid.errors import MediaError
 from deid.media.containers import container_for, resolve_codec, takes_audio
 from deid.media.stills import IMAGE_EXTENSIONS
@@ -258,21 +262,20 @@ class Frame:
 
 
 def read_frames(path: str | Path) -> Iterator[Frame]:
-    """Decode a video one frame at a time (memory stays flat). Raises MediaError on corrupt data."""
+    """Decode a video one frame at a time (memory stays flat), timestamps in presentation order (see
+    `_presentation_order`). Raises MediaError on corrupt data."""
     path = Path(path)
     container = _open(path)
     try:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
-        index, last_pts = 0, None
         step = max(1, round(1 / (stream.average_rate or 25) / stream.time_base)) if stream.time_base else 1
         fmt = stream.codec_context.format
         accurate = bool(fmt) and max((c.bits for c in fmt.components), default=8) > 8
+        index = 0
         try:
-            for frame in container.decode(stream):
-                pts = frame.pts if frame.pts is not None else (0 if last_pts is None else last_pts + step)
-                last_pts = pts
-                yield Frame(index, pts, int(frame.duration or 0), _to_rgb(frame, accurate))
+            for frame, pts, duration in _presentation_order(container.decode(stream), step):
+                yield Frame(index, pts, duration, _to_rgb(frame, accurate))
                 index += 1
         except av.error.FFmpegError as exc:
             raise MediaError(f"{path}: corrupt video at frame {index} ({_reason(exc)}). Re-export or repair the file.") from None
@@ -280,6 +283,44 @@ def read_frames(path: str | Path) -> Iterator[Frame]:
             raise MediaError(f"{path}: holds no decodable video frames. Check that the file is complete.")
     finally:
         container.close()
+
+
+# How many frames a decoded frame's timestamp may sit away from its place. A decoder returns its frames in
+# presentation order, but AVI stores no presentation times: libav guesses them from the decode order, so DivX/XviD
+# and H.264 files with B-frames come out labelled 1, 3, 4, 2, 6, 7, 5, ... (2 B-frames: 2 places off; x264's
+# pyramid of 3: 3). The labels are right as a set, only misplaced.
+REORDER_DEPTH = 4
+
+
+def _presentation_order(frames: Iterator[av.VideoFrame], step: int,
+                        depth: int = REORDER_DEPTH) -> Iterator[tuple[av.VideoFrame, int, int]]:
+    """(frame, pts, duration) in the decoder's order, each frame given the smallest timestamp among itself and the
+    `depth` frames after it: sorted timestamps, the same set (so VFR stays exact), whatever order they were
+    labelled in. Holds `depth` decoded frames (memory stays flat). A frame without a timestamp takes the previous
+    one's plus `step`; a timestamp that still does not advance (a displacement deeper than `depth`) does the same,
+    so an encoder never sees time go backwards."""
+    pending: collections.deque[av.VideoFrame] = collections.deque()
+    times: list[tuple[int, int]] = []  # heap of (pts, duration) of the pending frames
+    last = None
+
+    def emit() -> tuple[av.VideoFrame, int, int]:
+        nonlocal last
+        pts, duration = heapq.heappop(times)
+        if last is not None and pts <= last:
+            pts = last + step
+        last = pts
+        return pending.popleft(), pts, duration
+
+    guessed = None
+    for frame in frames:
+        pts = frame.pts if frame.pts is not None else (0 if guessed is None else guessed + step)
+        guessed = pts
+        pending.append(frame)
+        heapq.heappush(times, (pts, int(frame.duration or 0)))
+        if len(pending) > depth:
+            yield emit()
+    while pending:
+        yield emit()
 
 
 # YUV -> RGB with accurate rounding and full-resolution chroma interpolation, for sources deeper than 8 bits:
@@ -459,8 +500,19 @@ class VideoWriter:
             if duration:
                 self.durations[frame.pts] = duration
         frame.time_base = self.time_base
-        self._mux(self.video.encode(frame))
+        with self._encoding(f"frame {self.frames} (pts {pts})"):
+            self._mux(self.video.encode(frame))
         self.frames += 1
+
+    @contextlib.contextmanager
+    def _encoding(self, what: str) -> Iterator[None]:
+        """Turn an FFmpeg error (an encoder or muxer refusing a frame, a packet or the trailer) into a MediaError
+        naming the output file."""
+        try:
+            yield
+        except av.error.FFmpegError as exc:
+            raise MediaError(f"{target_of(self.path)}: could not write {what} ({_reason(exc)}: {exc}). "
+                             "Try another output type or --codec; run with --debug for the details.") from exc
 
     def _mux(self, packets) -> None:
         for packet in packets:
@@ -473,11 +525,16 @@ class VideoWriter:
             self.container.mux(packet)
 
     def close(self) -> None:
-        self._mux(self.video.encode(None))
-        if self.audio is not None:
-            self.audio.copy_until(float("inf"))
-            self.audio.close()
-        self.container.close()
+        try:
+            with self._encoding("the end of the file"):
+                self._mux(self.video.encode(None))
+                if self.audio is not None:
+                    self.audio.copy_until(float("inf"))
+                    self.audio.close()
+                self.container.close()
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         for closable in (self.audio, self.container):
@@ -536,16 +593,22 @@ class _AudioPassthrough:
         self.pending = None
         self.next_sample: dict[int, int] = {}  # re-encoded stream -> its next frame's pts, in samples
 
-    def _place(self, index: int, frame: av.AudioFrame) -> None:
+    def _place(self, index: int, frame: av.AudioFrame) -> av.AudioFrame | None:
         """Time a decoded frame for its encoder: contiguous samples from where the stream starts on the output's
-        clock (an audio track that starts 0.5 s after the video still does; one that starts before it, at 0)."""
+        clock (an audio track that starts 0.5 s after the video still does). Samples before the output's 0 (audio
+        that starts before the first video frame, as in broadcast TS) are cut, not moved: None when all are."""
         rate = frame.sample_rate
         if index not in self.next_sample:
-            start = frame.pts * frame.time_base - self.origin if frame.pts is not None else 0
-            self.next_sample[index] = max(0, round(start * rate))
+            start = round((frame.pts * frame.time_base - self.origin) * rate) if frame.pts is not None else 0
+            if start < 0:
+                if frame.samples <= -start:
+                    return None
+                frame, start = _drop_samples(frame, -start), 0
+            self.next_sample[index] = start
         frame.pts = self.next_sample[index]
         frame.time_base = Fraction(1, rate)
         self.next_sample[index] += frame.samples
+        return frame
 
     def copy_until(self, seconds: float) -> None:
         while True:
@@ -564,12 +627,13 @@ class _AudioPassthrough:
         out = self.map[index]
         if index in self.encoders:
             frames = packet.decode() if packet.size else packet.stream.decode(None)
-            for frame in frames:
-                self._place(index, frame)
+            for frame in filter(None, (self._place(index, frame) for frame in frames)):
                 self.output.mux(out.encode(frame))
             return
         if packet.dts is None or not packet.size:
             return
+        if packet.pts is not None and packet.pts * packet.time_base < self.origin:
+            return  # sounds before the first frame are cut, as the video's clock starts there (see _place)
         shift = round(self.origin / packet.time_base)
         packet.dts -= shift
         if packet.pts is not None:
@@ -581,6 +645,16 @@ class _AudioPassthrough:
         for index in self.encoders:
             self.output.mux(self.map[index].encode(None))
         self.input.close()
+
+
+def _drop_samples(frame: av.AudioFrame, count: int) -> av.AudioFrame:
+    """The frame without its first `count` samples (0 < count < frame.samples)."""
+    array = frame.to_ndarray()  # planar: [channels, samples]; packed: [1, samples * channels]
+    step = 1 if frame.format.is_planar else frame.layout.nb_channels
+    cut = av.AudioFrame.from_ndarray(np.ascontiguousarray(array[:, count * step:]), format=frame.format.name,
+                                     layout=frame.layout)
+    cut.sample_rate = frame.sample_rate
+    return cut
 
 
 # Container tags that the muxer writes itself (never copied), and the only source tags an anonymized video keeps by
