@@ -575,6 +575,8 @@ class _AudioPassthrough:
     def _add_streams(self, output: av.container.OutputContainer, spec, origin: Fraction) -> None:
         self.output = output
         self.origin = Fraction(origin)
+        # AVI stores no timestamps: its audio plays from the file's 0, so a packet cannot start before it.
+        self.starts_before_origin = spec.reorder
         self.map = {}
         self.encoders = {}
         supported = getattr(output, "supported_codecs", None)
@@ -632,14 +634,24 @@ class _AudioPassthrough:
             return
         if packet.dts is None or not packet.size:
             return
-        if packet.pts is not None and packet.pts * packet.time_base < self.origin:
-            return  # sounds before the first frame are cut, as the video's clock starts there (see _place)
+        if self._before_origin(packet):
+            return
         shift = round(self.origin / packet.time_base)
         packet.dts -= shift
         if packet.pts is not None:
             packet.pts -= shift
         packet.stream = out
         self.output.mux(packet)
+
+    def _before_origin(self, packet) -> bool:
+        """Whether a copied packet is cut: the output's clock starts at the first video frame, so sound before it
+        goes (see _place). A packet that ends there stays where the container can start a stream before 0 (an MP4
+        AAC track's priming packet: the decoder needs it for the first samples, and the muxer's edit list hides it)."""
+        if packet.pts is None:
+            return False
+        start = packet.pts * packet.time_base
+        end = start + (packet.duration or 0) * packet.time_base
+        return end < self.origin or (start < self.origin and not self.starts_before_origin)
 
     def close(self) -> None:
         for index in self.encoders:
