@@ -37,7 +37,7 @@ from deid.media.video import EncodeOptions, Frame, probe, to_display
 from deid.console import FramesPerSecond
 from deid.pipelines.detect import detect_frames
 from deid.pipelines.engines import HeadSynthesizer
-from deid.pipelines.inputs import Task, expand_inputs, make_folders, preview_path, remove_empty
+from deid.pipelines.inputs import Task, check_previews, expand_inputs, make_folders, preview_of, remove_empty
 from deid.pipelines.sharding import parse_shard, shard
 from deid.pipelines.stages import batched
 from deid.pipelines.video_job import video_job
@@ -74,6 +74,10 @@ class AnonymizeJob:
             check_writable_folder(self.output)
         for task in tasks:
             check_not_input(task.target, task.source)  # `-o` spelled differently, links: never destroy an input
+        if self.preview:
+            check_previews(((task.target, preview_of(task)) for task in tasks), (task.source for task in tasks),
+                           self.overwrite)
+        for task in tasks:
             if not task.is_image:
                 resolve_codec(self.encode.codec, task.target)  # a bad --codec fails here, before the model loads
         if self.identity is not None:
@@ -279,7 +283,7 @@ def _anonymize_image(task: Task, job: AnonymizeJob, detector: RollRobustDetector
             report.audit = log.totals
         report.notes += save_still(still, output, tmp)
     if job.preview:
-        save_image(np.concatenate([image, output], axis=1), preview_path(task.target, task.target.suffix), overwrite=True)
+        save_image(np.concatenate([image, output], axis=1), preview_of(task), overwrite=job.overwrite)
 
 
 def _anonymize_video(task: Task, job: AnonymizeJob, detector: RollRobustDetector, swapper: _FaceSwapper,

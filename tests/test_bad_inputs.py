@@ -4,6 +4,7 @@ notes a summary gives. Refusals exit 1 with one line naming the file and the fix
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import os
@@ -246,6 +247,63 @@ def test_writer_turns_ffmpeg_errors_into_a_media_error(tmp_path):
             for pts in (0, 1, 1):
                 writer.write(np.zeros((48, 64, 3), np.uint8), pts)
     assert _files(tmp_path) == []
+
+
+# ------------------------------------------------------------------------- 4b. previews never replace inputs or outputs
+
+
+def test_preview_that_would_replace_the_input_is_refused(tmp_path, ntsc_clip, astronaut_png, capsys):
+    """`deid anonymize clip.preview.mp4 -o clip.mp4 --preview` used to replace its input with the side-by-side
+    preview; photos the same. Refused before the model loads (the missing model is never reached), nothing written."""
+    for original, name, output in ((ntsc_clip, "clip.preview.mp4", "clip.mp4"), (astronaut_png, "talk.preview.jpg", "talk.jpg")):
+        source = tmp_path / name
+        shutil.copy(original, source)
+        before = source.read_bytes()
+        code, err = _run(capsys, "anonymize", source, "-o", tmp_path / output, "--preview", "--model", tmp_path / "no-model")
+        _one_line_error(code, err, f"{source}: the preview of {tmp_path / output} would replace the input {source}")
+        assert source.read_bytes() == before
+    assert _files(tmp_path) == ["clip.preview.mp4", "talk.preview.jpg"]
+
+
+def test_preview_that_would_sit_where_an_output_goes_is_refused(tmp_path, astronaut_png, capsys):
+    """A batch with a.png and a.preview.png: a's preview (the ORIGINAL face) would take the place of the second
+    file's anonymized output."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.png", "a.preview.png"):
+        shutil.copy(astronaut_png, src / name)
+    out = tmp_path / "out"
+    code, err = _run(capsys, "anonymize", src, "-o", out, "--preview", "--model", tmp_path / "no-model")
+    _one_line_error(code, err, f"{out / 'in' / 'a.preview.png'}: the preview of {out / 'in' / 'a.png'} would take the "
+                               f"place of {out / 'in' / 'a.preview.png'}'s output")
+    assert not out.exists()
+
+
+def test_previews_follow_the_overwrite_rule(tmp_path, astronaut_png, ntsc_clip):
+    """An existing preview is replaced only with --overwrite (previews are written through atomic_output)."""
+    from deid.pipelines.reenact import ReenactJob
+
+    (tmp_path / "a.preview.png").write_bytes(b"an earlier preview")
+    job = AnonymizeJob(inputs=(astronaut_png,), output=tmp_path / "a.png", preview=True)
+    with pytest.raises(MediaError, match=r"a\.preview\.png already exists\. Pass --overwrite"):
+        job.check()
+    dataclasses.replace(job, overwrite=True).check()
+    dataclasses.replace(job, preview=False).check()
+    src, out = tmp_path / "in", tmp_path / "out"
+    (out / "in").mkdir(parents=True)
+    src.mkdir()
+    shutil.copy(astronaut_png, src / "a.png")
+    shutil.copy(ntsc_clip, src / "clip.mp4")
+    (out / "in" / "clip.preview.mp4").write_bytes(b"an earlier preview")
+    batch = AnonymizeJob(inputs=(src,), output=out, preview=True)
+    with pytest.raises(MediaError, match=r"clip\.preview\.mp4 already exists"):
+        batch.check()
+    (out / "in" / "clip.mp4").write_bytes(b"a finished output")  # a rerun skips this file: its preview is left alone
+    batch.check()
+    driving = tmp_path / "r.preview.mp4"
+    shutil.copy(ntsc_clip, driving)
+    with pytest.raises(MediaError, match="the preview of .*r.mp4 would replace the input"):
+        ReenactJob(portrait=astronaut_png, driving=driving, output=tmp_path / "r.mp4", preview=True).check()
 
 
 # ------------------------------------------------------------------------- 5. codecs up front, defaults
