@@ -172,6 +172,22 @@ def test_audio_before_the_first_frame_is_cut(tmp_path, early_audio_ts, suffix):
     assert audio_end - starts["video"] - 1e-3 <= kept <= audio_end - starts["video"] + early + 1e-3
 
 
+@pytest.mark.parametrize("suffix", [".mov", ".avi"])
+def test_edit_list_keeps_the_visible_start_and_duration(tmp_path, edit_list_mov, suffix):
+    """An edit-listed .mov (cut with `-ss 0.5 -c copy`) used to come out 0.5 s late and 0.5 s long: probe took the
+    start, the frame count and the duration from the pre-roll packets the decoder drops."""
+    src = probe(edit_list_mov)
+    shown = [frame.pts * float(src.time_base) for frame in read_frames(edit_list_mov)]
+    assert (src.start, src.frame_count) == (0, len(shown)) and len(shown) == 37  # 1.5 s at 25 fps, cut to the frame
+    assert src.duration == pytest.approx(len(shown) / 25, abs=1e-9)
+    out = tmp_path / f"out{suffix}"
+    _roundtrip(edit_list_mov, out)
+    np.testing.assert_allclose(video.frame_times(out), shown, atol=1e-6)
+    assert probe(out).duration == pytest.approx(src.duration, abs=1e-6)
+    assert _starts(out) == {"video": 0.0, "audio": 0.0}
+    assert audio_duration(out, 1) == pytest.approx(audio_duration(edit_list_mov, 1), abs=1 / 25)
+
+
 def _roundtrip_path(tmp_path, source, suffix):
     out = tmp_path / f"again{suffix}"
     _roundtrip(source, out)

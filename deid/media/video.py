@@ -144,9 +144,7 @@ def probe(path: str | Path) -> VideoInfo:
         pts, ends = [], []
         rotation = 0
         try:
-            for packet in container.demux(stream):
-                if packet.size == 0 or packet.pts is None:
-                    continue
+            for packet in filter(_shown, container.demux(stream)):
                 pts.append(packet.pts)
                 ends.append(packet.pts + (packet.duration or 0))
             container.seek(0)
@@ -203,12 +201,19 @@ def _dropped_streams(container) -> tuple[str, ...]:
     return tuple(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in counts.items() if n > 0)
 
 
+def _shown(packet: av.Packet) -> bool:
+    """Whether a packet holds something the viewer sees: not empty, timed, and not an edit list's pre-roll (a .mov
+    cut with `ffmpeg -ss 0.5 -c copy` keeps the packets from the keyframe before the cut, flagged for the decoder
+    to decode and drop)."""
+    return bool(packet.size) and packet.pts is not None and not packet.is_discard
+
+
 def frame_times(path: str | Path) -> np.ndarray:
     """Presentation times (seconds, sorted) of every video frame, from the packets."""
     container = _open(Path(path))
     try:
         stream = _video_stream(container, Path(path))
-        pts = sorted(p.pts for p in container.demux(stream) if p.size and p.pts is not None)
+        pts = sorted(p.pts for p in filter(_shown, container.demux(stream)))
         return np.array(pts, np.float64) * float(stream.time_base)
     finally:
         container.close()
@@ -219,7 +224,7 @@ def audio_duration(path: str | Path, index: int) -> float:
     container = _open(Path(path))
     try:
         stream = container.streams[index]
-        spans = [(p.pts, p.pts + (p.duration or 0)) for p in container.demux(stream) if p.size and p.pts is not None]
+        spans = [(p.pts, p.pts + (p.duration or 0)) for p in filter(_shown, container.demux(stream))]
         return float((max(e for _, e in spans) - min(s for s, _ in spans)) * stream.time_base) if spans else 0.0
     finally:
         container.close()
