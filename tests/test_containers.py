@@ -43,7 +43,8 @@ def _starts(path: Path) -> dict[str, float]:
 
 @pytest.fixture(scope="session")
 def small_clip(matrix_dir) -> Path:
-    return lavfi_clip(matrix_dir / "small.mp4", "-c:v", "libx264", "-c:a", "aac")
+    """64x48 with 4:3 pixels (as DV and anamorphic DVD sources have), H.264 and AAC."""
+    return lavfi_clip(matrix_dir / "small.mp4", "-vf", "setsar=4/3", "-c:v", "libx264", "-c:a", "aac")
 
 
 @pytest.mark.parametrize("suffix", sorted(set(CONTAINERS)))
@@ -58,6 +59,9 @@ def test_every_encoder_of_every_container_writes_a_readable_video(tmp_path, smal
         # The audio is kept (copied or re-encoded) in every container that holds audio (GIF holds none).
         assert len(dst.audio) == (0 if suffix == ".gif" else 1), (suffix, codec)
         assert writer.codec == codec
+        # The pixel aspect ratio is kept (GIF to 1/64), or the summary says it was not (VP9 in WebM).
+        kept = abs(float(dst.sar) - 4 / 3) < 1 / 64
+        assert kept != any("pixel aspect ratio 4:3 not kept" in note for note in writer.notes), (suffix, codec, dst.sar)
 
 
 def test_default_codec_fits_the_container(tmp_path, small_clip):

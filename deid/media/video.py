@@ -23,7 +23,7 @@ import numpy as np
 
 from deid.atomic import target_of
 from deid.errors import MediaError
-from deid.media.containers import container_for, resolve_codec, takes_audio
+from deid.media.containers import container_for, keeps_sar, resolve_codec, takes_audio
 from deid.media.stills import IMAGE_EXTENSIONS
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp")
@@ -459,6 +459,10 @@ class VideoWriter:
         self.durations: dict[int, int] = {}  # pts -> duration of frames inside the encoder
         if source.sar != 1 and size is None:
             stream.codec_context.sample_aspect_ratio = source.sar
+            if not keeps_sar(spec, codec):
+                self.notes.append(f"pixel aspect ratio {source.sar.numerator}:{source.sar.denominator} not kept ({codec} "
+                                  f"in {self.path.suffix} cannot carry it here): it shows with square pixels. Use .mp4, "
+                                  "or --codec libx264 in .mkv")
         interlaced = source.field_order > 1
         if interlaced and codec not in _INTERLACED_CODECS:
             self.notes.append(f"interlaced video written as progressive ({codec} cannot keep the field order; use libx264)")
