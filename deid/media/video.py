@@ -156,9 +156,7 @@ def probe(path: str | Path) -> VideoInfo:
         if not pts:
             raise MediaError(f"{path}: holds no video frames. Check that the file is complete.")
         first, last_end = min(pts), max(ends)
-        rate = Fraction(stream.average_rate or stream.guessed_rate or 25)
-        grid = (np.array(sorted(pts), np.float64) - first) * float(tb) * float(rate)
-        constant_rate = bool(np.all(np.abs(grid - np.arange(len(grid))) * float(1 / rate) <= float(tb) + 1e-9))
+        rate, constant_rate = _frame_rate(stream, np.array(sorted(pts), np.float64) * float(tb), float(tb))
         audio = tuple(
             AudioInfo(
                 index=a.index,
@@ -192,6 +190,24 @@ def probe(path: str | Path) -> VideoInfo:
         )
     finally:
         container.close()
+
+
+# Rates a constant-rate clip is tried on after the stream's own (libav's guess, then the average).
+_COMMON_RATES = tuple(Fraction(r) for r in ("24000/1001", "24", "25", "30000/1001", "30", "48", "50", "60000/1001", "60"))
+
+
+def _frame_rate(stream, times: np.ndarray, tick: float) -> tuple[Fraction, bool]:
+    """(frame rate, constant): the first rate on whose grid every frame starts within a timestamp tick of its own
+    place, else the average rate and False (variable rate). times: sorted frame start times, seconds.
+
+    The average alone misleads on short clips whose time base cannot hold the rate: 1.5 s of 30000/1001 at a
+    1/600 time base averages 27000/901, and a slightly long last frame pushes the grid off by the end."""
+    own = [Fraction(r) for r in (stream.guessed_rate, stream.average_rate) if r]
+    for rate in dict.fromkeys(own + list(_COMMON_RATES)):
+        place = (times - times[0]) * float(rate)
+        if np.all(np.abs(place - np.arange(len(times))) / float(rate) <= tick + 1e-9):
+            return rate, True
+    return (own[-1] if own else Fraction(25)), False
 
 
 def _dropped_streams(container) -> tuple[str, ...]:
