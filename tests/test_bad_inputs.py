@@ -457,6 +457,7 @@ def test_summary_names_what_an_output_loses(tmp_path, hdr_clip, extra_streams_cl
     assert f"note: {out / 'hdr10.mp4'}: 10-bit video processed at 8 bits per channel, written as 10-bit" in err
     assert (f"note: {out / 'extra_streams.mkv'}: 1 extra video stream and 1 subtitle stream not carried over" in err)
     assert probe(out / "hdr10.mp4").bits == 10 and probe(out / "hdr10.mp4").color == probe(hdr_clip).color
+    assert probe(out / "hdr10.mp4").hdr == probe(hdr_clip).hdr is not None  # mastering display, light levels
 
 
 @pytest.mark.parametrize("mode", ["1", "L", "LA", "L16", "RGB", "RGBA", "RGB16", "RGBA16", "CMYK", "P"])

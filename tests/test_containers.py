@@ -15,9 +15,10 @@ import pytest
 from deid.errors import MediaError
 import deid.media.video as video
 from deid.media.containers import CONTAINERS, resolve_codec, usable_codecs
-from deid.media.video import VIDEO_EXTENSIONS, ColorTags, EncodeOptions, VideoWriter, audio_duration, probe, read_frames
+from deid.media.video import (VIDEO_EXTENSIONS, ColorTags, EncodeOptions, HdrMetadata, VideoWriter, audio_duration, probe,
+                              read_frames)
 
-from tests.fixtures.inputs import FRAMES, lavfi_clip
+from tests.fixtures.inputs import FRAMES, HDR_MASTER_DISPLAY, lavfi_clip
 
 
 def _roundtrip(source: Path, target: Path, **options) -> VideoWriter:
@@ -233,12 +234,17 @@ def test_hdr_tags_and_ten_bits_are_kept(tmp_path, hdr_clip):
     assert dst.color == src.color
     assert abs(_luma_diff(out, hdr_clip)[0]) < 0.8  # 10-bit levels; with BT.601 on the way back it is -1.5
     assert writer.notes == ["10-bit video processed at 8 bits per channel, written as 10-bit"]
+    # The mastering display and light levels (HDR10's static metadata) are kept by x264 and x265 alike.
+    assert src.hdr == HdrMetadata(HDR_MASTER_DISPLAY, (1000, 400)) and dst.hdr == src.hdr
+    _roundtrip(hdr_clip, tmp_path / "hevc.mkv", codec="libx265")
+    assert probe(tmp_path / "hevc.mkv").hdr == src.hdr
     # VP9 in this build takes 8-bit only: the tags stay, and the summary says what was lost.
     webm = tmp_path / "out.webm"
     writer = _roundtrip(hdr_clip, webm)
     assert probe(webm).bits == 8 and probe(webm).color == src.color
     assert [note.split(" (")[0] for note in writer.notes] == [
-        "10-bit video processed at 8 bits per channel, written as 8-bit", "pixel aspect ratio 128:117 not kept"]  # CIF's
+        "10-bit video processed at 8 bits per channel, written as 8-bit", "pixel aspect ratio 128:117 not kept",  # CIF's
+        "HDR10 mastering display and light levels not kept"]
 
 
 def test_full_range_stays_full(tmp_path, full_range_clip):

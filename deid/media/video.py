@@ -13,6 +13,7 @@ import contextlib
 import heapq
 import os
 import shutil
+import struct
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -66,6 +67,40 @@ class ColorTags:
 
 
 @dataclass(frozen=True)
+class HdrMetadata:
+    """HDR10's static metadata, in the units x264 and x265 take: the mastering display's primaries and white point
+    (CIE xy in 0.00002) and luminance range (0.0001 cd/m2) as "G(x,y)B(x,y)R(x,y)WP(x,y)L(max,min)", and the content
+    light levels (MaxCLL, MaxFALL in cd/m2). Either may be missing."""
+
+    master_display: str | None = None
+    light_level: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, frame: av.VideoFrame) -> HdrMetadata | None:
+        """A decoded frame's (HEVC and H.264 carry them in SEI messages), or None."""
+        found = {}
+        for side in frame.side_data:
+            if side.type.name == "MASTERING_DISPLAY_METADATA":
+                found["master_display"] = _master_display(bytes(side))
+            elif side.type.name == "CONTENT_LIGHT_LEVEL":
+                found["light_level"] = struct.unpack("<2I", bytes(side)[:8])
+        return cls(**found) if any(found.values()) else None
+
+
+def _master_display(data: bytes) -> str | None:
+    """libav's AVMasteringDisplayMetadata (rationals: R, G, B primaries, white point, min and max luminance; then
+    has_primaries, has_luminance) as x265's master-display string; None when it holds neither part."""
+    values = struct.unpack("<22i", data[:88])
+    ratio = [values[i] / values[i + 1] if values[i + 1] else 0.0 for i in range(0, 20, 2)]
+    has_primaries, has_luminance = values[20], values[21]
+    if not (has_primaries and has_luminance):
+        return None
+    xy = [round(r * 50000) for r in ratio[:8]]  # R, G, B, white point, as (x, y)
+    r, g, b, wp = (f"({xy[i]},{xy[i + 1]})" for i in range(0, 8, 2))
+    return f"G{g}B{b}R{r}WP{wp}L({round(ratio[9] * 10000)},{round(ratio[8] * 10000)})"
+
+
+@dataclass(frozen=True)
 class VideoInfo:
     path: Path | None  # None: frames made in memory (see `for_frames`)
     width: int  # stored frame size (before the display rotation)
@@ -83,6 +118,7 @@ class VideoInfo:
     pix_fmt: str = "yuv420p"  # the decoder's pixel format, e.g. yuv420p10le
     bits: int = 8  # bits per sample of that pixel format
     color: ColorTags = ColorTags()
+    hdr: HdrMetadata | None = None  # HDR10's mastering display and light levels, when the source has them
     field_order: int = 1  # libav's AVFieldOrder: 0 unknown, 1 progressive, 2 top field first, 3 bottom first, ...
     dropped: tuple[str, ...] = ()  # streams an output does not carry: "1 extra video stream", "2 subtitle streams"
 
@@ -142,7 +178,7 @@ def probe(path: str | Path) -> VideoInfo:
         stream = _video_stream(container, path)
         tb = stream.time_base
         pts, ends = [], []
-        rotation = 0
+        rotation, hdr = 0, None
         try:
             for packet in filter(_shown, container.demux(stream)):
                 pts.append(packet.pts)
@@ -150,6 +186,7 @@ def probe(path: str | Path) -> VideoInfo:
             container.seek(0)
             for frame in container.decode(stream):
                 rotation = int(round(frame.rotation or 0)) % 360
+                hdr = HdrMetadata.of(frame)
                 break
         except av.error.FFmpegError as exc:
             raise MediaError(f"{path}: corrupt video ({_reason(exc)}). Re-export or repair the file.") from None
@@ -185,6 +222,7 @@ def probe(path: str | Path) -> VideoInfo:
             pix_fmt=cc.pix_fmt or "yuv420p",
             bits=max((c.bits for c in cc.format.components), default=8) if cc.format else 8,
             color=ColorTags(cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range),
+            hdr=hdr,
             field_order=cc.field_order,
             dropped=_dropped_streams(container),
         )
@@ -421,6 +459,26 @@ def _x264_field_order(field_order: int) -> dict[str, str]:
     return {"x264-params": "bff=1" if field_order in (3, 5) else "tff=1"}
 
 
+def _x265_hdr(hdr: HdrMetadata) -> dict[str, str]:
+    params = ["hdr10=1"] + [f"master-display={hdr.master_display}"] * bool(hdr.master_display)
+    return {"x265-params": ":".join(params + [f"max-cll={','.join(map(str, hdr.light_level))}"] * bool(hdr.light_level))}
+
+
+def _x264_hdr(hdr: HdrMetadata) -> dict[str, str]:
+    params = [f"mastering-display={hdr.master_display}"] * bool(hdr.master_display)
+    return {"x264-params": ":".join(params + [f"cll={','.join(map(str, hdr.light_level))}"] * bool(hdr.light_level))}
+
+
+# Encoders that write HDR10's static metadata (SEI messages) when given it as parameters.
+_HDR_PARAMS = {"libx265": _x265_hdr, "libx264": _x264_hdr}
+
+
+def _add_params(options: dict[str, str], extra: dict[str, str]) -> None:
+    """Merge encoder options; x264-params and x265-params are ':'-joined lists, so they are appended to."""
+    for key, value in extra.items():
+        options[key] = f"{options[key]}:{value}" if key in options else value
+
+
 class VideoWriter:
     """Encode frames with the source's exact timestamps, copying the source's audio and metadata alongside.
 
@@ -485,9 +543,16 @@ class VideoWriter:
             interlaced = False
         if interlaced:
             stream.codec_context.field_order = source.field_order
-        stream.options = _codec_options(codec, options, spec.reorder, interlaced)
+        codec_options = _codec_options(codec, options, spec.reorder, interlaced)
         if interlaced and codec == "libx264":
-            stream.options = {**stream.options, **_x264_field_order(source.field_order)}
+            _add_params(codec_options, _x264_field_order(source.field_order))
+        if source.hdr is not None:
+            if codec in _HDR_PARAMS:
+                _add_params(codec_options, _HDR_PARAMS[codec](source.hdr))
+            else:
+                self.notes.append(f"HDR10 mastering display and light levels not kept ({codec} cannot carry them; "
+                                  "libx265 or libx264 do)")
+        stream.options = codec_options
         self._set_colour(stream)
         rotation = source.rotation if rotation is None else rotation
         if rotation:
