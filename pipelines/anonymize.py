@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from deid.atomic import atomic_output, check_not_input, check_output_path, check_writable_folder
+from deid.atomic import atomic_output, check_not_input, check_output_path, check_writable_folder, remove_stale_partials
 from deid.console import console, debugging, info, progress, warn
 from deid.errors import DeidError, MediaError
 from deid.faces.alignment import AlignConfig, align_photo_file, ffhq_affine, warp_crop
@@ -144,6 +144,8 @@ def _run_task(task: Task, job: AnonymizeJob, detector: RollRobustDetector, swapp
     created: list[Path] = []
     try:
         created = make_folders(task.target.parent)
+        for path in (task.target, audit_path(task.target), preview_of(task)):  # what a killed run (SIGKILL) left
+            remove_stale_partials(path)
         if task.is_image:
             _anonymize_image(task, job, detector, swapper, report)
         else:

@@ -162,17 +162,21 @@ def test_killed_runs_leftovers_are_removed_and_never_inputs(tmp_path, astronaut_
     out.mkdir()
     long_ago = time.time() - 600
     dead, live, fresh = (out / f".a.{name}.partial.png" for name in ("deadrun1", "liverun1", "freshrun"))
-    for path in (dead, live, fresh):
+    # The output's family too: its audit log's and its preview's leftovers used to survive every later run.
+    dead_audit, dead_preview = out / ".a.png.audit.deadrun2.partial.json", out / ".a.preview.deadrun3.partial.png"
+    for path in (dead, live, fresh, dead_audit, dead_preview):
         path.write_bytes(b"x" * 48)
-    for path in (dead, live):
+    for path in (dead, live, dead_audit, dead_preview):
         os.utime(path, (long_ago, long_ago))
+    os.utime(fresh, (time.time() + 600,) * 2)  # brand new whenever the run reaches it, on a loaded machine too
     lock = os.open(live, os.O_RDONLY)
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        run_anonymize(AnonymizeJob(inputs=(folder / "a.png",), output=out / "a.png"), tiny_model)
+        run_anonymize(AnonymizeJob(inputs=(folder / "a.png",), output=out / "a.png", preview=True), tiny_model)
     finally:
         os.close(lock)
-    assert _files(out) == [".a.freshrun.partial.png", ".a.liverun1.partial.png", "a.png", "a.png.audit.json"]
+    assert _files(out) == [".a.freshrun.partial.png", ".a.liverun1.partial.png", "a.png", "a.png.audit.json",
+                           "a.preview.png"]
 
 
 # ------------------------------------------------------------------------- 4. batches go on
