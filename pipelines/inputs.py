@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from deid.atomic import is_partial
+from deid.atomic import check_not_device, is_partial
 from deid.errors import DeidError, MediaError
 from deid.media.images import IMAGE_EXTENSIONS
 from deid.media.video import VIDEO_EXTENSIONS
@@ -53,6 +53,7 @@ def expand_inputs(inputs: Iterable[str | Path], output: Path) -> list[Task]:
                 items.append((match, Path(match.name)))
             else:
                 raise MediaError(f"{match}: no such file or directory. Check the path.")
+    check_not_device(output)
     if len(items) == 1 and output.suffix and not output.is_dir():
         source = items[0][0]
         wanted = IMAGE_EXTENSIONS if source.suffix.lower() in IMAGE_EXTENSIONS else VIDEO_EXTENSIONS
@@ -61,6 +62,9 @@ def expand_inputs(inputs: Iterable[str | Path], output: Path) -> list[Task]:
             raise MediaError(f"{output}: {source} is {kind}, so the output must be one too ({', '.join(wanted[:4])}, ...).")
         return [Task(source, output)]
     if output.exists() and not output.is_dir():
+        if len(items) == 1:
+            raise MediaError(f"{output}: an output file needs a suffix that names its type ({items[0][0].suffix or '.mp4'}). "
+                             "Rename it, or pass a directory with -o.")
         raise MediaError(f"{output}: several inputs need an output directory, not a file. Pass a directory with -o.")
     tasks = [Task(source, output / relative) for source, relative in items]
     targets = [t.target for t in tasks]

@@ -253,6 +253,18 @@ def test_writer_turns_ffmpeg_errors_into_a_media_error(tmp_path):
     assert _files(tmp_path) == []
 
 
+def test_output_that_is_a_device_is_refused(tmp_path, astronaut_png, ntsc_clip, capsys):
+    """`-o /dev/null` with one input used to say that several inputs need an output directory (and an atomic
+    rename over a device node would have replaced it)."""
+    code, err = _run(capsys, "anonymize", astronaut_png, "-o", "/dev/null", "--model", tmp_path / "no-model")
+    _one_line_error(code, err, "/dev/null: is a device or a pipe, not a file")
+    code, err = _run(capsys, "reenact", astronaut_png, ntsc_clip, "-o", "/dev/null", "--model", tmp_path / "no-model")
+    _one_line_error(code, err, "/dev/null: is a device or a pipe, not a file")
+    (tmp_path / "plain").write_bytes(b"")
+    code, err = _run(capsys, "anonymize", astronaut_png, "-o", tmp_path / "plain", "--model", tmp_path / "no-model")
+    _one_line_error(code, err, f"{tmp_path / 'plain'}: an output file needs a suffix that names its type (.png)")
+
+
 # ------------------------------------------------------------------------- 4b. previews never replace inputs or outputs
 
 
