@@ -25,6 +25,7 @@ import deid.pipelines.anonymize as anonymize_module
 from deid import cli
 from deid.atomic import atomic_output
 from deid.errors import MediaError
+from deid.faces.alignment import align_photo_file
 from deid.media.stills import load_still, save_still
 from deid.media.video import VideoInfo, VideoWriter, probe
 from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
@@ -263,6 +264,24 @@ def test_output_that_is_a_device_is_refused(tmp_path, astronaut_png, ntsc_clip, 
     (tmp_path / "plain").write_bytes(b"")
     code, err = _run(capsys, "anonymize", astronaut_png, "-o", tmp_path / "plain", "--model", tmp_path / "no-model")
     _one_line_error(code, err, f"{tmp_path / 'plain'}: an output file needs a suffix that names its type (.png)")
+
+
+def test_identity_photo_with_several_faces_says_which_is_taken(tmp_path, astronaut_png, capsys):
+    """A group photo as --identity used to be accepted silently: the largest of its faces is taken, and said so."""
+    face = np.array(Image.open(astronaut_png))[:300, 100:400]  # her head and shoulders, 300x300
+    small = cv2.resize(face, (150, 150), interpolation=cv2.INTER_AREA)
+    group = np.full((300, 700, 3), 128, np.uint8)
+    group[75:225, 0:150] = small
+    group[:, 200:500] = face
+    group[75:225, 550:700] = small
+    Image.fromarray(group).save(tmp_path / "group.png")
+    capsys.readouterr()
+    photo = align_photo_file(tmp_path / "group.png", 64)
+    err = " ".join(capsys.readouterr().err.split())
+    assert photo.faces == 3 and 200 <= photo.box[0] < photo.box[2] <= 500  # the middle, largest one
+    assert f"{tmp_path / 'group.png'}: 3 faces; the largest (" in err and "is the one taken" in err
+    align_photo_file(astronaut_png, 64)
+    assert "faces;" not in capsys.readouterr().err  # one face: nothing to say
 
 
 # ------------------------------------------------------------------------- 4b. previews never replace inputs or outputs
