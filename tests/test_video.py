@@ -23,6 +23,7 @@ from deid.media.video import (
 )
 from deid.media import video
 
+from tests.fixtures.inputs import run_ffmpeg
 from tests.fixtures.media import BFRAME_AVI_FRAMES
 
 
@@ -193,6 +194,36 @@ def test_container_tags_are_an_allow_list_unless_keep_metadata(tmp_path, tagged_
         assert all(tags.get(k) == v for k, v in named.items())
     else:
         assert not set(named) & set(tags) and "Alice" not in str(tags) and "48.8577" not in str(tags)
+
+
+@pytest.fixture(scope="module")
+def stream_tagged_clip(tmp_path_factory) -> Path:
+    """An MKV whose streams are tagged: video "eng" titled "Alice cam", audio 1 "fra" titled "Commentary by Alice",
+    audio 2 "deu"."""
+    path = tmp_path_factory.mktemp("stream_tags") / "streams.mkv"
+    run_ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",
+               "-t", "0.4", "-map", "0:v", "-map", "1:a", "-map", "1:a", "-c:v", "libx264", "-c:a", "aac",
+               "-metadata:s:v:0", "language=eng", "-metadata:s:v:0", "title=Alice cam", "-metadata:s:a:0", "language=fra",
+               "-metadata:s:a:0", "title=Commentary by Alice", "-metadata:s:a:1", "language=deu", str(path))
+    return path
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_stream_tags_follow_the_same_allow_list(tmp_path, stream_tagged_clip, keep):
+    """Stream tags (an audio track's language) used to be dropped, even with --keep-metadata; now each stream keeps
+    its language, and its title only with --keep-metadata (a track title can name someone)."""
+    import av
+
+    for suffix in (".mkv", ".mp4"):
+        out = tmp_path / f"out{suffix}"
+        with VideoWriter(out, probe(stream_tagged_clip), EncodeOptions(keep_metadata=keep)) as writer:
+            for frame in read_frames(stream_tagged_clip):
+                writer.write(frame.image, frame.pts, frame.duration)
+        with av.open(str(out)) as container:
+            tags = [{k.lower(): v for k, v in stream.metadata.items()} for stream in container.streams]
+        assert [t.get("language") for t in tags] == ["eng", "fra", "deu"], suffix
+        titles = [t.get("title", t.get("name")) for t in tags]  # MP4 stores a track title as its name
+        assert titles == (["Alice cam", "Commentary by Alice", None] if keep else [None, None, None]), suffix
 
 
 def test_cli_passes_keep_metadata_to_the_writer(monkeypatch, tmp_path, tagged_clip):

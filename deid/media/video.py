@@ -513,9 +513,11 @@ class VideoWriter:
         codec = resolve_codec(options.codec, self.path)
         width, height = size or (source.width, source.height)
         self.container = av.open(str(self.path), mode="w", format=spec.format)
-        if source.path is not None:
-            self.container.metadata.update(_container_metadata(source.path, keep_all=options.keep_metadata))
         stream = self.container.add_stream(codec, rate=source.frame_rate)
+        if source.path is not None:
+            container_tags, video_tags = _source_tags(source.path, keep_all=options.keep_metadata)
+            self.container.metadata.update(container_tags)
+            stream.metadata.update(video_tags)
         stream.width, stream.height = width, height
         stream.pix_fmt = choose_pix_fmt(codec, options.pix_fmt, source.bits, bool(width % 2 or height % 2))
         if source.bits > 8:
@@ -563,7 +565,7 @@ class VideoWriter:
         self.codec = codec
         if keep_audio and source.audio and spec.audio_encoder is None:
             self.notes.append(f"audio not carried over ({self.path.suffix} files hold none)")
-        self.audio = (_AudioPassthrough(source.path, self.container, spec, source.start)
+        self.audio = (_AudioPassthrough(source.path, self.container, spec, source.start, options.keep_metadata)
                       if keep_audio and source.audio and spec.audio_encoder is not None else None)
         self.frames = 0
 
@@ -654,10 +656,14 @@ class _AudioPassthrough:
 
     origin: the source time (seconds) that becomes the output's 0, the video's first frame."""
 
-    def __init__(self, source: Path, output: av.container.OutputContainer, spec, origin: Fraction = Fraction(0)):
+    def __init__(self, source: Path, output: av.container.OutputContainer, spec, origin: Fraction = Fraction(0),
+                 keep_all_tags: bool = False):
+        """keep_all_tags: copy every tag of each audio stream, not only KEPT_TAGS (its language)."""
         self.input = av.open(str(source), mode="r")
         try:
             self._add_streams(output, spec, origin)
+            for index, out in self.map.items():
+                out.metadata.update(_kept_tags(self.input.streams[index].metadata, keep_all_tags))
         except BaseException:
             self.input.close()
             raise
@@ -759,15 +765,21 @@ def _drop_samples(frame: av.AudioFrame, count: int) -> av.AudioFrame:
     return cut
 
 
-# Container tags that the muxer writes itself (never copied), and the only source tags an anonymized video keeps by
-# default: they say when and in what language, not who or where. A deny-list would let through a title that names
-# the person filmed, a comment, or any vendor's location key it does not know.
-_MUXER_TAGS = ("encoder", "major_brand", "minor_version", "compatible_brands")
+# Container and stream tags that the muxer writes itself (never copied), and the only source tags an anonymized
+# video keeps by default: they say when and in what language, not who or where. A deny-list would let through a
+# title that names the person filmed ("Commentary by ..." on an audio track), a comment, or any vendor's location
+# key it does not know.
+_MUXER_TAGS = ("encoder", "major_brand", "minor_version", "compatible_brands", "duration", "handler_name", "vendor_id")
 KEPT_TAGS = ("creation_time", "language")
 
 
-def _container_metadata(path: Path, keep_all: bool = False) -> dict:
-    """The source's container tags to copy: those in KEPT_TAGS, or (keep_all) every one the muxer does not write."""
+def _kept_tags(tags, keep_all: bool) -> dict:
+    """The tags to copy: those in KEPT_TAGS, or (keep_all) every one the muxer does not write."""
+    return {k: v for k, v in tags.items() if k.lower() not in _MUXER_TAGS and (keep_all or k.lower() in KEPT_TAGS)}
+
+
+def _source_tags(path: Path, keep_all: bool = False) -> tuple[dict, dict]:
+    """The source's container tags and its (first) video stream's tags to copy (see _kept_tags); the audio
+    streams' own are copied by _AudioPassthrough."""
     with av.open(str(path)) as container:
-        return {k: v for k, v in container.metadata.items()
-                if k.lower() not in _MUXER_TAGS and (keep_all or k.lower() in KEPT_TAGS)}
+        return _kept_tags(container.metadata, keep_all), _kept_tags(container.streams.video[0].metadata, keep_all)
