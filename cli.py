@@ -358,8 +358,8 @@ def encode_options(func):
                              "H.264 for .mp4/.mkv/.mov/.ts, VP9 for .webm, MPEG-4 for .avi].")(func)
     func = click.option("--crf", type=click.IntRange(0, 63), default=EncodeOptions.crf, help="Encoder quality (lower is better; x264: 0-51).")(func)
     func = click.option("--keep-metadata", is_flag=True,
-                        help="Copy every container tag of the source (title, comment, GPS, vendor keys...); by default "
-                             "only creation_time and language are kept.")(func)
+                        help="Copy every container and stream tag of the source (title, comment, GPS, vendor keys...); "
+                             "by default only creation_time and language are kept.")(func)
     return func
 
 
