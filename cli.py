@@ -12,7 +12,7 @@ from rich.table import Table
 
 from deid import __version__
 from deid.atomic import check_output_path
-from deid.console import console, set_quiet
+from deid.console import console, set_debug, set_quiet
 from deid.errors import DeidError, WeightsError
 from deid.evaluation.audit import FAIL_SAFES, AuditConfig
 from deid.interrupts import Terminated, sigterm_as_interrupt
@@ -49,6 +49,7 @@ def cli(quiet: bool, debug: bool, offline: bool) -> None:
       deid reenact portrait.png driving.mp4 -o reenacted.mp4
     """
     set_quiet(quiet)
+    set_debug(debug)
     if offline:
         os.environ["DEID_OFFLINE"] = "1"
 
@@ -360,8 +361,8 @@ def encode_options(func):
                              "H.264 for .mp4/.mkv/.mov/.ts, VP9 for .webm, MPEG-4 for .avi].")(func)
     func = click.option("--crf", type=click.IntRange(0, 63), default=EncodeOptions.crf, help="Encoder quality (lower is better; x264: 0-51).")(func)
     func = click.option("--keep-metadata", is_flag=True,
-                        help="Copy every container tag of the source (title, comment, GPS, vendor keys...); by default "
-                             "only creation_time and language are kept.")(func)
+                        help="Copy every container and stream tag of the source (title, comment, GPS, vendor keys...); "
+                             "by default only creation_time and language are kept.")(func)
     return func
 
 

@@ -35,15 +35,31 @@ def is_partial(path: str | Path) -> bool:
     return _PARTIAL.match(Path(path).name) is not None
 
 
+def target_of(path: str | Path) -> Path:
+    """The output that a temporary file of `atomic_output` becomes (`path` itself when it is not one): messages
+    name the file the user asked for."""
+    path = Path(path)
+    match = _PARTIAL.match(path.name)
+    return path.with_name(f"{match['stem']}{match['suffix'] or ''}") if match else path
+
+
 def check_output_path(path: Path, overwrite: bool) -> None:
     """Refuse an output in a missing or unwritable directory, a directory, or an existing file without `--overwrite`."""
     if not path.parent.is_dir():
         raise MediaError(f"{path}: the directory {path.parent} does not exist. Create it first or choose another output path.")
     if path.is_dir():
         raise MediaError(f"{path} is a directory, not a file. Name a file inside it, or choose another output path.")
+    check_not_device(path)
     check_writable_folder(path.parent)
     if path.exists() and not overwrite:
         raise MediaError(f"{path} already exists. Pass --overwrite to replace it, or choose another output path.")
+
+
+def check_not_device(path: Path) -> None:
+    """Refuse an output that is a device or a pipe (`-o /dev/null`): the rename at the end would replace the node."""
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise MediaError(f"{path}: is a device or a pipe, not a file: deid writes a whole file beside its output and "
+                         "renames it. Name a file (e.g. out.mp4) or a folder.")
 
 
 def check_writable_folder(folder: Path) -> None:

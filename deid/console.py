@@ -23,6 +23,19 @@ def set_quiet(quiet: bool) -> None:
     console.quiet = quiet
 
 
+_debug = False
+
+
+def set_debug(debug: bool) -> None:
+    """`--debug`: failures that are reported and passed over (a batch's failed file) show their traceback too."""
+    global _debug
+    _debug = debug
+
+
+def debugging() -> bool:
+    return _debug
+
+
 def info(message: str) -> None:
     console.print(message)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +21,8 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from deid.atomic import atomic_output, check_not_input, check_output_path, check_writable_folder
-from deid.console import console, info, progress, warn
+from deid.atomic import atomic_output, check_not_input, check_output_path, check_writable_folder, remove_stale_partials
+from deid.console import console, debugging, info, progress, warn
 from deid.errors import DeidError, MediaError
 from deid.faces.alignment import AlignConfig, align_photo_file, ffhq_affine, warp_crop
 from deid.evaluation.audit import AuditConfig, AuditLog, AuditTotals, FaceAuditor, audit_path
@@ -36,7 +37,7 @@ from deid.media.video import EncodeOptions, Frame, probe, to_display
 from deid.console import FramesPerSecond
 from deid.pipelines.detect import detect_frames
 from deid.pipelines.engines import HeadSynthesizer
-from deid.pipelines.inputs import Task, expand_inputs, make_folders, preview_path, remove_empty
+from deid.pipelines.inputs import Task, check_previews, expand_inputs, make_folders, preview_of, remove_empty
 from deid.pipelines.sharding import parse_shard, shard
 from deid.pipelines.stages import batched
 from deid.pipelines.video_job import video_job
@@ -73,6 +74,10 @@ class AnonymizeJob:
             check_writable_folder(self.output)
         for task in tasks:
             check_not_input(task.target, task.source)  # `-o` spelled differently, links: never destroy an input
+        if self.preview:
+            check_previews(((task.target, preview_of(task)) for task in tasks), (task.source for task in tasks),
+                           self.overwrite)
+        for task in tasks:
             if not task.is_image:
                 resolve_codec(self.encode.codec, task.target)  # a bad --codec fails here, before the model loads
         if self.identity is not None:
@@ -139,6 +144,8 @@ def _run_task(task: Task, job: AnonymizeJob, detector: RollRobustDetector, swapp
     created: list[Path] = []
     try:
         created = make_folders(task.target.parent)
+        for path in (task.target, audit_path(task.target), preview_of(task)):  # what a killed run (SIGKILL) left
+            remove_stale_partials(path)
         if task.is_image:
             _anonymize_image(task, job, detector, swapper, report)
         else:
@@ -154,11 +161,34 @@ def _run_task(task: Task, job: AnonymizeJob, detector: RollRobustDetector, swapp
             raise
         report.error = str(exc)
         warn(f"{task.source}: failed; going on with the other files.")
+    except Exception as exc:  # an FFmpeg error or a bug in one file: the other files of a batch still finish
+        remove_empty(created)
+        if not batch:
+            raise
+        log = _log_traceback(task, job, exc)
+        report.error = f"{task.source}: unexpected {exc.__class__.__name__}: {exc} (traceback in {log})"
+        warn(f"{task.source}: failed; going on with the other files.")
     except BaseException:
         remove_empty(created)
         raise
     report.seconds = time.perf_counter() - start
     return report
+
+
+FAILURE_LOG = "deid-failures.log"
+
+
+def _log_traceback(task: Task, job: AnonymizeJob, exc: Exception) -> Path:
+    """Append the traceback of a file's unexpected failure to FAILURE_LOG in the output folder (printed as well
+    under --debug); returns the log's path."""
+    log = job.output / FAILURE_LOG
+    text = "".join(traceback.format_exception(exc))
+    if debugging():
+        console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+    make_folders(log.parent)
+    with log.open("a") as out:
+        out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {task.source} -> {task.target}\n{text}")
+    return log
 
 
 def _raise_failures(reports: list[FileReport]) -> None:
@@ -255,7 +285,7 @@ def _anonymize_image(task: Task, job: AnonymizeJob, detector: RollRobustDetector
             report.audit = log.totals
         report.notes += save_still(still, output, tmp)
     if job.preview:
-        save_image(np.concatenate([image, output], axis=1), preview_path(task.target, task.target.suffix), overwrite=True)
+        save_image(np.concatenate([image, output], axis=1), preview_of(task), overwrite=job.overwrite)
 
 
 def _anonymize_video(task: Task, job: AnonymizeJob, detector: RollRobustDetector, swapper: _FaceSwapper,

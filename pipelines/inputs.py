@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from deid.atomic import is_partial
+from deid.atomic import check_not_device, is_partial
 from deid.errors import DeidError, MediaError
 from deid.media.images import IMAGE_EXTENSIONS
 from deid.media.video import VIDEO_EXTENSIONS
@@ -53,6 +53,7 @@ def expand_inputs(inputs: Iterable[str | Path], output: Path) -> list[Task]:
                 items.append((match, Path(match.name)))
             else:
                 raise MediaError(f"{match}: no such file or directory. Check the path.")
+    check_not_device(output)
     if len(items) == 1 and output.suffix and not output.is_dir():
         source = items[0][0]
         wanted = IMAGE_EXTENSIONS if source.suffix.lower() in IMAGE_EXTENSIONS else VIDEO_EXTENSIONS
@@ -61,6 +62,9 @@ def expand_inputs(inputs: Iterable[str | Path], output: Path) -> list[Task]:
             raise MediaError(f"{output}: {source} is {kind}, so the output must be one too ({', '.join(wanted[:4])}, ...).")
         return [Task(source, output)]
     if output.exists() and not output.is_dir():
+        if len(items) == 1:
+            raise MediaError(f"{output}: an output file needs a suffix that names its type ({items[0][0].suffix or '.mp4'}). "
+                             "Rename it, or pass a directory with -o.")
         raise MediaError(f"{output}: several inputs need an output directory, not a file. Pass a directory with -o.")
     tasks = [Task(source, output / relative) for source, relative in items]
     targets = [t.target for t in tasks]
@@ -94,3 +98,43 @@ def remove_empty(folders: Iterable[Path]) -> None:
 def preview_path(target: Path, suffix: str = ".mp4") -> Path:
     """Where `--preview` writes the side-by-side view of `target`: NAME.preview.mp4 beside it."""
     return target.with_name(f"{target.stem}.preview{suffix}")
+
+
+def preview_of(task: Task) -> Path:
+    """Where `--preview` writes a task's side-by-side view: beside its output, a photo's in the photo's format, a
+    video's as MP4."""
+    return preview_path(task.target, task.target.suffix if task.is_image else ".mp4")
+
+
+def check_previews(previews: Iterable[tuple[Path, Path]], inputs: Iterable[Path], overwrite: bool) -> None:
+    """Refuse, before any work, a preview that would replace an input, sit where an output (or another preview)
+    goes, or replace a file without `overwrite`. previews: (output, its preview) pairs, every task's.
+
+    A preview shows the original faces: one taken for an output (`a.preview.mp4` beside an input of that name)
+    would be a privacy failure, and one that replaces an input destroys it."""
+    previews = list(previews)
+    sources = {_file_identity(p): p for p in inputs}
+    outputs = {_file_identity(output): output for output, _ in previews}
+    seen: dict[object, Path] = {}
+    for output, preview in previews:
+        key = _file_identity(preview)
+        if key in sources:
+            raise MediaError(f"{preview}: the preview of {output} would replace the input {sources[key]}. "
+                             "Choose another output name, or leave out --preview.")
+        if key in outputs or key in seen:
+            other = outputs.get(key) or seen[key]
+            raise MediaError(f"{preview}: the preview of {output} would take the place of {other}'s output. "
+                             "Rename one of the inputs, or leave out --preview.")
+        seen[key] = output
+        if preview.exists() and not overwrite and not output.exists():  # an existing output is skipped, preview too
+            raise MediaError(f"{preview} already exists. Pass --overwrite to replace it, or choose another output path.")
+
+
+def _file_identity(path: Path) -> object:
+    """What names one file however the path is spelled (links, `..`, case): its device and inode when it exists,
+    else its real path."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return status.st_dev, status.st_ino

@@ -28,6 +28,7 @@ from deid.media.video import EncodeOptions, probe
 from deid.console import FramesPerSecond
 from deid.pipelines.detect import detect_frames
 from deid.pipelines.engines import HeadSynthesizer
+from deid.pipelines.inputs import check_previews, preview_path
 from deid.pipelines.stages import batched
 from deid.pipelines.video_job import video_job
 
@@ -58,6 +59,8 @@ class ReenactJob:
         check_output_path(self.output, self.overwrite)
         for source in (self.portrait, self.driving):
             check_not_input(self.output, source)
+        if self.preview:
+            check_previews([(self.output, preview_path(self.output))], (self.portrait, self.driving), self.overwrite)
         resolve_codec(self.encode.codec, self.output)  # the container must take the codec (and exist)
 
 

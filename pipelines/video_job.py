@@ -37,7 +37,7 @@ def video_job(source: VideoInfo, target: Path, encode: EncodeOptions, *, overwri
             notes.extend(writer.notes)
         preview = None
         if preview_size is not None:
-            preview_tmp = stack.enter_context(atomic_output(preview_path(target), overwrite=True, clean_stale=True))
+            preview_tmp = stack.enter_context(atomic_output(preview_path(target), overwrite=overwrite, clean_stale=True))
             preview = stack.enter_context(VideoWriter(preview_tmp, source, dataclasses.replace(encode, codec=None),
                                                       size=preview_size, rotation=0))
 

@@ -115,7 +115,7 @@ def test_wheel_installs_one_import_root(tmp_path):
     top = {p.name for p in site.iterdir()} - {"deps.pth", "__pycache__"}
     assert {name for name in top if not name.endswith(".dist-info")} == {"deid"}
     entry_points = next(site.glob("deid-*.dist-info")).joinpath("entry_points.txt").read_text()
-    assert "deid = deid.cli:main" in entry_points
+    assert "deid = deid.launcher:main" in entry_points
     clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     for name in ("cli", "train", "pipelines"):
         result = subprocess.run([python, "-c", f"import {name}"], cwd=tmp_path, capture_output=True, text=True, env=clean)

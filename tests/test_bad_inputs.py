@@ -4,14 +4,17 @@ notes a summary gives. Refusals exit 1 with one line naming the file and the fix
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import os
 import shutil
 import signal
 import time
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import pytest
@@ -22,8 +25,9 @@ import deid.pipelines.anonymize as anonymize_module
 from deid import cli
 from deid.atomic import atomic_output
 from deid.errors import MediaError
+from deid.faces.alignment import align_photo_file
 from deid.media.stills import load_still, save_still
-from deid.media.video import VideoWriter, probe
+from deid.media.video import VideoInfo, VideoWriter, probe
 from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
 from deid.pipelines.inputs import expand_inputs
 
@@ -162,17 +166,21 @@ def test_killed_runs_leftovers_are_removed_and_never_inputs(tmp_path, astronaut_
     out.mkdir()
     long_ago = time.time() - 600
     dead, live, fresh = (out / f".a.{name}.partial.png" for name in ("deadrun1", "liverun1", "freshrun"))
-    for path in (dead, live, fresh):
+    # The output's family too: its audit log's and its preview's leftovers used to survive every later run.
+    dead_audit, dead_preview = out / ".a.png.audit.deadrun2.partial.json", out / ".a.preview.deadrun3.partial.png"
+    for path in (dead, live, fresh, dead_audit, dead_preview):
         path.write_bytes(b"x" * 48)
-    for path in (dead, live):
+    for path in (dead, live, dead_audit, dead_preview):
         os.utime(path, (long_ago, long_ago))
+    os.utime(fresh, (time.time() + 600,) * 2)  # brand new whenever the run reaches it, on a loaded machine too
     lock = os.open(live, os.O_RDONLY)
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        run_anonymize(AnonymizeJob(inputs=(folder / "a.png",), output=out / "a.png"), tiny_model)
+        run_anonymize(AnonymizeJob(inputs=(folder / "a.png",), output=out / "a.png", preview=True), tiny_model)
     finally:
         os.close(lock)
-    assert _files(out) == [".a.freshrun.partial.png", ".a.liverun1.partial.png", "a.png", "a.png.audit.json"]
+    assert _files(out) == [".a.freshrun.partial.png", ".a.liverun1.partial.png", "a.png", "a.png.audit.json",
+                           "a.preview.png"]
 
 
 # ------------------------------------------------------------------------- 4. batches go on
@@ -193,6 +201,148 @@ def test_batch_goes_on_past_unreadable_files(tmp_path, astronaut_png, not_a_vide
     assert f"failed: {src / 'broken' / 'notes.mp4'}: not a readable video" in err
     assert err.splitlines()[-1] == (f"error: 2 of 3 files failed ({src / 'broken' / 'empty.jpg'}, {src / 'broken' / 'notes.mp4'}; "
                                     "the reasons are listed above). Fix or remove them and run again: finished files are skipped.")
+
+
+def test_batch_of_b_frame_avis_finishes_every_file(tmp_path, bframes_avis, astronaut_png, tiny_model_path, capsys):
+    """DivX/XviD-style AVIs (B-frames, MP3/AC3 audio) used to crash the run with `returned 22` and stop the batch
+    there; now each is anonymized, every frame kept, and the file after them too."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, clip in bframes_avis.items():
+        shutil.copy(clip, src / f"{name}.avi")
+    shutil.copy(astronaut_png, src / "z_after.png")
+    out = tmp_path / "out"
+    code, err = _run(capsys, "anonymize", src, "-o", out, "--no-audit", *_model(tiny_model_path))
+    assert code == 0, err
+    assert _files(out) == ["in", "in/h264.avi", "in/mpeg4.avi", "in/z_after.png"]
+    for name, clip in bframes_avis.items():
+        assert probe(out / "in" / f"{name}.avi").frame_count == probe(clip).frame_count
+        assert len(probe(out / "in" / f"{name}.avi").audio) == 1
+
+
+def test_batch_goes_on_past_an_unexpected_exception(tmp_path, astronaut_png, tiny_model_path, capsys, monkeypatch):
+    """A bug or an FFmpeg error in one file fails that file with its message and a traceback (in the output
+    folder's deid-failures.log, and on screen under --debug); the other files finish; exit 1."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.png", "b.png"):
+        shutil.copy(astronaut_png, src / name)
+    real = anonymize_module._anonymize_image
+
+    def flaky(task, *args):
+        if task.source.name == "a.png":
+            raise av.error.ArgumentError(22, "Invalid argument", "avcodec_send_frame()")
+        return real(task, *args)
+
+    monkeypatch.setattr(anonymize_module, "_anonymize_image", flaky)
+    out = tmp_path / "out"
+    for debug in (False, True):  # the rerun skips the finished b.png and fails a.png again
+        code, err = _run(capsys, *(["--debug"] * debug), "anonymize", src, "-o", out, "--no-audit", *_model(tiny_model_path))
+        assert code == 1
+        assert _files(out) == ["deid-failures.log", "in", "in/b.png"]
+        assert f"failed: {src / 'a.png'}: unexpected ArgumentError: Invalid argument: 'avcodec_send_frame()' returned 22" in err
+        assert ("Traceback (most recent call last)" in err) is debug
+        assert err.splitlines()[-1].startswith(f"error: 1 of 2 files failed ({src / 'a.png'}; ")
+    log = (out / "deid-failures.log").read_text()
+    assert log.count(f"{src / 'a.png'} -> {out / 'in' / 'a.png'}") == 2 and "in flaky" in log and "Traceback" in log
+
+
+def test_writer_turns_ffmpeg_errors_into_a_media_error(tmp_path):
+    """An encoder that refuses a frame (time going backwards) is a one-line MediaError naming the output file,
+    not av's `returned 22`."""
+    out = tmp_path / "out.avi"  # MPEG-4 part 2 refuses a frame whose time does not advance
+    with pytest.raises(MediaError, match=rf"^{out}: could not write frame 2 \(pts 1\)"), atomic_output(out) as tmp:
+        with VideoWriter(tmp, VideoInfo.for_frames(64, 48, Fraction(25))) as writer:
+            for pts in (0, 1, 1):
+                writer.write(np.zeros((48, 64, 3), np.uint8), pts)
+    assert _files(tmp_path) == []
+
+
+def test_output_that_is_a_device_is_refused(tmp_path, astronaut_png, ntsc_clip, capsys):
+    """`-o /dev/null` with one input used to say that several inputs need an output directory (and an atomic
+    rename over a device node would have replaced it)."""
+    code, err = _run(capsys, "anonymize", astronaut_png, "-o", "/dev/null", "--model", tmp_path / "no-model")
+    _one_line_error(code, err, "/dev/null: is a device or a pipe, not a file")
+    code, err = _run(capsys, "reenact", astronaut_png, ntsc_clip, "-o", "/dev/null", "--model", tmp_path / "no-model")
+    _one_line_error(code, err, "/dev/null: is a device or a pipe, not a file")
+    (tmp_path / "plain").write_bytes(b"")
+    code, err = _run(capsys, "anonymize", astronaut_png, "-o", tmp_path / "plain", "--model", tmp_path / "no-model")
+    _one_line_error(code, err, f"{tmp_path / 'plain'}: an output file needs a suffix that names its type (.png)")
+
+
+def test_identity_photo_with_several_faces_says_which_is_taken(tmp_path, astronaut_png, capsys):
+    """A group photo as --identity used to be accepted silently: the largest of its faces is taken, and said so."""
+    face = np.array(Image.open(astronaut_png))[:300, 100:400]  # her head and shoulders, 300x300
+    small = cv2.resize(face, (150, 150), interpolation=cv2.INTER_AREA)
+    group = np.full((300, 700, 3), 128, np.uint8)
+    group[75:225, 0:150] = small
+    group[:, 200:500] = face
+    group[75:225, 550:700] = small
+    Image.fromarray(group).save(tmp_path / "group.png")
+    capsys.readouterr()
+    photo = align_photo_file(tmp_path / "group.png", 64)
+    err = " ".join(capsys.readouterr().err.split())
+    assert photo.faces == 3 and 200 <= photo.box[0] < photo.box[2] <= 500  # the middle, largest one
+    assert f"{tmp_path / 'group.png'}: 3 faces; the largest (" in err and "is the one taken" in err
+    align_photo_file(astronaut_png, 64)
+    assert "faces;" not in capsys.readouterr().err  # one face: nothing to say
+
+
+# ------------------------------------------------------------------------- 4b. previews never replace inputs or outputs
+
+
+def test_preview_that_would_replace_the_input_is_refused(tmp_path, ntsc_clip, astronaut_png, capsys):
+    """`deid anonymize clip.preview.mp4 -o clip.mp4 --preview` used to replace its input with the side-by-side
+    preview; photos the same. Refused before the model loads (the missing model is never reached), nothing written."""
+    for original, name, output in ((ntsc_clip, "clip.preview.mp4", "clip.mp4"), (astronaut_png, "talk.preview.jpg", "talk.jpg")):
+        source = tmp_path / name
+        shutil.copy(original, source)
+        before = source.read_bytes()
+        code, err = _run(capsys, "anonymize", source, "-o", tmp_path / output, "--preview", "--model", tmp_path / "no-model")
+        _one_line_error(code, err, f"{source}: the preview of {tmp_path / output} would replace the input {source}")
+        assert source.read_bytes() == before
+    assert _files(tmp_path) == ["clip.preview.mp4", "talk.preview.jpg"]
+
+
+def test_preview_that_would_sit_where_an_output_goes_is_refused(tmp_path, astronaut_png, capsys):
+    """A batch with a.png and a.preview.png: a's preview (the ORIGINAL face) would take the place of the second
+    file's anonymized output."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.png", "a.preview.png"):
+        shutil.copy(astronaut_png, src / name)
+    out = tmp_path / "out"
+    code, err = _run(capsys, "anonymize", src, "-o", out, "--preview", "--model", tmp_path / "no-model")
+    _one_line_error(code, err, f"{out / 'in' / 'a.preview.png'}: the preview of {out / 'in' / 'a.png'} would take the "
+                               f"place of {out / 'in' / 'a.preview.png'}'s output")
+    assert not out.exists()
+
+
+def test_previews_follow_the_overwrite_rule(tmp_path, astronaut_png, ntsc_clip):
+    """An existing preview is replaced only with --overwrite (previews are written through atomic_output)."""
+    from deid.pipelines.reenact import ReenactJob
+
+    (tmp_path / "a.preview.png").write_bytes(b"an earlier preview")
+    job = AnonymizeJob(inputs=(astronaut_png,), output=tmp_path / "a.png", preview=True)
+    with pytest.raises(MediaError, match=r"a\.preview\.png already exists\. Pass --overwrite"):
+        job.check()
+    dataclasses.replace(job, overwrite=True).check()
+    dataclasses.replace(job, preview=False).check()
+    src, out = tmp_path / "in", tmp_path / "out"
+    (out / "in").mkdir(parents=True)
+    src.mkdir()
+    shutil.copy(astronaut_png, src / "a.png")
+    shutil.copy(ntsc_clip, src / "clip.mp4")
+    (out / "in" / "clip.preview.mp4").write_bytes(b"an earlier preview")
+    batch = AnonymizeJob(inputs=(src,), output=out, preview=True)
+    with pytest.raises(MediaError, match=r"clip\.preview\.mp4 already exists"):
+        batch.check()
+    (out / "in" / "clip.mp4").write_bytes(b"a finished output")  # a rerun skips this file: its preview is left alone
+    batch.check()
+    driving = tmp_path / "r.preview.mp4"
+    shutil.copy(ntsc_clip, driving)
+    with pytest.raises(MediaError, match="the preview of .*r.mp4 would replace the input"):
+        ReenactJob(portrait=astronaut_png, driving=driving, output=tmp_path / "r.mp4", preview=True).check()
 
 
 # ------------------------------------------------------------------------- 5. codecs up front, defaults
@@ -353,6 +503,7 @@ def test_summary_names_what_an_output_loses(tmp_path, hdr_clip, extra_streams_cl
     assert f"note: {out / 'hdr10.mp4'}: 10-bit video processed at 8 bits per channel, written as 10-bit" in err
     assert (f"note: {out / 'extra_streams.mkv'}: 1 extra video stream and 1 subtitle stream not carried over" in err)
     assert probe(out / "hdr10.mp4").bits == 10 and probe(out / "hdr10.mp4").color == probe(hdr_clip).color
+    assert probe(out / "hdr10.mp4").hdr == probe(hdr_clip).hdr is not None  # mastering display, light levels
 
 
 @pytest.mark.parametrize("mode", ["1", "L", "LA", "L16", "RGB", "RGBA", "RGB16", "RGBA16", "CMYK", "P"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,6 +12,7 @@ import time
 import pytest
 import torch
 
+from deid import launcher
 from deid.errors import DeidError
 from deid.devices import resolve_device, resolve_dtype
 
@@ -33,6 +36,31 @@ def test_debug_shows_the_traceback():
     result = run_deid("--debug", "weights", "fetch", "no-such-network")
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "WeightsError" in result.stderr
+
+
+# Sends SIGINT the moment `deid.cli` (torch, PyAV, the networks: seconds of imports) starts to be imported.
+_CTRL_C_WHILE_IMPORTING = """
+import importlib.abc, os, signal, sys
+class CtrlC(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "deid.cli":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["deid", "--help"]
+import deid.launcher
+deid.launcher.main()
+"""
+
+
+def test_ctrl_c_while_starting_is_one_line_exit_130():
+    """A Ctrl-C during the first seconds (imports) used to print a raw KeyboardInterrupt traceback."""
+    result = subprocess.run([sys.executable, "-c", _CTRL_C_WHILE_IMPORTING], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr, result.stdout) == (130, "error: interrupted.\n", "")
+    # Once started, Ctrl-C is Python's KeyboardInterrupt again: deid.cli.main cleans up and exits 130 itself.
+    before = signal.getsignal(signal.SIGINT)
+    importlib.reload(launcher)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 @pytest.mark.slow

@@ -15,9 +15,10 @@ import pytest
 from deid.errors import MediaError
 import deid.media.video as video
 from deid.media.containers import CONTAINERS, resolve_codec, usable_codecs
-from deid.media.video import VIDEO_EXTENSIONS, ColorTags, EncodeOptions, VideoWriter, probe, read_frames
+from deid.media.video import (VIDEO_EXTENSIONS, ColorTags, EncodeOptions, HdrMetadata, VideoWriter, audio_duration, probe,
+                              read_frames)
 
-from tests.fixtures.inputs import FRAMES, lavfi_clip
+from tests.fixtures.inputs import FRAMES, HDR_MASTER_DISPLAY, lavfi_clip
 
 
 def _roundtrip(source: Path, target: Path, **options) -> VideoWriter:
@@ -43,7 +44,8 @@ def _starts(path: Path) -> dict[str, float]:
 
 @pytest.fixture(scope="session")
 def small_clip(matrix_dir) -> Path:
-    return lavfi_clip(matrix_dir / "small.mp4", "-c:v", "libx264", "-c:a", "aac")
+    """64x48 with 4:3 pixels (as DV and anamorphic DVD sources have), H.264 and AAC."""
+    return lavfi_clip(matrix_dir / "small.mp4", "-vf", "setsar=4/3", "-c:v", "libx264", "-c:a", "aac")
 
 
 @pytest.mark.parametrize("suffix", sorted(set(CONTAINERS)))
@@ -58,6 +60,9 @@ def test_every_encoder_of_every_container_writes_a_readable_video(tmp_path, smal
         # The audio is kept (copied or re-encoded) in every container that holds audio (GIF holds none).
         assert len(dst.audio) == (0 if suffix == ".gif" else 1), (suffix, codec)
         assert writer.codec == codec
+        # The pixel aspect ratio is kept (GIF to 1/64), or the summary says it was not (VP9 in WebM).
+        kept = abs(float(dst.sar) - 4 / 3) < 1 / 64
+        assert kept != any("pixel aspect ratio 4:3 not kept" in note for note in writer.notes), (suffix, codec, dst.sar)
 
 
 def test_default_codec_fits_the_container(tmp_path, small_clip):
@@ -154,6 +159,52 @@ def test_re_encoded_audio_keeps_its_start(tmp_path, late_audio_clip, suffix):
     assert abs(_av_offset(out) - _av_offset(late_audio_clip)) < 1 / 25
 
 
+@pytest.mark.parametrize("suffix", [".avi", ".mkv"])
+def test_audio_before_the_first_frame_is_cut(tmp_path, early_audio_ts, suffix):
+    """Audio that starts 0.2 s before the video (TS): the output's clock starts at the first frame, and the sound
+    before it is cut, not moved to 0 (it came out late by that much in AVI). AVI re-encodes the AAC to PCM (cut to
+    the sample), MKV copies it (cut to the AAC frame of 1024 samples, 21 ms, that holds the first frame's start)."""
+    src = probe(early_audio_ts)
+    starts = _starts(early_audio_ts)
+    assert starts["video"] - starts["audio"] == pytest.approx(0.2, abs=0.03)
+    audio_end = starts["audio"] + audio_duration(early_audio_ts, src.audio[0].index)
+    out = tmp_path / f"out{suffix}"
+    _roundtrip(early_audio_ts, out)
+    kept = audio_duration(out, probe(out).audio[0].index)
+    frame = 1024 / 48000 if suffix == ".mkv" else 1 / 48000
+    early = 0 if suffix == ".avi" else frame
+    assert -early - 1e-3 <= _starts(out)["audio"] - _starts(out)["video"] <= 1e-3
+    assert audio_end - starts["video"] - 1e-3 <= kept <= audio_end - starts["video"] + early + 1e-3
+
+
+@pytest.mark.parametrize("suffix", [".mov", ".avi"])
+def test_edit_list_keeps_the_visible_start_and_duration(tmp_path, edit_list_mov, suffix):
+    """An edit-listed .mov (cut with `-ss 0.5 -c copy`) used to come out 0.5 s late and 0.5 s long: probe took the
+    start, the frame count and the duration from the pre-roll packets the decoder drops."""
+    src = probe(edit_list_mov)
+    shown = [frame.pts * float(src.time_base) for frame in read_frames(edit_list_mov)]
+    assert (src.start, src.frame_count) == (0, len(shown)) and len(shown) == 37  # 1.5 s at 25 fps, cut to the frame
+    assert src.duration == pytest.approx(len(shown) / 25, abs=1e-9)
+    out = tmp_path / f"out{suffix}"
+    _roundtrip(edit_list_mov, out)
+    np.testing.assert_allclose(video.frame_times(out), shown, atol=1e-6)
+    assert probe(out).duration == pytest.approx(src.duration, abs=1e-6)
+    assert _starts(out) == {"video": 0.0, "audio": 0.0}
+    assert audio_duration(out, 1) == pytest.approx(audio_duration(edit_list_mov, 1), abs=1 / 25)
+
+
+def test_short_ntsc_clip_in_a_coarse_time_base_stays_constant_rate(tmp_path, ntsc_600_mov):
+    """It used to be taken for variable rate (or for 27000/901) and got a 600 fps AVI time base."""
+    src = probe(ntsc_600_mov)
+    assert (src.frame_rate, src.constant_rate, src.frame_count) == (Fraction(30000, 1001), True, 45)
+    out = tmp_path / "out.avi"
+    _roundtrip(ntsc_600_mov, out)
+    dst = probe(out)
+    assert (dst.frame_rate, dst.time_base, dst.frame_count) == (Fraction(30000, 1001), Fraction(1001, 30000), 45)
+    np.testing.assert_allclose(video.frame_times(out), video.frame_times(ntsc_600_mov), atol=1 / 600)
+    assert _starts(out) == {"video": 0.0, "audio": 0.0}
+
+
 def _roundtrip_path(tmp_path, source, suffix):
     out = tmp_path / f"again{suffix}"
     _roundtrip(source, out)
@@ -183,11 +234,17 @@ def test_hdr_tags_and_ten_bits_are_kept(tmp_path, hdr_clip):
     assert dst.color == src.color
     assert abs(_luma_diff(out, hdr_clip)[0]) < 0.8  # 10-bit levels; with BT.601 on the way back it is -1.5
     assert writer.notes == ["10-bit video processed at 8 bits per channel, written as 10-bit"]
+    # The mastering display and light levels (HDR10's static metadata) are kept by x264 and x265 alike.
+    assert src.hdr == HdrMetadata(HDR_MASTER_DISPLAY, (1000, 400)) and dst.hdr == src.hdr
+    _roundtrip(hdr_clip, tmp_path / "hevc.mkv", codec="libx265")
+    assert probe(tmp_path / "hevc.mkv").hdr == src.hdr
     # VP9 in this build takes 8-bit only: the tags stay, and the summary says what was lost.
     webm = tmp_path / "out.webm"
     writer = _roundtrip(hdr_clip, webm)
     assert probe(webm).bits == 8 and probe(webm).color == src.color
-    assert len(writer.notes) == 1 and "written as 8-bit" in writer.notes[0]
+    assert [note.split(" (")[0] for note in writer.notes] == [
+        "10-bit video processed at 8 bits per channel, written as 8-bit", "pixel aspect ratio 128:117 not kept",  # CIF's
+        "HDR10 mastering display and light levels not kept"]
 
 
 def test_full_range_stays_full(tmp_path, full_range_clip):

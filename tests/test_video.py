@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +21,10 @@ from deid.media.video import (
     read_frames,
     to_display,
 )
+from deid.media import video
+
+from tests.fixtures.inputs import run_ffmpeg
+from tests.fixtures.media import BFRAME_AVI_FRAMES
 
 
 def _roundtrip(source, target):
@@ -191,6 +196,36 @@ def test_container_tags_are_an_allow_list_unless_keep_metadata(tmp_path, tagged_
         assert not set(named) & set(tags) and "Alice" not in str(tags) and "48.8577" not in str(tags)
 
 
+@pytest.fixture(scope="module")
+def stream_tagged_clip(tmp_path_factory) -> Path:
+    """An MKV whose streams are tagged: video "eng" titled "Alice cam", audio 1 "fra" titled "Commentary by Alice",
+    audio 2 "deu"."""
+    path = tmp_path_factory.mktemp("stream_tags") / "streams.mkv"
+    run_ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",
+               "-t", "0.4", "-map", "0:v", "-map", "1:a", "-map", "1:a", "-c:v", "libx264", "-c:a", "aac",
+               "-metadata:s:v:0", "language=eng", "-metadata:s:v:0", "title=Alice cam", "-metadata:s:a:0", "language=fra",
+               "-metadata:s:a:0", "title=Commentary by Alice", "-metadata:s:a:1", "language=deu", str(path))
+    return path
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_stream_tags_follow_the_same_allow_list(tmp_path, stream_tagged_clip, keep):
+    """Stream tags (an audio track's language) used to be dropped, even with --keep-metadata; now each stream keeps
+    its language, and its title only with --keep-metadata (a track title can name someone)."""
+    import av
+
+    for suffix in (".mkv", ".mp4"):
+        out = tmp_path / f"out{suffix}"
+        with VideoWriter(out, probe(stream_tagged_clip), EncodeOptions(keep_metadata=keep)) as writer:
+            for frame in read_frames(stream_tagged_clip):
+                writer.write(frame.image, frame.pts, frame.duration)
+        with av.open(str(out)) as container:
+            tags = [{k.lower(): v for k, v in stream.metadata.items()} for stream in container.streams]
+        assert [t.get("language") for t in tags] == ["eng", "fra", "deu"], suffix
+        titles = [t.get("title", t.get("name")) for t in tags]  # MP4 stores a track title as its name
+        assert titles == (["Alice cam", "Commentary by Alice", None] if keep else [None, None, None]), suffix
+
+
 def test_cli_passes_keep_metadata_to_the_writer(monkeypatch, tmp_path, tagged_clip):
     from click.testing import CliRunner
 
@@ -203,3 +238,34 @@ def test_cli_passes_keep_metadata_to_the_writer(monkeypatch, tmp_path, tagged_cl
         result = CliRunner().invoke(cli.cli, ["anonymize", str(tagged_clip), "-o", str(tmp_path / "o.mkv"), *flags])
         assert result.exit_code == 0, result.output
         assert seen.pop().keep_metadata is expected
+
+
+def test_presentation_order_sorts_misplaced_labels_and_keeps_vfr_times():
+    """Frames come out of the decoder in presentation order; AVI labels them in decode order. Each frame takes the
+    smallest label among itself and the next REORDER_DEPTH frames: the set of times (VFR gaps included) is kept."""
+    labels = [(0, 1), (3, 2), (5, 1), (1, 2), (9, 4), (13, 1), (6, 3), (14, 1), (None, 0)]  # (pts, duration)
+    frames = [SimpleNamespace(pts=p, duration=d, name=i) for i, (p, d) in enumerate(labels)]
+    out = list(video._presentation_order(iter(frames), step=1))
+    assert [f.name for f, _, _ in out] == list(range(len(labels)))  # the frames keep their order
+    assert [(p, d) for _, p, d in out] == [(0, 1), (1, 2), (3, 2), (5, 1), (6, 3), (9, 4), (13, 1), (14, 1), (15, 0)]
+    # Deeper than REORDER_DEPTH: time still never goes backwards (the encoder would refuse the frame).
+    deep = [SimpleNamespace(pts=p, duration=0) for p in (0, 10, 11, 12, 13, 14, 15, 1)]
+    times = [p for _, p, _ in video._presentation_order(iter(deep), step=1)]
+    assert all(b > a for a, b in zip(times, times[1:]))
+
+
+@pytest.mark.parametrize("codec", ["mpeg4", "h264"])
+def test_avi_with_b_frames_reads_and_writes_in_presentation_order(tmp_path, bframes_avis, codec):
+    """DivX/XviD-style AVIs (B-frames, MP3 or AC3 audio) used to crash the encoder: `avcodec_send_frame() returned
+    22` writing .avi, `returned 22` muxing .mp4. Every frame is kept, at its presentation time, with the audio."""
+    clip = bframes_avis[codec]
+    times = frame_times(clip)
+    tb = float(probe(clip).time_base)
+    np.testing.assert_allclose([f.pts * tb for f in read_frames(clip)], times, atol=1e-9)
+    for suffix in (".avi", ".mp4", ".mkv"):
+        out = tmp_path / f"{codec}{suffix}"
+        src, dst = _roundtrip(clip, out)
+        assert dst.frame_count == src.frame_count == BFRAME_AVI_FRAMES
+        exact = 5e-4 if suffix == ".mkv" else 1e-6  # Matroska stores milliseconds
+        np.testing.assert_allclose(frame_times(out) - frame_times(out)[0], times - times[0], atol=exact)
+        assert len(dst.audio) == 1 and dst.duration == pytest.approx(src.duration, abs=exact)

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import torch
 
+from deid.console import warn
 from deid.errors import NoFaceError
 from deid.faces.detection import FaceDetector
 from deid.media.images import load_image, to_tensor
@@ -71,6 +72,8 @@ class AlignedPhoto:
     image: np.ndarray  # [H, W, 3] uint8 RGB, the photo
     crop: np.ndarray  # [S, S, 3] uint8 RGB, the loose FFHQ-style head crop
     affine: np.ndarray  # [2, 3] float64, photo -> crop
+    box: np.ndarray | None = None  # [4] float32 (x0, y0, x1, y1): the chosen face's box in the photo
+    faces: int = 1  # how many faces the photo holds
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -85,13 +88,20 @@ def align_photo(image: np.ndarray, size: int, *, detector: FaceDetector | None =
     detections = (detector or FaceDetector())([image])[0]
     if not len(detections):
         raise NoFaceError("no face found in the photo. Use a photo where one face is clearly visible.")
-    affine = ffhq_affine(detections.landmarks[detections.largest()], size, scale)
-    return AlignedPhoto(image, warp_crop(image, affine, size), affine)
+    largest = detections.largest()
+    affine = ffhq_affine(detections.landmarks[largest], size, scale)
+    return AlignedPhoto(image, warp_crop(image, affine, size), affine, detections.boxes[largest], len(detections))
 
 
 def align_photo_file(path: str | Path, size: int, **kwargs) -> AlignedPhoto:
-    """align_photo on an image file; the NoFaceError names the file."""
+    """align_photo on an image file; the NoFaceError names the file. A photo with several faces says which one was
+    taken (the largest), so a group photo never silently lends the wrong person's identity."""
     try:
-        return align_photo(load_image(path), size, **kwargs)
+        photo = align_photo(load_image(path), size, **kwargs)
     except NoFaceError:
         raise NoFaceError(f"{path}: no face found. Use a photo where one face is clearly visible.") from None
+    if photo.faces > 1:
+        x0, y0, x1, y1 = (int(round(v)) for v in photo.box[:4])
+        warn(f"{path}: {photo.faces} faces; the largest ({x1 - x0}x{y1 - y0} pixels at x={x0}, y={y0}) is the one "
+             "taken. Crop the photo to one face to take another.")
+    return photo

@@ -23,6 +23,9 @@ class ContainerSpec:
     audio_encoder: str | None  # what audio it cannot hold as it is becomes (None: the container holds no audio)
     copy_audio: tuple[str, ...] | None = None  # audio codecs copied as they are (None: ask the muxer)
     reorder: bool = True  # False: no presentation timestamps in the file (AVI): encode without B-frames
+    # False: the muxer writes the pixel aspect ratio only from a stream field PyAV cannot set (Matroska, WebM, AVI),
+    # so it survives only inside codecs that carry it themselves (SAR_IN_BITSTREAM).
+    writes_sar: bool = True
 
 
 _MP4 = ContainerSpec("mp4", ("libx264", "libx265", "libsvtav1", "libvpx-vp9", "mpeg4", "mjpeg"), "aac")
@@ -31,12 +34,13 @@ CONTAINERS: dict[str, ContainerSpec] = {
     ".m4v": _MP4,
     ".mov": ContainerSpec("mov", ("libx264", "libx265", "prores_ks", "mpeg4", "mjpeg"), "aac"),
     ".mkv": ContainerSpec("matroska", ("libx264", "libx265", "libvpx-vp9", "libsvtav1", "ffv1", "prores_ks", "mpeg4",
-                                       "mjpeg"), "aac"),
-    ".webm": ContainerSpec("webm", ("libvpx-vp9", "libsvtav1", "libvpx"), "libopus"),
+                                       "mjpeg"), "aac", writes_sar=False),
+    ".webm": ContainerSpec("webm", ("libvpx-vp9", "libsvtav1", "libvpx"), "libopus", writes_sar=False),
     # AVI stores no presentation times: reordered (B-) frames would shift the video against the audio, and even
     # without B-frames an H.264 stream in AVI reads back one frame late, so MPEG-4 part 2 is the default.
     ".avi": ContainerSpec("avi", ("mpeg4", "mjpeg", "ffv1", "libvpx-vp9", "msmpeg4v2"), "pcm_s16le",
-                          copy_audio=("pcm_s16le", "pcm_u8", "pcm_mulaw", "pcm_alaw", "mp3", "mp2", "ac3"), reorder=False),
+                          copy_audio=("pcm_s16le", "pcm_u8", "pcm_mulaw", "pcm_alaw", "mp3", "mp2", "ac3"), reorder=False,
+                          writes_sar=False),
     ".ts": ContainerSpec("mpegts", ("libx264", "libx265", "mpeg2video"), "aac",
                          copy_audio=("aac", "mp2", "mp3", "ac3", "eac3", "opus")),
     ".mpg": ContainerSpec("mpeg", ("mpeg2video",), "mp2", copy_audio=("mp2", "mp3", "ac3")),
@@ -46,6 +50,15 @@ CONTAINERS: dict[str, ContainerSpec] = {
     ".3gp": ContainerSpec("3gp", ("libx264", "mpeg4"), "aac", copy_audio=("aac",)),
     ".gif": ContainerSpec("gif", ("gif",), None),  # animated GIF: no audio
 }
+
+
+# Encoders whose bitstream holds the pixel aspect ratio (H.264/HEVC VUI, MPEG-4 VOL, MPEG-2 sequence header, JFIF).
+SAR_IN_BITSTREAM = ("libx264", "libx265", "mpeg4", "mpeg2video", "mjpeg")
+
+
+def keeps_sar(spec: ContainerSpec, codec: str) -> bool:
+    """Whether an output of this container and encoder keeps a non-square pixel aspect ratio."""
+    return spec.writes_sar or codec in SAR_IN_BITSTREAM
 
 
 @lru_cache(maxsize=None)

@@ -8,8 +8,12 @@ Frames are handled as stored (not rotated); `to_display`/`points_to_stored` conv
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import heapq
 import os
 import shutil
+import struct
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -18,8 +22,9 @@ from typing import Iterator
 import av
 import numpy as np
 
+from deid.atomic import target_of
 from deid.errors import MediaError
-from deid.media.containers import container_for, resolve_codec, takes_audio
+from deid.media.containers import container_for, keeps_sar, resolve_codec, takes_audio
 from deid.media.stills import IMAGE_EXTENSIONS
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp")
@@ -62,6 +67,40 @@ class ColorTags:
 
 
 @dataclass(frozen=True)
+class HdrMetadata:
+    """HDR10's static metadata, in the units x264 and x265 take: the mastering display's primaries and white point
+    (CIE xy in 0.00002) and luminance range (0.0001 cd/m2) as "G(x,y)B(x,y)R(x,y)WP(x,y)L(max,min)", and the content
+    light levels (MaxCLL, MaxFALL in cd/m2). Either may be missing."""
+
+    master_display: str | None = None
+    light_level: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, frame: av.VideoFrame) -> HdrMetadata | None:
+        """A decoded frame's (HEVC and H.264 carry them in SEI messages), or None."""
+        found = {}
+        for side in frame.side_data:
+            if side.type.name == "MASTERING_DISPLAY_METADATA":
+                found["master_display"] = _master_display(bytes(side))
+            elif side.type.name == "CONTENT_LIGHT_LEVEL":
+                found["light_level"] = struct.unpack("<2I", bytes(side)[:8])
+        return cls(**found) if any(found.values()) else None
+
+
+def _master_display(data: bytes) -> str | None:
+    """libav's AVMasteringDisplayMetadata (rationals: R, G, B primaries, white point, min and max luminance; then
+    has_primaries, has_luminance) as x265's master-display string; None when it holds neither part."""
+    values = struct.unpack("<22i", data[:88])
+    ratio = [values[i] / values[i + 1] if values[i + 1] else 0.0 for i in range(0, 20, 2)]
+    has_primaries, has_luminance = values[20], values[21]
+    if not (has_primaries and has_luminance):
+        return None
+    xy = [round(r * 50000) for r in ratio[:8]]  # R, G, B, white point, as (x, y)
+    r, g, b, wp = (f"({xy[i]},{xy[i + 1]})" for i in range(0, 8, 2))
+    return f"G{g}B{b}R{r}WP{wp}L({round(ratio[9] * 10000)},{round(ratio[8] * 10000)})"
+
+
+@dataclass(frozen=True)
 class VideoInfo:
     path: Path | None  # None: frames made in memory (see `for_frames`)
     width: int  # stored frame size (before the display rotation)
@@ -79,6 +118,7 @@ class VideoInfo:
     pix_fmt: str = "yuv420p"  # the decoder's pixel format, e.g. yuv420p10le
     bits: int = 8  # bits per sample of that pixel format
     color: ColorTags = ColorTags()
+    hdr: HdrMetadata | None = None  # HDR10's mastering display and light levels, when the source has them
     field_order: int = 1  # libav's AVFieldOrder: 0 unknown, 1 progressive, 2 top field first, 3 bottom first, ...
     dropped: tuple[str, ...] = ()  # streams an output does not carry: "1 extra video stream", "2 subtitle streams"
 
@@ -138,25 +178,22 @@ def probe(path: str | Path) -> VideoInfo:
         stream = _video_stream(container, path)
         tb = stream.time_base
         pts, ends = [], []
-        rotation = 0
+        rotation, hdr = 0, None
         try:
-            for packet in container.demux(stream):
-                if packet.size == 0 or packet.pts is None:
-                    continue
+            for packet in filter(_shown, container.demux(stream)):
                 pts.append(packet.pts)
                 ends.append(packet.pts + (packet.duration or 0))
             container.seek(0)
             for frame in container.decode(stream):
                 rotation = int(round(frame.rotation or 0)) % 360
+                hdr = HdrMetadata.of(frame)
                 break
         except av.error.FFmpegError as exc:
             raise MediaError(f"{path}: corrupt video ({_reason(exc)}). Re-export or repair the file.") from None
         if not pts:
             raise MediaError(f"{path}: holds no video frames. Check that the file is complete.")
         first, last_end = min(pts), max(ends)
-        rate = Fraction(stream.average_rate or stream.guessed_rate or 25)
-        grid = (np.array(sorted(pts), np.float64) - first) * float(tb) * float(rate)
-        constant_rate = bool(np.all(np.abs(grid - np.arange(len(grid))) * float(1 / rate) <= float(tb) + 1e-9))
+        rate, constant_rate = _frame_rate(stream, np.array(sorted(pts), np.float64) * float(tb), float(tb))
         audio = tuple(
             AudioInfo(
                 index=a.index,
@@ -185,11 +222,30 @@ def probe(path: str | Path) -> VideoInfo:
             pix_fmt=cc.pix_fmt or "yuv420p",
             bits=max((c.bits for c in cc.format.components), default=8) if cc.format else 8,
             color=ColorTags(cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range),
+            hdr=hdr,
             field_order=cc.field_order,
             dropped=_dropped_streams(container),
         )
     finally:
         container.close()
+
+
+# Rates a constant-rate clip is tried on after the stream's own (libav's guess, then the average).
+_COMMON_RATES = tuple(Fraction(r) for r in ("24000/1001", "24", "25", "30000/1001", "30", "48", "50", "60000/1001", "60"))
+
+
+def _frame_rate(stream, times: np.ndarray, tick: float) -> tuple[Fraction, bool]:
+    """(frame rate, constant): the first rate on whose grid every frame starts within a timestamp tick of its own
+    place, else the average rate and False (variable rate). times: sorted frame start times, seconds.
+
+    The average alone misleads on short clips whose time base cannot hold the rate: 1.5 s of 30000/1001 at a
+    1/600 time base averages 27000/901, and a slightly long last frame pushes the grid off by the end."""
+    own = [Fraction(r) for r in (stream.guessed_rate, stream.average_rate) if r]
+    for rate in dict.fromkeys(own + list(_COMMON_RATES)):
+        place = (times - times[0]) * float(rate)
+        if np.all(np.abs(place - np.arange(len(times))) / float(rate) <= tick + 1e-9):
+            return rate, True
+    return (own[-1] if own else Fraction(25)), False
 
 
 def _dropped_streams(container) -> tuple[str, ...]:
@@ -199,12 +255,19 @@ def _dropped_streams(container) -> tuple[str, ...]:
     return tuple(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in counts.items() if n > 0)
 
 
+def _shown(packet: av.Packet) -> bool:
+    """Whether a packet holds something the viewer sees: not empty, timed, and not an edit list's pre-roll (a .mov
+    cut with `ffmpeg -ss 0.5 -c copy` keeps the packets from the keyframe before the cut, flagged for the decoder
+    to decode and drop)."""
+    return bool(packet.size) and packet.pts is not None and not packet.is_discard
+
+
 def frame_times(path: str | Path) -> np.ndarray:
     """Presentation times (seconds, sorted) of every video frame, from the packets."""
     container = _open(Path(path))
     try:
         stream = _video_stream(container, Path(path))
-        pts = sorted(p.pts for p in container.demux(stream) if p.size and p.pts is not None)
+        pts = sorted(p.pts for p in filter(_shown, container.demux(stream)))
         return np.array(pts, np.float64) * float(stream.time_base)
     finally:
         container.close()
@@ -215,7 +278,7 @@ def audio_duration(path: str | Path, index: int) -> float:
     container = _open(Path(path))
     try:
         stream = container.streams[index]
-        spans = [(p.pts, p.pts + (p.duration or 0)) for p in container.demux(stream) if p.size and p.pts is not None]
+        spans = [(p.pts, p.pts + (p.duration or 0)) for p in filter(_shown, container.demux(stream))]
         return float((max(e for _, e in spans) - min(s for s, _ in spans)) * stream.time_base) if spans else 0.0
     finally:
         container.close()
@@ -258,21 +321,20 @@ class Frame:
 
 
 def read_frames(path: str | Path) -> Iterator[Frame]:
-    """Decode a video one frame at a time (memory stays flat). Raises MediaError on corrupt data."""
+    """Decode a video one frame at a time (memory stays flat), timestamps in presentation order (see
+    `_presentation_order`). Raises MediaError on corrupt data."""
     path = Path(path)
     container = _open(path)
     try:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
-        index, last_pts = 0, None
         step = max(1, round(1 / (stream.average_rate or 25) / stream.time_base)) if stream.time_base else 1
         fmt = stream.codec_context.format
         accurate = bool(fmt) and max((c.bits for c in fmt.components), default=8) > 8
+        index = 0
         try:
-            for frame in container.decode(stream):
-                pts = frame.pts if frame.pts is not None else (0 if last_pts is None else last_pts + step)
-                last_pts = pts
-                yield Frame(index, pts, int(frame.duration or 0), _to_rgb(frame, accurate))
+            for frame, pts, duration in _presentation_order(container.decode(stream), step):
+                yield Frame(index, pts, duration, _to_rgb(frame, accurate))
                 index += 1
         except av.error.FFmpegError as exc:
             raise MediaError(f"{path}: corrupt video at frame {index} ({_reason(exc)}). Re-export or repair the file.") from None
@@ -280,6 +342,44 @@ def read_frames(path: str | Path) -> Iterator[Frame]:
             raise MediaError(f"{path}: holds no decodable video frames. Check that the file is complete.")
     finally:
         container.close()
+
+
+# How many frames a decoded frame's timestamp may sit away from its place. A decoder returns its frames in
+# presentation order, but AVI stores no presentation times: libav guesses them from the decode order, so DivX/XviD
+# and H.264 files with B-frames come out labelled 1, 3, 4, 2, 6, 7, 5, ... (2 B-frames: 2 places off; x264's
+# pyramid of 3: 3). The labels are right as a set, only misplaced.
+REORDER_DEPTH = 4
+
+
+def _presentation_order(frames: Iterator[av.VideoFrame], step: int,
+                        depth: int = REORDER_DEPTH) -> Iterator[tuple[av.VideoFrame, int, int]]:
+    """(frame, pts, duration) in the decoder's order, each frame given the smallest timestamp among itself and the
+    `depth` frames after it: sorted timestamps, the same set (so VFR stays exact), whatever order they were
+    labelled in. Holds `depth` decoded frames (memory stays flat). A frame without a timestamp takes the previous
+    one's plus `step`; a timestamp that still does not advance (a displacement deeper than `depth`) does the same,
+    so an encoder never sees time go backwards."""
+    pending: collections.deque[av.VideoFrame] = collections.deque()
+    times: list[tuple[int, int]] = []  # heap of (pts, duration) of the pending frames
+    last = None
+
+    def emit() -> tuple[av.VideoFrame, int, int]:
+        nonlocal last
+        pts, duration = heapq.heappop(times)
+        if last is not None and pts <= last:
+            pts = last + step
+        last = pts
+        return pending.popleft(), pts, duration
+
+    guessed = None
+    for frame in frames:
+        pts = frame.pts if frame.pts is not None else (0 if guessed is None else guessed + step)
+        guessed = pts
+        pending.append(frame)
+        heapq.heappush(times, (pts, int(frame.duration or 0)))
+        if len(pending) > depth:
+            yield emit()
+    while pending:
+        yield emit()
 
 
 # YUV -> RGB with accurate rounding and full-resolution chroma interpolation, for sources deeper than 8 bits:
@@ -359,6 +459,26 @@ def _x264_field_order(field_order: int) -> dict[str, str]:
     return {"x264-params": "bff=1" if field_order in (3, 5) else "tff=1"}
 
 
+def _x265_hdr(hdr: HdrMetadata) -> dict[str, str]:
+    params = ["hdr10=1"] + [f"master-display={hdr.master_display}"] * bool(hdr.master_display)
+    return {"x265-params": ":".join(params + [f"max-cll={','.join(map(str, hdr.light_level))}"] * bool(hdr.light_level))}
+
+
+def _x264_hdr(hdr: HdrMetadata) -> dict[str, str]:
+    params = [f"mastering-display={hdr.master_display}"] * bool(hdr.master_display)
+    return {"x264-params": ":".join(params + [f"cll={','.join(map(str, hdr.light_level))}"] * bool(hdr.light_level))}
+
+
+# Encoders that write HDR10's static metadata (SEI messages) when given it as parameters.
+_HDR_PARAMS = {"libx265": _x265_hdr, "libx264": _x264_hdr}
+
+
+def _add_params(options: dict[str, str], extra: dict[str, str]) -> None:
+    """Merge encoder options; x264-params and x265-params are ':'-joined lists, so they are appended to."""
+    for key, value in extra.items():
+        options[key] = f"{options[key]}:{value}" if key in options else value
+
+
 class VideoWriter:
     """Encode frames with the source's exact timestamps, copying the source's audio and metadata alongside.
 
@@ -393,9 +513,11 @@ class VideoWriter:
         codec = resolve_codec(options.codec, self.path)
         width, height = size or (source.width, source.height)
         self.container = av.open(str(self.path), mode="w", format=spec.format)
-        if source.path is not None:
-            self.container.metadata.update(_container_metadata(source.path, keep_all=options.keep_metadata))
         stream = self.container.add_stream(codec, rate=source.frame_rate)
+        if source.path is not None:
+            container_tags, video_tags = _source_tags(source.path, keep_all=options.keep_metadata)
+            self.container.metadata.update(container_tags)
+            stream.metadata.update(video_tags)
         stream.width, stream.height = width, height
         stream.pix_fmt = choose_pix_fmt(codec, options.pix_fmt, source.bits, bool(width % 2 or height % 2))
         if source.bits > 8:
@@ -413,15 +535,26 @@ class VideoWriter:
         self.durations: dict[int, int] = {}  # pts -> duration of frames inside the encoder
         if source.sar != 1 and size is None:
             stream.codec_context.sample_aspect_ratio = source.sar
+            if not keeps_sar(spec, codec):
+                self.notes.append(f"pixel aspect ratio {source.sar.numerator}:{source.sar.denominator} not kept ({codec} "
+                                  f"in {self.path.suffix} cannot carry it here): it shows with square pixels. Use .mp4, "
+                                  "or --codec libx264 in .mkv")
         interlaced = source.field_order > 1
         if interlaced and codec not in _INTERLACED_CODECS:
             self.notes.append(f"interlaced video written as progressive ({codec} cannot keep the field order; use libx264)")
             interlaced = False
         if interlaced:
             stream.codec_context.field_order = source.field_order
-        stream.options = _codec_options(codec, options, spec.reorder, interlaced)
+        codec_options = _codec_options(codec, options, spec.reorder, interlaced)
         if interlaced and codec == "libx264":
-            stream.options = {**stream.options, **_x264_field_order(source.field_order)}
+            _add_params(codec_options, _x264_field_order(source.field_order))
+        if source.hdr is not None:
+            if codec in _HDR_PARAMS:
+                _add_params(codec_options, _HDR_PARAMS[codec](source.hdr))
+            else:
+                self.notes.append(f"HDR10 mastering display and light levels not kept ({codec} cannot carry them; "
+                                  "libx265 or libx264 do)")
+        stream.options = codec_options
         self._set_colour(stream)
         rotation = source.rotation if rotation is None else rotation
         if rotation:
@@ -432,7 +565,7 @@ class VideoWriter:
         self.codec = codec
         if keep_audio and source.audio and spec.audio_encoder is None:
             self.notes.append(f"audio not carried over ({self.path.suffix} files hold none)")
-        self.audio = (_AudioPassthrough(source.path, self.container, spec, source.start)
+        self.audio = (_AudioPassthrough(source.path, self.container, spec, source.start, options.keep_metadata)
                       if keep_audio and source.audio and spec.audio_encoder is not None else None)
         self.frames = 0
 
@@ -459,8 +592,19 @@ class VideoWriter:
             if duration:
                 self.durations[frame.pts] = duration
         frame.time_base = self.time_base
-        self._mux(self.video.encode(frame))
+        with self._encoding(f"frame {self.frames} (pts {pts})"):
+            self._mux(self.video.encode(frame))
         self.frames += 1
+
+    @contextlib.contextmanager
+    def _encoding(self, what: str) -> Iterator[None]:
+        """Turn an FFmpeg error (an encoder or muxer refusing a frame, a packet or the trailer) into a MediaError
+        naming the output file."""
+        try:
+            yield
+        except av.error.FFmpegError as exc:
+            raise MediaError(f"{target_of(self.path)}: could not write {what} ({_reason(exc)}: {exc}). "
+                             "Try another output type or --codec; run with --debug for the details.") from exc
 
     def _mux(self, packets) -> None:
         for packet in packets:
@@ -473,11 +617,16 @@ class VideoWriter:
             self.container.mux(packet)
 
     def close(self) -> None:
-        self._mux(self.video.encode(None))
-        if self.audio is not None:
-            self.audio.copy_until(float("inf"))
-            self.audio.close()
-        self.container.close()
+        try:
+            with self._encoding("the end of the file"):
+                self._mux(self.video.encode(None))
+                if self.audio is not None:
+                    self.audio.copy_until(float("inf"))
+                    self.audio.close()
+                self.container.close()
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         for closable in (self.audio, self.container):
@@ -507,10 +656,14 @@ class _AudioPassthrough:
 
     origin: the source time (seconds) that becomes the output's 0, the video's first frame."""
 
-    def __init__(self, source: Path, output: av.container.OutputContainer, spec, origin: Fraction = Fraction(0)):
+    def __init__(self, source: Path, output: av.container.OutputContainer, spec, origin: Fraction = Fraction(0),
+                 keep_all_tags: bool = False):
+        """keep_all_tags: copy every tag of each audio stream, not only KEPT_TAGS (its language)."""
         self.input = av.open(str(source), mode="r")
         try:
             self._add_streams(output, spec, origin)
+            for index, out in self.map.items():
+                out.metadata.update(_kept_tags(self.input.streams[index].metadata, keep_all_tags))
         except BaseException:
             self.input.close()
             raise
@@ -518,6 +671,8 @@ class _AudioPassthrough:
     def _add_streams(self, output: av.container.OutputContainer, spec, origin: Fraction) -> None:
         self.output = output
         self.origin = Fraction(origin)
+        # AVI stores no timestamps: its audio plays from the file's 0, so a packet cannot start before it.
+        self.starts_before_origin = spec.reorder
         self.map = {}
         self.encoders = {}
         supported = getattr(output, "supported_codecs", None)
@@ -536,16 +691,22 @@ class _AudioPassthrough:
         self.pending = None
         self.next_sample: dict[int, int] = {}  # re-encoded stream -> its next frame's pts, in samples
 
-    def _place(self, index: int, frame: av.AudioFrame) -> None:
+    def _place(self, index: int, frame: av.AudioFrame) -> av.AudioFrame | None:
         """Time a decoded frame for its encoder: contiguous samples from where the stream starts on the output's
-        clock (an audio track that starts 0.5 s after the video still does; one that starts before it, at 0)."""
+        clock (an audio track that starts 0.5 s after the video still does). Samples before the output's 0 (audio
+        that starts before the first video frame, as in broadcast TS) are cut, not moved: None when all are."""
         rate = frame.sample_rate
         if index not in self.next_sample:
-            start = frame.pts * frame.time_base - self.origin if frame.pts is not None else 0
-            self.next_sample[index] = max(0, round(start * rate))
+            start = round((frame.pts * frame.time_base - self.origin) * rate) if frame.pts is not None else 0
+            if start < 0:
+                if frame.samples <= -start:
+                    return None
+                frame, start = _drop_samples(frame, -start), 0
+            self.next_sample[index] = start
         frame.pts = self.next_sample[index]
         frame.time_base = Fraction(1, rate)
         self.next_sample[index] += frame.samples
+        return frame
 
     def copy_until(self, seconds: float) -> None:
         while True:
@@ -564,11 +725,12 @@ class _AudioPassthrough:
         out = self.map[index]
         if index in self.encoders:
             frames = packet.decode() if packet.size else packet.stream.decode(None)
-            for frame in frames:
-                self._place(index, frame)
+            for frame in filter(None, (self._place(index, frame) for frame in frames)):
                 self.output.mux(out.encode(frame))
             return
         if packet.dts is None or not packet.size:
+            return
+        if self._before_origin(packet):
             return
         shift = round(self.origin / packet.time_base)
         packet.dts -= shift
@@ -577,21 +739,47 @@ class _AudioPassthrough:
         packet.stream = out
         self.output.mux(packet)
 
+    def _before_origin(self, packet) -> bool:
+        """Whether a copied packet is cut: the output's clock starts at the first video frame, so sound before it
+        goes (see _place). A packet that ends there stays where the container can start a stream before 0 (an MP4
+        AAC track's priming packet: the decoder needs it for the first samples, and the muxer's edit list hides it)."""
+        if packet.pts is None:
+            return False
+        start = packet.pts * packet.time_base
+        end = start + (packet.duration or 0) * packet.time_base
+        return end < self.origin or (start < self.origin and not self.starts_before_origin)
+
     def close(self) -> None:
         for index in self.encoders:
             self.output.mux(self.map[index].encode(None))
         self.input.close()
 
 
-# Container tags that the muxer writes itself (never copied), and the only source tags an anonymized video keeps by
-# default: they say when and in what language, not who or where. A deny-list would let through a title that names
-# the person filmed, a comment, or any vendor's location key it does not know.
-_MUXER_TAGS = ("encoder", "major_brand", "minor_version", "compatible_brands")
+def _drop_samples(frame: av.AudioFrame, count: int) -> av.AudioFrame:
+    """The frame without its first `count` samples (0 < count < frame.samples)."""
+    array = frame.to_ndarray()  # planar: [channels, samples]; packed: [1, samples * channels]
+    step = 1 if frame.format.is_planar else frame.layout.nb_channels
+    cut = av.AudioFrame.from_ndarray(np.ascontiguousarray(array[:, count * step:]), format=frame.format.name,
+                                     layout=frame.layout)
+    cut.sample_rate = frame.sample_rate
+    return cut
+
+
+# Container and stream tags that the muxer writes itself (never copied), and the only source tags an anonymized
+# video keeps by default: they say when and in what language, not who or where. A deny-list would let through a
+# title that names the person filmed ("Commentary by ..." on an audio track), a comment, or any vendor's location
+# key it does not know.
+_MUXER_TAGS = ("encoder", "major_brand", "minor_version", "compatible_brands", "duration", "handler_name", "vendor_id")
 KEPT_TAGS = ("creation_time", "language")
 
 
-def _container_metadata(path: Path, keep_all: bool = False) -> dict:
-    """The source's container tags to copy: those in KEPT_TAGS, or (keep_all) every one the muxer does not write."""
+def _kept_tags(tags, keep_all: bool) -> dict:
+    """The tags to copy: those in KEPT_TAGS, or (keep_all) every one the muxer does not write."""
+    return {k: v for k, v in tags.items() if k.lower() not in _MUXER_TAGS and (keep_all or k.lower() in KEPT_TAGS)}
+
+
+def _source_tags(path: Path, keep_all: bool = False) -> tuple[dict, dict]:
+    """The source's container tags and its (first) video stream's tags to copy (see _kept_tags); the audio
+    streams' own are copied by _AudioPassthrough."""
     with av.open(str(path)) as container:
-        return {k: v for k, v in container.metadata.items()
-                if k.lower() not in _MUXER_TAGS and (keep_all or k.lower() in KEPT_TAGS)}
+        return _kept_tags(container.metadata, keep_all), _kept_tags(container.streams.video[0].metadata, keep_all)
