@@ -24,11 +24,11 @@ def set_quiet(quiet: bool) -> None:
 
 
 def info(message: str) -> None:
-    console.print(message)
+    console.print(message, soft_wrap=True)  # one line, whatever the terminal's width: scripts grep for it
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}")
+    console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
 
 
 def progress(*extra_columns) -> Progress:
