@@ -92,6 +92,13 @@ def load_model_from_options(model: str, device: str, precision: str):
     return load_model(model, device=torch_device), torch_device, dtype
 
 
+class OptionConflict(click.ClickException):
+    """A usage error (exit 2) shown as its one line, without click's usage block: options that each parse but do not
+    go together, where the block adds nothing."""
+
+    exit_code = 2
+
+
 def model_named(ctx: click.Context) -> bool:
     """Whether the user gave `--model` (a model they name must resolve; the default one may be absent)."""
     return ctx.get_parameter_source("model") is not ParameterSource.DEFAULT
@@ -430,8 +437,8 @@ def anonymize(ctx, inputs, output, identity, seed, shared_identities, overwrite,
                        save_crops=save_crops, shard=shard, audit=None if no_audit else AuditConfig(fail_safe=fail_safe))
     generate_options = job.generate_options() + (["--model"] if named else [])
     if engine not in (None, "generate") and generate_options:
-        raise click.UsageError(f"{', '.join(generate_options)}: only for --engine generate (a trained model makes new "
-                               f"faces); --engine {engine} covers them.")
+        raise OptionConflict(f"{', '.join(generate_options)}: only for --engine generate (a trained model makes "
+                             f"new faces); --engine {engine} covers them.")
     job.check()  # bad paths fail before the model loads
     job = dataclasses.replace(job, engine=anonymize_engine(engine, bool(generate_options)))
     if job.engine == "generate":
