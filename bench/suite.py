@@ -7,7 +7,8 @@ Measurements (bench/suite_measures.py), in priority order: StyleGAN2 synthesis a
 32, 64 and the largest that fits; fp32, TF32, bf16, fp16; eager and torch.compile, compile time apart; PSNR
 against fp32), make-dataset (end to end, and without PNG encoding), training steps/s (batch 6 and the largest
 batch, fp32 and bf16, with the fraction of each step spent waiting for data and peak GPU memory) and anonymize
-frames/s on a 1080p clip with one and with three faces (per stage and end to end). Networks have random weights
+frames/s on a 1080p clip with one and with three faces (per stage and end to end; a row for the generate engine
+and one for the mask engine, which runs no model). Networks have random weights
 of the published architectures (speed does not depend on the values); nothing is downloaded.
 
 Each group of measurements runs in its own Python process, so an out-of-memory error, a CUDA error, a compile

@@ -382,30 +382,45 @@ def make_face_clip(path: Path, size: tuple[int, int], frames: int, faces: int, f
 
 
 def measure_anonymize(spec: dict, device: torch.device, rec: Recorder) -> None:
-    """`deid anonymize` stage by stage and end to end (bench/video_pipeline.py's stages) on synthetic clips."""
+    """`deid anonymize` stage by stage and end to end (bench/video_pipeline.py's stages) on synthetic clips: a row
+    for the generate engine and one for the mask engine (no model) per face count, from the same run."""
     import video_pipeline  # bench/ is on sys.path (this process was started as bench/suite.py)
 
     width, height = spec["size"]
     with tempfile.TemporaryDirectory() as tmp:
         for faces in spec["faces"]:
-            def measure(faces=faces) -> dict:
-                clip = make_face_clip(Path(tmp) / f"faces{faces}.mp4", (width, height), spec["frames"], faces)
-                result = video_pipeline.run_stages(clip, spec["model"], None, device=device)
-                stages = {name: s["fps"] for name, s in result["stages"].items() if "fps" in s}
-                # The built-in audit needs dlib's model package, which the GPU machine lacks: there the pipeline
-                # is measured without it, and the row says so.
-                audited = "pipeline" in result
-                whole = result["pipeline" if audited else "pipeline_no_audit"]
-                end = whole["fps"]
-                note = "" if audited else f"; audit not measured ({result['stages']['audit']['skipped']})"
-                return {"clip": f"{width}x{height}", "frames": result["frames"], "faces_per_frame": faces,
-                        "faces_found": whole["faces"], "stages_fps": stages, "end_to_end_fps": end,
-                        "end_to_end_no_audit_fps": result["pipeline_no_audit"]["fps"], "audited": audited,
-                        "peak_gpu_gib": peak_memory_gib(device), "peak_rss_mib": result["peak_rss_mib"],
-                        "summary": f"{end:g} fps end to end{' with the audit' if audited else ''} ({whole['faces']} "
-                                   "faces replaced); " + ", ".join(f"{k} {v:g}" for k, v in stages.items()) + " fps" + note}
+            runs: dict = {}
 
-            rec.row(f"{faces} face{'s' if faces > 1 else ''}", measure)
+            def stages(faces=faces) -> dict:
+                if "result" not in runs:
+                    clip = make_face_clip(Path(tmp) / f"faces{faces}.mp4", (width, height), spec["frames"], faces)
+                    runs["result"] = video_pipeline.run_stages(clip, spec["model"], None, device=device)
+                return runs["result"]
+
+            label = f"{faces} face{'s' if faces > 1 else ''}"
+            rec.row(label, lambda: _anonymize_row(stages(), "generate", width, height, faces, device))
+            rec.row(f"{label}, mask engine", lambda: _anonymize_row(stages(), "mask", width, height, faces, device))
+
+
+def _anonymize_row(result: dict, engine: str, width: int, height: int, faces: int, device: torch.device) -> dict:
+    """One engine's row of a run_stages result: end to end with and without the audit, and the stages."""
+    prefix = "pipeline" if engine == "generate" else "pipeline_mask"
+    # The built-in audit needs dlib's model package, which the GPU machine lacks: there the pipeline is measured
+    # without it, and the row says so.
+    audited = prefix in result
+    whole = result[prefix if audited else f"{prefix}_no_audit"]
+    stages = {name: s["fps"] for name, s in result["stages"].items() if "fps" in s}
+    if engine == "mask":  # what the mask engine runs of the stages
+        stages = {k: v for k, v in stages.items() if k in ("decode", "detect_roll_robust", "track_smooth", "mask", "audit", "encode")}
+    end = whole["fps"]
+    note = "" if audited else f"; audit not measured ({result['stages']['audit']['skipped']})"
+    return {"engine": engine, "clip": f"{width}x{height}", "frames": result["frames"], "faces_per_frame": faces,
+            "faces_found": whole["faces"], "stages_fps": stages, "end_to_end_fps": end,
+            "end_to_end_no_audit_fps": result[f"{prefix}_no_audit"]["fps"], "audited": audited,
+            "peak_gpu_gib": peak_memory_gib(device), "peak_rss_mib": result["peak_rss_mib"],
+            "summary": f"{end:g} fps end to end{' with the audit' if audited else ''} ({whole['faces']} faces "
+                       f"{'replaced' if engine == 'generate' else 'masked'}); "
+                       + ", ".join(f"{k} {v:g}" for k, v in stages.items()) + " fps" + note}
 
 
 MEASURES = {"synthesis": measure_synthesis, "make_dataset": measure_make_dataset, "train": measure_train,

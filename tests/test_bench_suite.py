@@ -67,8 +67,12 @@ def test_quick_suite_measures_everything_and_survives_a_failing_measurement(quic
         row = faces[variant]
         assert row["faces_found"] == count * row["frames"]  # the synthetic clip shows `count` findable faces
         assert set(row["stages_fps"]) == {"decode", "detect", "detect_roll_robust", "track_smooth", "align", "synthesize",
-                                          "paste", "audit", "encode"}
+                                          "paste", "mask", "audit", "encode"}
         assert row["audited"] and row["end_to_end_fps"] > 0 and row["end_to_end_no_audit_fps"] > 0
+        mask = faces[f"{variant}, mask engine"]  # the same run, without a model
+        assert mask["engine"] == "mask" and mask["faces_found"] == count * mask["frames"]
+        assert set(mask["stages_fps"]) == {"decode", "detect_roll_robust", "track_smooth", "mask", "audit", "encode"}
+        assert mask["audited"] and mask["end_to_end_fps"] > 0 and mask["end_to_end_no_audit_fps"] > 0
 
     assert "| measurement | variant | figures | note |" in table
     for name in QUICK_GROUPS:
