@@ -300,6 +300,7 @@ def run_versus_deface(clip: Path, deface: str, rounds: int) -> dict:
                 start = time.perf_counter()
                 subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 runs[name].append(round(time.perf_counter() - start, 2))
+                print(json.dumps({"run": name, "seconds": runs[name][-1], "frames": frames}), file=sys.stderr, flush=True)
     result = {"bench": "versus_deface", "clip": f"{clip.name}", "frames": frames, "rounds": rounds,
               "load_average_after": [round(x, 2) for x in os.getloadavg()]}
     for name, seconds in runs.items():
