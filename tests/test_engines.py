@@ -67,6 +67,7 @@ def no_model(monkeypatch):
 # ------------------------------------------------------------------------------------------- a fresh install
 
 
+@pytest.mark.slow
 def test_fresh_install_masks_a_video(ntsc_clip, tmp_path, capsys, no_model):
     """An empty DEID_HOME, offline: the README's first command exits 0, says why faces are masked, keeps frames,
     timing and audio, and the person is found in no output frame (dlib, every frame, four quarter turns)."""
