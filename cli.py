@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import traceback
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from rich.table import Table
 
 from deid import __version__
 from deid.atomic import check_output_path
-from deid.console import console, set_debug, set_quiet
+from deid.console import console, info, set_debug, set_quiet
 from deid.errors import DeidError, WeightsError
 from deid.evaluation.audit import FAIL_SAFES, AuditConfig
 from deid.interrupts import Terminated, sigterm_as_interrupt
 from deid.media.video import EncodeOptions
 from deid.nets.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoderConfig
-from deid.nets.model import DEFAULT_MODEL, ModelConfig, load_model
+from deid.nets.model import DEFAULT_MODEL, ModelConfig, default_model_installed, load_model
 from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
+from deid.pipelines.engines import ENGINES
 from deid.pipelines.evaluate import PairsJob, VideoAuditJob, run_pairs, run_video_audit
 from deid.pipelines.figures import InterpolateJob, MixJob, run_interpolate, run_mix
 from deid.pipelines.reenact import ReenactJob, run_reenact
@@ -88,6 +91,30 @@ def load_model_from_options(model: str, device: str, precision: str):
     torch_device = resolve_device(rank_device(device))
     dtype = resolve_dtype(precision, torch_device)
     return load_model(model, device=torch_device), torch_device, dtype
+
+
+class OptionConflict(click.ClickException):
+    """A usage error (exit 2) shown as its one line, without click's usage block: options that each parse but do not
+    go together, where the block adds nothing."""
+
+    exit_code = 2
+
+
+def model_named(ctx: click.Context) -> bool:
+    """Whether the user gave `--model` (a model they name must resolve; the default one may be absent)."""
+    return ctx.get_parameter_source("model") is not ParameterSource.DEFAULT
+
+
+def anonymize_engine(requested: str | None, wants_model: bool) -> str:
+    """`--engine`, or without it `generate` when a model is wanted (named with --model, or options only it uses) or
+    available (the default one registered), and otherwise `mask`, said in one line before the run starts."""
+    if requested is not None:
+        return requested
+    if wants_model or default_model_installed():
+        return "generate"
+    info("no trained deid model: faces are masked, not replaced (--engine mask); to replace them, train one "
+         "(README: Training your own model).")
+    return "mask"
 
 
 class GreedyOptionsCommand(click.Command):
@@ -384,13 +411,20 @@ def encode_options(func):
 @click.option("--fail-safe", type=click.Choice(FAIL_SAFES), default=AuditConfig.fail_safe, show_default=True,
               help="How the audit covers a face it still recognises (or finds unreplaced) before the frame is written.")
 @click.option("--no-audit", is_flag=True, help="Skip the privacy audit of each output frame (and so the fail-safe and OUTPUT.audit.json).")
+@click.option("--engine", type=click.Choice(ENGINES), default=None, show_default=False,
+              help="What each face becomes: generate (a new head from a trained model: the paper's method), mask (a flat "
+                   "fill over the head, irreversible, no model), blur or pixelate (no model; recognisers trained on "
+                   "such faces can undo them) [default: generate when a model is available (--model, or one imported "
+                   "as deid-ffhq256), else mask].")
 @model_options
-def anonymize(inputs, output, identity, seed, shared_identities, overwrite, batch_size, crf, codec, keep_metadata, preview, save_crops, shard,
-              fail_safe, no_audit, model, device, precision):
-    """Replace the identity of every face in videos or images.
+@click.pass_context
+def anonymize(ctx, inputs, output, identity, seed, shared_identities, overwrite, batch_size, crf, codec, keep_metadata, preview,
+              save_crops, shard, fail_safe, no_audit, engine, model, device, precision):
+    """Replace the identity of every face in videos or images, or cover it.
 
     \b
     Examples:
+      deid anonymize talk.mp4 -o talk_anon.mp4                  # no model yet: every head is masked
       deid anonymize talk.mp4 --identity target.png -o talk_anon.mp4
       deid anonymize recordings/ -o anonymized/                 # a random identity per person
       deid anonymize 'clips/*.mov' -o out/ --model runs/ffhq256 --preview
@@ -400,12 +434,21 @@ def anonymize(inputs, output, identity, seed, shared_identities, overwrite, batc
     faces it still recognises are covered (--fail-safe) and OUTPUT.audit.json records what it found.
     """
 
-    job = AnonymizeJob(inputs=tuple(inputs), output=output, identity=identity, seed=seed,
+    named = model_named(ctx)
+    job = AnonymizeJob(inputs=tuple(inputs), output=output, engine=engine or "generate", identity=identity, seed=seed,
                        shared_identities=shared_identities, overwrite=overwrite,
                        batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf, keep_metadata=keep_metadata), preview=preview,
                        save_crops=save_crops, shard=shard, audit=None if no_audit else AuditConfig(fail_safe=fail_safe))
+    generate_options = job.generate_options() + (["--model"] if named else [])
+    if engine not in (None, "generate") and generate_options:
+        raise OptionConflict(f"{', '.join(generate_options)}: only for --engine generate (a trained model makes "
+                             f"new faces); --engine {engine} covers them.")
     job.check()  # bad paths fail before the model loads
-    run_anonymize(job, *load_model_from_options(model, device, precision))
+    job = dataclasses.replace(job, engine=anonymize_engine(engine, bool(generate_options)))
+    if job.engine == "generate":
+        run_anonymize(job, *load_model_from_options(model, device, precision))
+    else:
+        run_anonymize(job, device=resolve_device(rank_device(device)))
 
 
 @cli.command("reenact")

@@ -8,9 +8,9 @@ Measurements (bench/suite_measures.py), in priority order: StyleGAN2 synthesis a
 against fp32), make-dataset (end to end, and without PNG encoding), training steps/s (batch 6 and the largest
 batch, fp32 and bf16, each precision at its own largest batch, with why the search stopped, the fraction of each
 step spent waiting for data and peak GPU memory) and anonymize frames/s on a 1080p clip with one and with three
-faces (per stage, and end to end without the privacy audit and with it; a row whose replaced faces are not the
-faces the clip shows fails). Networks have random weights of the published architectures (speed does not depend
-on the values); nothing is downloaded.
+faces (per stage, and end to end without the privacy audit and with it, for the generate engine and for the mask
+engine, which runs no model; a row whose replaced faces are not the faces the clip shows fails). Networks have
+random weights of the published architectures (speed does not depend on the values); nothing is downloaded.
 
 Each group of measurements runs in its own Python process, so an out-of-memory error, a CUDA error, a compile
 failure or a crash is recorded with its message and the other groups still run. A group that no longer fits in

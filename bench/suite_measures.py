@@ -420,47 +420,59 @@ def make_face_clip(path: Path, size: tuple[int, int], frames: int, faces: int, f
 
 def measure_anonymize(spec: dict, device: torch.device, rec: Recorder) -> None:
     """`deid anonymize` stage by stage and end to end (bench/video_pipeline.py's stages) on synthetic clips: per
-    face count a row without the privacy audit (the figure of the 60 frames/s goal) and a row with it (what
-    `deid anonymize` runs by default)."""
+    face count and engine (generate, and mask, which runs no model) a row without the privacy audit (the figure of
+    the 60 frames/s goal) and a row with it (what `deid anonymize` runs by default), all from one run."""
     import video_pipeline  # bench/ is on sys.path (this process was started as bench/suite.py)
 
     width, height = spec["size"]
     with tempfile.TemporaryDirectory() as tmp:
         for faces in spec["faces"]:
             @once
-            def stages(faces=faces):  # both rows read one run (it measures the pipeline with and without the audit)
+            def stages(faces=faces):  # every row of this face count reads one run (both engines, audit off and on)
                 clip = make_face_clip(Path(tmp) / f"faces{faces}.mp4", (width, height), spec["frames"], faces)
                 return video_pipeline.run_stages(clip, spec["model"], None, device=device)
 
             label = f"{faces} face{'s' if faces > 1 else ''}"
-            rec.row(f"{label}, no audit", lambda faces=faces, stages=stages: anonymize_row(stages(), faces, False, device))
-            rec.row(f"{label}, with the audit", lambda faces=faces, stages=stages: anonymize_row(stages(), faces, True, device))
+            for engine in ("generate", "mask"):
+                name = label if engine == "generate" else f"{label}, mask engine"
+                rec.row(f"{name}, no audit", lambda faces=faces, stages=stages, engine=engine:
+                        anonymize_row(stages(), faces, False, device, engine))
+                rec.row(f"{name}, with the audit", lambda faces=faces, stages=stages, engine=engine:
+                        anonymize_row(stages(), faces, True, device, engine))
 
 
-def anonymize_row(result: dict, faces: int, audited: bool, device: torch.device) -> dict:
-    """One row from bench/video_pipeline.run_stages' result: the threaded pipeline with or without the audit. Fails
-    (CheckFailed, figures kept) when the faces replaced are not the faces the clip shows in every frame."""
+# The stages each engine runs (the mask engine neither aligns nor synthesizes nor pastes).
+ENGINE_STAGES = {"generate": ("decode", "detect", "detect_roll_robust", "track_smooth", "align", "synthesize", "paste",
+                              "audit", "encode"),
+                 "mask": ("decode", "detect_roll_robust", "track_smooth", "mask", "audit", "encode")}
+
+
+def anonymize_row(result: dict, faces: int, audited: bool, device: torch.device, engine: str = "generate") -> dict:
+    """One row from bench/video_pipeline.run_stages' result: one engine's threaded pipeline with or without the
+    audit. Fails (CheckFailed, figures kept) when the faces covered are not the faces the clip shows in every frame."""
     stages = result["stages"]
-    key = "pipeline" if audited else "pipeline_no_audit"
+    prefix = "pipeline" if engine == "generate" else "pipeline_mask"
+    key = prefix if audited else f"{prefix}_no_audit"
     if key not in result:  # the audit's dlib and its model files are missing (see bench/README.md)
         raise RuntimeError(f"audit not measured: {stages['audit']['skipped']}")
     whole = result[key]
     shown = faces * result["frames"]
-    row = {"clip": result["clip"], "frames": result["frames"], "faces_per_frame": faces, "faces_shown": shown,
-           "faces_found": whole["faces"], "audited": audited, "end_to_end_fps": whole["fps"],
+    verb = "replaced" if engine == "generate" else "masked"
+    row = {"engine": engine, "clip": result["clip"], "frames": result["frames"], "faces_per_frame": faces,
+           "faces_shown": shown, "faces_found": whole["faces"], "audited": audited, "end_to_end_fps": whole["fps"],
            "peak_gpu_gib": peak_memory_gib(device), "peak_rss_mib": result["peak_rss_mib"]}
     if audited:
         row["audit_ms_per_frame"] = stages["audit"]["ms_per_frame"]
-        row["audit_adds"] = result["audit_adds"]  # the pipeline's time with the audit / without it, minus 1
-        row["summary"] = (f"{whole['fps']:g} fps end to end with the audit ({whole['faces']} faces replaced); the audit "
-                          f"alone {stages['audit']['ms_per_frame']:g} ms/frame, adds {100 * result['audit_adds']:.0f} %")
+        row["audit_adds"] = round(whole["seconds"] / result[f"{prefix}_no_audit"]["seconds"] - 1, 3)
+        row["summary"] = (f"{whole['fps']:g} fps end to end with the audit ({whole['faces']} faces {verb}); the audit "
+                          f"alone {stages['audit']['ms_per_frame']:g} ms/frame, adds {100 * row['audit_adds']:.0f} %")
     else:
-        row["stages_fps"] = {name: s["fps"] for name, s in stages.items() if "fps" in s}
-        row["summary"] = (f"{whole['fps']:g} fps end to end without the audit ({whole['faces']} faces replaced); "
+        row["stages_fps"] = {name: stages[name]["fps"] for name in ENGINE_STAGES[engine] if "fps" in stages.get(name, {})}
+        row["summary"] = (f"{whole['fps']:g} fps end to end without the audit ({whole['faces']} faces {verb}); "
                           + ", ".join(f"{k} {v:g}" for k, v in row["stages_fps"].items()) + " fps")
         row["note"] = "without the audit, which deid anonymize runs by default (next row)"
     if whole["faces"] != shown:
-        raise CheckFailed(f"{whole['faces']} faces replaced, the clip shows {shown} ({faces} in each of "
+        raise CheckFailed(f"{whole['faces']} faces {verb}, the clip shows {shown} ({faces} in each of "
                           f"{result['frames']} frames)", row)
     return row
 

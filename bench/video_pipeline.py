@@ -6,6 +6,8 @@ Prints one JSON object per measurement. Models have random weights (speed and me
                                             detection and the privacy audit; the pipeline with and without it)
     python bench/video_pipeline.py memory   [--minutes 10] [--fps 5]      # the crowd clip: 0-4 faces per frame
     python bench/video_pipeline.py jitter
+    python bench/video_pipeline.py deface   --deface PATH [--rounds 2] [--seconds 4]   # `deid anonymize --engine
+                                            mask` (with and without the audit) against deface, interleaved
     python bench/video_pipeline.py all      # everything above with the defaults (a 720p 10 s clip)
 
 Each measurement runs in a fresh subprocess, so peak RSS (ru_maxrss) is that measurement's alone.
@@ -93,7 +95,7 @@ def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8, 
     from deid.faces.tracking import TrackConfig, track
     from deid.media.video import VideoWriter, probe, read_frames
     from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
-    from deid.pipelines.engines import HeadSynthesizer
+    from deid.pipelines.engines import CoverEngine, HeadSynthesizer
     from deid.pipelines.stages import batched
 
     info = probe(clip)
@@ -135,6 +137,8 @@ def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8, 
     audited = tracked[:AUDIT_FRAMES]
     sources = [frame.image.copy() for frame, _ in audited]
     stages["paste"] = _timed(lambda: [paste_head(frame.image, head, a, original=c) for (frame, _), head, a, c in zip(faces, heads, affines, crops)], count)
+    mask = CoverEngine("mask")  # the engine without a model: what replaces align + synthesize + paste
+    stages["mask"] = _timed(lambda: [mask([(frame, fs)], [frame.image]) for frame, fs in tracked], count)
     try:
         auditor = FaceAuditor()
     except DeidError as exc:  # e.g. a machine without the dlib model package
@@ -157,11 +161,13 @@ def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8, 
             cut = Path(tmp) / "cut.mp4"
             _cut(clip, cut, frames)
             clip = cut
-        for name, audit in (("pipeline_no_audit", None), ("pipeline", AnonymizeJob.audit)):
-            if name == "pipeline" and auditor is None:
+        for name, engine, audit in (("pipeline_no_audit", "generate", None), ("pipeline", "generate", AnonymizeJob.audit),
+                                    ("pipeline_mask_no_audit", "mask", None), ("pipeline_mask", "mask", AnonymizeJob.audit)):
+            if audit is not None and auditor is None:
                 continue
             start = time.perf_counter()
-            (report,) = run_anonymize(AnonymizeJob(inputs=(clip,), output=full, batch_size=batch, overwrite=True, audit=audit), model)
+            job = AnonymizeJob(inputs=(clip,), output=full, engine=engine, batch_size=batch, overwrite=True, audit=audit)
+            (report,) = run_anonymize(job, model if engine == "generate" else None, device)
             seconds = time.perf_counter() - start
             result[name] = {"frames": report.frames, "faces": report.faces, "seconds": round(seconds, 3),
                             "fps": round(report.frames / seconds, 2)}
@@ -269,6 +275,43 @@ def run_jitter() -> dict:
             "after": jitter([fs[0].landmarks for _, fs in tracked if fs])}
 
 
+# ------------------------------------------------------------------------------------------- versus deface
+
+
+def run_versus_deface(clip: Path, deface: str, rounds: int) -> dict:
+    """`deid anonymize --engine mask` with and without the audit, and deface (its defaults, audio kept), each run as
+    the command a user types (start-up included), interleaved round by round on the same clip so that a shared
+    machine's load falls on all of them alike. Raw seconds and frames/s of every run, and each one's median."""
+    import os
+
+    from deid.media.video import probe
+
+    frames = probe(clip).frame_count
+    with tempfile.TemporaryDirectory() as tmp:
+        deid = [sys.executable, "-m", "deid.cli", "-q", "anonymize", str(clip), "--engine", "mask", "--overwrite"]
+        commands = {"deface": [deface, str(clip), "-o", f"{tmp}/deface.mp4", "--keep-audio"],
+                    "deid_mask_no_audit": [*deid, "-o", f"{tmp}/mask_no_audit.mp4", "--no-audit"],
+                    "deid_mask": [*deid, "-o", f"{tmp}/mask.mp4"]}
+        env = {**os.environ, "DEID_HOME": f"{tmp}/deid-home", "DEID_OFFLINE": "1",  # a fresh install, offline
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        runs: dict[str, list[float]] = {name: [] for name in commands}
+        for _ in range(rounds):
+            for name, command in commands.items():
+                start = time.perf_counter()
+                subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                runs[name].append(round(time.perf_counter() - start, 2))
+                print(json.dumps({"run": name, "seconds": runs[name][-1], "frames": frames}), file=sys.stderr, flush=True)
+    result = {"bench": "versus_deface", "clip": f"{clip.name}", "frames": frames, "rounds": rounds,
+              "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+    for name, seconds in runs.items():
+        result[name] = {"seconds": seconds, "fps": [round(frames / s, 2) for s in seconds],
+                        "median_fps": round(frames / float(np.median(seconds)), 2)}
+    deface_fps = result["deface"]["median_fps"]
+    result["mask_no_audit_vs_deface"] = round(result["deid_mask_no_audit"]["median_fps"] / deface_fps, 2)
+    result["mask_vs_deface"] = round(result["deid_mask"]["median_fps"] / deface_fps, 2)
+    return result
+
+
 # ------------------------------------------------------------------------------------------- main
 
 
@@ -279,7 +322,7 @@ def _subprocess(args: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["stages", "memory", "jitter", "all"])
+    parser.add_argument("what", choices=["stages", "memory", "jitter", "deface", "all"])
     parser.add_argument("--seconds", type=float, default=10.0, help="stages: clip length")
     parser.add_argument("--size", default="1280x720", help="stages: clip size WxH")
     parser.add_argument("--model", choices=["tiny", "256"], default="tiny", help="stages: random-weight model size")
@@ -289,6 +332,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: decode and encode threads get the other cores; a shared "
                              "machine's oversubscribed OpenMP pool is an order of magnitude slower)")
+    parser.add_argument("--deface", default="deface", help="deface: its command (deface 1.5.0, in its own venv)")
+    parser.add_argument("--rounds", type=int, default=2, help="deface: interleaved rounds of the three commands")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "deid-bench", help="where clips are made")
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -310,6 +355,9 @@ def main() -> None:
     elif args.what == "stages":
         clip = _make_clip(args.cache / f"carphone_{args.size}_{args.seconds:g}s.mp4", args.seconds, args.size)
         result = run_stages(clip, args.model, args.frames)
+    elif args.what == "deface":
+        clip = _make_clip(args.cache / f"carphone_{args.size}_{args.seconds:g}s.mp4", args.seconds, args.size)
+        result = run_versus_deface(clip, args.deface, args.rounds)
     else:
         # real faces whose number changes (0-4 per frame): a one-face clip hides memory that grows with the
         # variety of batch shapes

@@ -37,11 +37,11 @@ def debugging() -> bool:
 
 
 def info(message: str) -> None:
-    console.print(message)
+    console.print(message, soft_wrap=True)  # one line, whatever the terminal's width: scripts grep for it
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}")
+    console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
 
 
 def progress(*extra_columns) -> Progress:

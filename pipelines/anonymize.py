@@ -1,8 +1,9 @@
-"""`deid anonymize`: every face in videos and images takes another identity; everything else stays.
+"""`deid anonymize`: every face in videos and images takes another identity, or is covered; everything else stays.
 
 Per video: decode (thread) -> detect (batched, on the upright view and the turned views that can hold a rolled
-face) -> track + smooth -> align -> E_attr with the person's fixed identity code -> M -> G -> paste back ->
-audit + fail-safe and encode with the source's timestamps, audio and rotation (thread). Queues are bounded and the
+face) -> track + smooth -> the engine (pipelines/engines.py: `generate` aligns each face, runs E_attr with the
+person's fixed identity code -> M -> G and pastes the head back; `mask`, `blur` and `pixelate` cover the head, no
+model) -> audit + fail-safe and encode with the source's timestamps, audio and rotation (thread). Queues are bounded and the
 tracker's delay is fixed, so memory does not grow with the video's length. The audit (deid.evaluation.audit) looks
 at every output frame with other networks before it is written, covers what it still recognises, and writes
 OUTPUT.audit.json.
@@ -17,6 +18,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from rich.table import Table
@@ -24,11 +26,12 @@ from rich.table import Table
 from deid.atomic import atomic_output, check_not_input, check_output_path, check_writable_folder, remove_stale_partials
 from deid.console import console, debugging, info, progress, warn
 from deid.errors import DeidError, MediaError
-from deid.faces.alignment import AlignConfig, align_photo_file, ffhq_affine, warp_crop
+from deid.faces.alignment import AlignConfig, align_photo_file
 from deid.evaluation.audit import AuditConfig, AuditLog, AuditTotals, FaceAuditor, audit_path
 from deid.faces.detection import DetectConfig, FaceDetector
+from deid.faces.cover import HeadRegionConfig
 from deid.faces.orientation import OrientationConfig, RollRobustDetector
-from deid.faces.paste import PasteConfig, paste_head
+from deid.faces.paste import PasteConfig
 from deid.faces.tracking import Face, TrackConfig, track
 from deid.media.containers import resolve_codec
 from deid.media.images import load_image, save_image
@@ -36,17 +39,21 @@ from deid.media.stills import load_still, save_still
 from deid.media.video import EncodeOptions, Frame, probe, to_display
 from deid.console import FramesPerSecond
 from deid.pipelines.detect import detect_frames
-from deid.pipelines.engines import HeadSynthesizer
+from deid.pipelines.engines import ENGINES, CoverEngine, FaceEngine, GenerateEngine, HeadSynthesizer, Identities
 from deid.pipelines.inputs import Task, check_previews, expand_inputs, make_folders, preview_of, remove_empty
 from deid.pipelines.sharding import parse_shard, shard
 from deid.pipelines.stages import batched
 from deid.pipelines.video_job import video_job
+
+_COVERED = {"mask": "masked", "blur": "blurred", "pixelate": "pixelated"}  # what the summary calls each engine's faces
+_REVERSIBLE = ("blur", "pixelate")  # engines that recognisers trained on their output can undo: they warn
 
 
 @dataclass(frozen=True)
 class AnonymizeJob:
     inputs: tuple[Path, ...]  # videos, images, directories or globs
     output: Path  # a file (one input) or a directory mirroring the inputs
+    engine: str = "generate"  # what a tracked face becomes: generate | mask | blur | pixelate (pipelines/engines.py)
     identity: Path | None = None  # photo whose identity every face takes; None: a random identity per person
     seed: int = 0  # seeds the random identities
     shared_identities: bool = False  # person k of every file gets the same random identity (default: all differ)
@@ -60,8 +67,21 @@ class AnonymizeJob:
     tracking: TrackConfig = TrackConfig()
     align: AlignConfig = AlignConfig()  # its size is replaced by the model's resolution
     paste: PasteConfig = PasteConfig()
+    region: HeadRegionConfig = HeadRegionConfig()  # what mask, blur and pixelate cover
     orientation: OrientationConfig = OrientationConfig()  # the turned views searched for rolled faces
     audit: AuditConfig | None = AuditConfig()  # None: no audit (--no-audit), and so no fail-safe
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, not {self.engine!r}")
+
+    def generate_options(self) -> list[str]:
+        """The options set on this job (away from their defaults) that only the generate engine uses: its identities
+        and its head crops."""
+        defaults = AnonymizeJob(self.inputs, self.output)
+        return [option for option, field_name in (("--identity", "identity"), ("--seed", "seed"),
+                                                  ("--shared-identities", "shared_identities"), ("--save-crops", "save_crops"))
+                if getattr(self, field_name) != getattr(defaults, field_name)]
 
     def check(self) -> list[Task]:
         """Validate the paths before any model is loaded; returns all tasks (every shard's). Raises DeidError."""
@@ -100,10 +120,14 @@ class FileReport:
     audit: AuditTotals | None = None  # None: not audited
 
 
-def run_anonymize(job: AnonymizeJob, model, device: torch.device | str | None = None,
+def run_anonymize(job: AnonymizeJob, model=None, device: torch.device | str | None = None,
                   dtype: torch.dtype = torch.float32) -> list[FileReport]:
-    """Anonymize every input of the job (this shard's share); returns one report per input file."""
+    """Anonymize every input of the job (this shard's share); returns one report per input file. `model` (a trained
+    Disentangler) is what the generate engine runs; the other engines take none."""
     tasks = shard(job.check(), *parse_shard(job.shard))
+    if job.engine in _REVERSIBLE:
+        warn(f"--engine {job.engine} hides faces from people, not from machines: recognisers trained on "
+             f"{_COVERED[job.engine]} faces can re-identify them (--engine mask cannot be undone).")
     anonymizer = Anonymizer(job, model, device, dtype)
     with progress(FramesPerSecond()) as bar:
         reports = [anonymizer.run(task, bar, batch=len(tasks) > 1) for task in tasks]
@@ -113,30 +137,46 @@ def run_anonymize(job: AnonymizeJob, model, device: torch.device | str | None = 
 
 
 class Anonymizer:
-    """What anonymizing a file needs that is built once per process: the head synthesizer, the roll-robust
-    detector, the auditor and the target identity. `run(task)` anonymizes one file of the job."""
+    """What anonymizing a file needs that is built once per process: the roll-robust detector, the auditor and, for
+    the generate engine, the head synthesizer and the target identity. `run(task)` anonymizes one file of the job.
 
-    def __init__(self, job: AnonymizeJob, model, device: torch.device | str | None = None,
+    model: a trained Disentangler for `generate`; None for the other engines, which load no network of their own
+    (then `device` is where the detector runs, default the CPU)."""
+
+    def __init__(self, job: AnonymizeJob, model=None, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32):
         self.job = job
-        self.synth = HeadSynthesizer(model, device, dtype)
-        self.detector = RollRobustDetector(FaceDetector(job.detect, self.synth.device), job.orientation)
-        self.auditor = FaceAuditor(job.audit) if job.audit is not None else None
+        self.synth = None
         self.identity = None
-        if job.identity is not None:
+        if job.engine == "generate":
+            if model is None:
+                raise ValueError("the generate engine needs a trained model")
+            self.synth = HeadSynthesizer(model, device, dtype)
+            device = self.synth.device
+        self.detector = RollRobustDetector(FaceDetector(job.detect, torch.device(device or "cpu")), job.orientation)
+        self.auditor = FaceAuditor(job.audit) if job.audit is not None else None
+        self.cover = CoverEngine(job.engine, job.region) if self.synth is None else None
+        if job.identity is not None and self.synth is not None:
             photo = align_photo_file(job.identity, self.synth.resolution, detector=self.detector, scale=job.align.scale)
             self.identity = self.synth.identity_of(photo.tensor)
+
+    def engine(self, task: Task) -> FaceEngine:
+        """The engine for one file: the generate engine keeps that file's own random identities."""
+        if self.synth is None:
+            return self.cover
+        identities = Identities(self.synth, self.identity, self.job.seed, _identity_key(task, self.job))
+        return GenerateEngine(self.synth, identities, self.job.align.scale, self.job.paste, _crops_dir(task, self.job))
 
     def run(self, task: Task, bar, batch: bool = False) -> FileReport:
         """One file (skipped when its output exists and the job does not overwrite); see `_run_task`."""
         if task.target.exists() and not self.job.overwrite:
             return FileReport(task.source, task.target, skipped=True)
-        swapper = _FaceSwapper(self.job, self.synth, self.identity, _identity_key(task, self.job), self.auditor)
-        return _run_task(task, self.job, self.detector, swapper, bar, batch=batch)
+        renderer = _Renderer(self.engine(task), keep_source=self.job.preview or self.auditor is not None)
+        return _run_task(task, self.job, self.detector, renderer, self.auditor, bar, batch=batch)
 
 
-def _run_task(task: Task, job: AnonymizeJob, detector: RollRobustDetector, swapper: "_FaceSwapper", bar,
-              batch: bool = False) -> FileReport:
+def _run_task(task: Task, job: AnonymizeJob, detector: RollRobustDetector, renderer: "_Renderer",
+              auditor: FaceAuditor | None, bar, batch: bool = False) -> FileReport:
     """One file. In a batch, a file that fails (unreadable, corrupt, ...) is reported and the batch goes on; the
     mirror folders made for it are removed again when they stay empty."""
     report = FileReport(task.source, task.target)
@@ -147,9 +187,9 @@ def _run_task(task: Task, job: AnonymizeJob, detector: RollRobustDetector, swapp
         for path in (task.target, audit_path(task.target), preview_of(task)):  # what a killed run (SIGKILL) left
             remove_stale_partials(path)
         if task.is_image:
-            _anonymize_image(task, job, detector, swapper, report)
+            _anonymize_image(task, job, detector, renderer, auditor, report)
         else:
-            _anonymize_video(task, job, detector, swapper, report, bar)
+            _anonymize_video(task, job, detector, renderer, auditor, report, bar)
     except OSError as exc:
         remove_empty(created)
         if exc.errno == errno.ENOSPC:
@@ -208,46 +248,17 @@ def _identity_key(task: Task, job: AnonymizeJob) -> str | None:
     return task.target.name if task.target == job.output else task.target.relative_to(job.output).as_posix()
 
 
-class _FaceSwapper:
-    """Replaces the faces of a few frames at a time, one fixed identity per tracked person."""
+class _Renderer:
+    """Runs a file's engine on a few frames at a time and counts the faces it was given."""
 
-    def __init__(self, job: AnonymizeJob, synth: HeadSynthesizer, identity: torch.Tensor | None, file_key: str | None = None,
-                 auditor: FaceAuditor | None = None):
-        self.job = job
-        self.synth = synth
-        self.identity = identity
-        self.file_key = file_key  # see _identity_key
-        self.auditor = auditor
-        self.codes: dict[int, torch.Tensor] = {}  # track id -> identity code (the random ones)
-        self.crops_dir = None
-
-    def code(self, track_id: int) -> torch.Tensor:
-        if self.identity is not None:
-            return self.identity
-        if track_id not in self.codes:
-            self.codes[track_id] = self.synth.random_identity(self.job.seed, track_id, self.file_key)
-        return self.codes[track_id]
+    def __init__(self, engine: FaceEngine, keep_source: bool):
+        self.engine = engine
+        self.keep_source = keep_source  # the preview and the audit look at the source frame afterwards
 
     def __call__(self, group: list[tuple[Frame, list[Face]]], report: FileReport) -> list[np.ndarray]:
         """group: frames with their tracked faces (stored-frame pixels). Returns the output images, same order."""
-        size, scale = self.synth.resolution, self.job.align.scale
-        crops, affines, owners, tracks = [], [], [], []
-        for i, (frame, faces) in enumerate(group):
-            for face in faces:
-                affine = ffhq_affine(face.landmarks, size, scale)
-                crops.append(warp_crop(frame.image, affine, size))
-                affines.append(affine)
-                owners.append(i)
-                tracks.append(face.track_id)
-        heads = self.synth(np.stack(crops), torch.stack([self.code(t) for t in tracks])) if crops else []
-        keep_source = self.job.preview or self.auditor is not None  # both look at the source frame afterwards
-        outputs = [frame.image.copy() if keep_source else frame.image for frame, _ in group]
-        for crop, head, affine, owner, tid in zip(crops, heads, affines, owners, tracks):
-            paste_head(outputs[owner], head, affine, original=crop, config=self.job.paste)
-            if self.crops_dir is not None:
-                stem = f"{group[owner][0].index:06d}_p{tid}"
-                save_image(crop, self.crops_dir / f"{stem}_in.png", overwrite=True)
-                save_image(head, self.crops_dir / f"{stem}_out.png", overwrite=True)
+        outputs = [frame.image.copy() if self.keep_source else frame.image for frame, _ in group]
+        self.engine(group, outputs)
         for frame, faces in group:
             report.frames += 1
             report.faces += len(faces)
@@ -257,42 +268,53 @@ class _FaceSwapper:
 
 
 def _crops_dir(task: Task, job: AnonymizeJob) -> Path | None:
-    if not job.save_crops:
-        return None
-    folder = task.target.parent / f"{task.target.stem}_crops"
-    folder.mkdir(exist_ok=True)
-    return folder
+    """Where --save-crops puts a file's aligned heads (made at the first head), or None."""
+    return task.target.parent / f"{task.target.stem}_crops" if job.save_crops else None
 
 
-def _audit_log(task: Task, auditor: FaceAuditor | None, frame_size: tuple[int, int]):
-    """OUTPUT.audit.json's writer for this task (a context manager), or a stand-in yielding None without an audit."""
+def _preview(source: np.ndarray, output: np.ndarray, engine: str) -> np.ndarray:
+    """input | output side by side ([H, 2W, 3] uint8), the output half labelled with the engine that made it."""
+    side = np.concatenate([source, output], axis=1)
+    height, width = source.shape[:2]
+    scale = max(height / 480, 0.3)
+    origin = (width + round(8 * scale), round(30 * scale) + 2)  # the baseline: the text's height above it
+    for colour, thickness in (((0, 0, 0), 3), ((255, 255, 255), 1)):  # outlined: readable on any background
+        cv2.putText(side, f"deid {engine}", origin, cv2.FONT_HERSHEY_SIMPLEX, scale, colour,
+                    max(1, round(thickness * scale * 1.5)), cv2.LINE_AA)
+    return side
+
+
+def _audit_log(task: Task, auditor: FaceAuditor | None, frame_size: tuple[int, int], engine: str):
+    """OUTPUT.audit.json's writer for this task (a context manager), or a stand-in yielding None without an audit.
+    Its header names the engine that made the output."""
     if auditor is None:
         return contextlib.nullcontext()
-    return AuditLog(audit_path(task.target), auditor, task.source, frame_size)
+    log = AuditLog(audit_path(task.target), auditor, task.source, frame_size)
+    log.header["engine"] = engine
+    return log
 
 
-def _anonymize_image(task: Task, job: AnonymizeJob, detector: RollRobustDetector, swapper: _FaceSwapper, report: FileReport) -> None:
+def _anonymize_image(task: Task, job: AnonymizeJob, detector: RollRobustDetector, renderer: _Renderer,
+                     auditor: FaceAuditor | None, report: FileReport) -> None:
     still = load_still(task.source)  # the networks see 8-bit RGB; the file keeps its own channels and depth
     image = still.rgb.copy()  # heads are pasted in place; still.rgb stays the reference for what changed
     detections = detector([image])[0]
     faces = [Face(i, detections.boxes[i], detections.landmarks[i], False) for i in range(len(detections))]
-    swapper.crops_dir = _crops_dir(task, job)
-    (output,) = swapper([(Frame(0, 0, 0, image), faces)], report)
-    with _audit_log(task, swapper.auditor, (image.shape[1], image.shape[0])) as log, \
+    (output,) = renderer([(Frame(0, 0, 0, image), faces)], report)
+    with _audit_log(task, auditor, (image.shape[1], image.shape[0]), job.engine) as log, \
             atomic_output(task.target, overwrite=job.overwrite, clean_stale=True) as tmp:
         if log is not None:  # before writing: the fail-safe covers leaks in `output`
             log.check(0, image, output, [face.box for face in faces])
             report.audit = log.totals
         report.notes += save_still(still, output, tmp)
     if job.preview:
-        save_image(np.concatenate([image, output], axis=1), preview_of(task), overwrite=job.overwrite)
+        save_image(_preview(image, output, job.engine), preview_of(task), overwrite=job.overwrite)
 
 
-def _anonymize_video(task: Task, job: AnonymizeJob, detector: RollRobustDetector, swapper: _FaceSwapper,
-                     report: FileReport, bar) -> None:
+def _anonymize_video(task: Task, job: AnonymizeJob, detector: RollRobustDetector, renderer: _Renderer,
+                     auditor: FaceAuditor | None, report: FileReport, bar) -> None:
     info = probe(task.source)
     stored_size = (info.width, info.height)
-    swapper.crops_dir = _crops_dir(task, job)
     batch = max(1, job.batch_size)
     bar_task = bar.add_task(task.source.name, total=info.frame_count)
     width, height = info.display_size
@@ -303,16 +325,16 @@ def _anonymize_video(task: Task, job: AnonymizeJob, detector: RollRobustDetector
             log.check(frame.index, frame.image, output, [face.box for face in faces])
         side = None
         if job.preview:
-            side = np.concatenate([to_display(frame.image, info.rotation), to_display(output, info.rotation)], axis=1)
+            side = _preview(to_display(frame.image, info.rotation), to_display(output, info.rotation), job.engine)
         return frame, output, side
 
-    with _audit_log(task, swapper.auditor, stored_size) as log, \
+    with _audit_log(task, auditor, stored_size, job.engine) as log, \
             video_job(info, task.target, job.encode, overwrite=job.overwrite, queue_size=2 * batch, render=render,
                       preview_size=(2 * width, height) if job.preview else None, notes=report.notes) as (frames, sink):
         report.audit = log.totals if log is not None else None
         detected = detect_frames(frames, detector.stream(), info.rotation, stored_size, batch)
         for group in batched(track(detected, job.tracking), batch):
-            for (frame, faces), output in zip(group, swapper(group, report)):
+            for (frame, faces), output in zip(group, renderer(group, report)):
                 sink.put((frame, output, faces))
             bar.update(bar_task, completed=report.frames)
     if report.frames != info.frame_count:
@@ -336,8 +358,8 @@ def _print_summary(reports: list[FileReport], job: AnonymizeJob) -> None:
     if not reports:
         info("nothing to do: this shard holds no inputs.")
         return
-    table = Table(title="deid anonymize", show_edge=False)
-    for column in ("file", "frames", "faces replaced", "frames without faces", "persons", "leaks (audit)", "time"):
+    table = Table(title=f"deid anonymize (engine: {job.engine})", show_edge=False)
+    for column in ("file", "frames", "faces replaced" if job.engine == "generate" else f"faces {_COVERED[job.engine]}", "frames without faces", "persons", "leaks (audit)", "time"):
         table.add_column(column, justify="left" if column == "file" else "right")
     for r in reports:
         if r.skipped:

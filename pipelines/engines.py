@@ -1,15 +1,39 @@
-"""What turns a tracked face into output pixels: the model's head synthesis."""
+"""What turns the tracked faces of a few frames into output pixels: the engines of `deid anonymize`.
+
+One pipeline (decode, roll-robust detection, tracking with its gap filling, smoothing, audit, fail-safe, encode)
+and one step that differs. Every engine is called the same way, `engine(group, outputs)`: `group` holds a few
+frames with their tracked faces (`Face`, `filled` included: a face the tracker held across a detection gap
+reaches the engine like any other), `outputs` the images to write into, in place.
+
+- `generate` (GenerateEngine): the paper's method, a new head from the person's identity code and the face's
+  attributes (HeadSynthesizer), pasted back;
+- `mask` (CoverEngine): a flat colour over the head region (deid.faces.cover), irreversible, no model;
+- `blur`, `pixelate` (CoverEngine): the same region blurred or pixelated, opt-in: recognisers trained on such
+  faces can undo them (McPherson, Shokri, Shmatikov 2016).
+"""
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 
 from deid.buckets import FACE_BUCKETS, bucket_chunks, bucket_size, pad_batch
 from deid.devices import autocast
-from deid.media.images import to_tensor, to_uint8
+from deid.evaluation.audit import AuditConfig, cover_region
+from deid.faces.alignment import ffhq_affine, warp_crop
+from deid.faces.cover import HeadRegionConfig, head_corners, region_mask
+from deid.faces.paste import PasteConfig, paste_head
+from deid.faces.tracking import Face
+from deid.media.images import save_image, to_tensor, to_uint8
+from deid.media.video import Frame
+
+ENGINES = ("generate", "mask", "blur", "pixelate")
+COVER_ENGINES = ENGINES[1:]
+MASK_COLOUR = (128, 128, 128)  # RGB: a flat mid grey, the same whoever was under it
 
 
 class HeadSynthesizer:
@@ -70,3 +94,101 @@ class HeadSynthesizer:
                 w = self.model.map(pad_batch(identities[part].to(self.device), size), self.model.encode_attributes(images))
                 heads.append(to_uint8(self.model.generate(w)[: part.stop - part.start]))
         return np.concatenate(heads)
+
+
+class FaceEngine(Protocol):
+    """Turns the tracked faces of a few frames into output pixels."""
+
+    name: str  # one of ENGINES, for the records
+
+    def __call__(self, group: Sequence[tuple[Frame, list[Face]]], outputs: list[np.ndarray]) -> None:
+        """group: frames (source pixels, [H, W, 3] uint8 RGB) with their tracked faces; outputs: one image per frame
+        (the frame's own image or a copy of it), changed in place."""
+
+
+class Identities:
+    """One identity code [512] per tracked person of a file: the target's, or a random person's, fixed by (seed,
+    file_key, track id); see HeadSynthesizer.random_identity."""
+
+    def __init__(self, synth: HeadSynthesizer, target: torch.Tensor | None, seed: int, file_key: str | None):
+        self.synth = synth
+        self.target = target
+        self.seed = seed
+        self.file_key = file_key
+        self.codes: dict[int, torch.Tensor] = {}  # track id -> its random identity code
+
+    def __call__(self, track_id: int) -> torch.Tensor:
+        if self.target is not None:
+            return self.target
+        if track_id not in self.codes:
+            self.codes[track_id] = self.synth.random_identity(self.seed, track_id, self.file_key)
+        return self.codes[track_id]
+
+
+class GenerateEngine:
+    """`generate`: each face's aligned crop -> E_attr with the person's identity code -> M -> G -> pasted back.
+    With `crops_dir`, the aligned input and output heads are saved there as FRAME_pTRACK_in/_out.png."""
+
+    name = "generate"
+
+    def __init__(self, synth: HeadSynthesizer, identities: Identities, align_scale: float = 1.0,
+                 paste: PasteConfig = PasteConfig(), crops_dir: Path | None = None):
+        self.synth = synth
+        self.identities = identities
+        self.align_scale = align_scale
+        self.paste = paste
+        self.crops_dir = crops_dir
+
+    def __call__(self, group: Sequence[tuple[Frame, list[Face]]], outputs: list[np.ndarray]) -> None:
+        size = self.synth.resolution
+        crops, affines, owners, tracks = [], [], [], []
+        for i, (frame, faces) in enumerate(group):
+            for face in faces:
+                affine = ffhq_affine(face.landmarks, size, self.align_scale)
+                crops.append(warp_crop(frame.image, affine, size))  # every crop before any paste: heads may overlap
+                affines.append(affine)
+                owners.append(i)
+                tracks.append(face.track_id)
+        if not crops:
+            return
+        heads = self.synth(np.stack(crops), torch.stack([self.identities(t) for t in tracks]))
+        for crop, head, affine, owner, track_id in zip(crops, heads, affines, owners, tracks):
+            paste_head(outputs[owner], head, affine, original=crop, config=self.paste)
+            if self.crops_dir is not None:
+                self.crops_dir.mkdir(exist_ok=True)  # here, not earlier: a batch makes the file's folders first
+                stem = f"{group[owner][0].index:06d}_p{track_id}"
+                save_image(crop, self.crops_dir / f"{stem}_in.png", overwrite=True)
+                save_image(head, self.crops_dir / f"{stem}_out.png", overwrite=True)
+
+
+class CoverEngine:
+    """`mask`, `blur` or `pixelate`: covers each tracked head's region (deid.faces.cover: the face box grown over
+    hair and ears, turned with the face's roll). No model. `mask` fills it with MASK_COLOUR, so no output pixel
+    there depends on the input; `blur` and `pixelate` use the fail-safe's `cover_region` over the region's
+    bounding square (its strength fields of `strength`), then keep the region's pixels."""
+
+    def __init__(self, method: str, region: HeadRegionConfig = HeadRegionConfig(), strength: AuditConfig = AuditConfig()):
+        if method not in COVER_ENGINES:
+            raise ValueError(f"method must be one of {COVER_ENGINES}, not {method!r}")
+        self.name = method
+        self.region = region
+        self.strength = strength
+
+    def __call__(self, group: Sequence[tuple[Frame, list[Face]]], outputs: list[np.ndarray]) -> None:
+        for (_, faces), image in zip(group, outputs):
+            for face in faces:
+                self.cover(image, head_corners(face.box, face.landmarks, self.region))
+
+    def cover(self, image: np.ndarray, corners: np.ndarray) -> None:
+        """Cover the region with `corners` [4, 2] (frame pixels) of image [H, W, 3] uint8, in place."""
+        found = region_mask(corners, image.shape)
+        if found is None:
+            return
+        (x0, y0, x1, y1), inside = found
+        roi = image[y0:y1, x0:x1]
+        if self.name == "mask":
+            roi[inside] = MASK_COLOUR
+            return
+        covered = roi.copy()
+        cover_region(covered, np.array([0, 0, x1 - x0, y1 - y0]), self.name, self.strength)
+        roi[inside] = covered[inside]

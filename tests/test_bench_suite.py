@@ -68,15 +68,20 @@ def test_quick_suite_measures_everything_and_survives_a_failing_measurement(quic
     assert all(row["images_per_second"] > 0 for row in dataset.values())
 
     faces = {row["variant"]: row for row in groups["anonymize-1080p"]["rows"]}
-    assert list(faces) == ["1 face, no audit", "1 face, with the audit", "3 faces, no audit", "3 faces, with the audit"]
+    assert list(faces) == [f"{label}{engine}, {audit}" for label in ("1 face", "3 faces")
+                           for engine in ("", ", mask engine") for audit in ("no audit", "with the audit")]
     for label, count in (("1 face", 1), ("3 faces", 3)):
-        plain, audited = faces[f"{label}, no audit"], faces[f"{label}, with the audit"]
-        for row in (plain, audited):  # the synthetic clip shows `count` findable faces in every frame
-            assert row["faces_found"] == row["faces_shown"] == count * row["frames"] and row["end_to_end_fps"] > 0
-        assert not plain["audited"] and audited["audited"]
-        assert set(plain["stages_fps"]) == {"decode", "detect", "detect_roll_robust", "track_smooth", "align", "synthesize",
-                                            "paste", "audit", "encode"}
-        assert audited["audit_ms_per_frame"] > 0 and "with the audit" in audited["summary"]
+        for engine, name in (("generate", label), ("mask", f"{label}, mask engine")):
+            plain, audited = faces[f"{name}, no audit"], faces[f"{name}, with the audit"]
+            for row in (plain, audited):  # the synthetic clip shows `count` findable faces in every frame
+                assert row["engine"] == engine and row["end_to_end_fps"] > 0
+                assert row["faces_found"] == row["faces_shown"] == count * row["frames"]
+            assert not plain["audited"] and audited["audited"]
+            expected = {"decode", "detect", "detect_roll_robust", "track_smooth", "align", "synthesize", "paste", "audit",
+                        "encode"} if engine == "generate" else {"decode", "detect_roll_robust", "track_smooth", "mask",
+                                                                 "audit", "encode"}
+            assert set(plain["stages_fps"]) == expected
+            assert audited["audit_ms_per_frame"] > 0 and "with the audit" in audited["summary"]
 
     assert "| measurement | variant | figures | note |" in table
     for name in QUICK_GROUPS:

@@ -32,7 +32,7 @@ from deid.nets.mapper import DiscriminatorConfig, LatentDiscriminator, LatentMap
 from deid.runs import latest_checkpoint, named_checkpoint
 from deid.stylegan.config import GeneratorConfig
 from deid.stylegan.loading import load_generator
-from deid.weights import REGISTRY, resolve, source_sha256
+from deid.weights import REGISTRY, cache_path, resolve, source_sha256
 
 FORMAT = "deid-model"
 
@@ -254,10 +254,17 @@ def _resolve_model_file(source: str | os.PathLike) -> Path:
             raise WeightsError(
                 f"no trained deid model {DEFAULT_MODEL!r} yet (none is published). Make one: "
                 "`deid make-dataset --n 70000 --out generated/`, then `deid train --data generated/ --out runs/ffhq256`, "
-                f"then `deid weights import {DEFAULT_MODEL} runs/ffhq256` (or pass --model runs/ffhq256)."
+                f"then `deid weights import {DEFAULT_MODEL} runs/ffhq256` (or pass --model runs/ffhq256). "
+                "`deid anonymize` needs none to cover faces: --engine mask."
             ) from None
     raise WeightsError(f"{text}: no such model. Give a run directory (RUN, or RUN:best-identity, RUN:best-landmarks, "
                        f"RUN:step-N), a checkpoint file, or {DEFAULT_MODEL!r}.")
+
+
+def default_model_installed() -> bool:
+    """Whether a trained model is registered as DEFAULT_MODEL (`deid weights import deid-ffhq256 RUN`): none is
+    published, so on a fresh install there is none."""
+    return cache_path(DEFAULT_MODEL).is_file()
 
 
 def load_model(source: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu",
@@ -299,7 +306,7 @@ def build_discriminator(config: ModelConfig, w_dim: int) -> LatentDiscriminator:
 
 __all__ = [
     "ModelConfig", "Disentangler", "load_model", "read_checkpoint", "mix_grid",
-    "unprefixed", "build_generator", "build_discriminator", "DEFAULT_MODEL",
+    "unprefixed", "build_generator", "build_discriminator", "DEFAULT_MODEL", "default_model_installed",
 ]
 
 
