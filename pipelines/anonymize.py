@@ -25,8 +25,9 @@ from deid.console import console, info, progress, warn
 from deid.errors import DeidError, MediaError
 from deid.faces.alignment import AlignConfig, align_photo_file, ffhq_affine, warp_crop
 from deid.evaluation.audit import AuditConfig, AuditLog, AuditTotals, FaceAuditor, audit_path
+from deid.evaluation.audit_pool import AuditItem, AuditPool, audit_workers, new_stream, shared_pool
 from deid.faces.detection import DetectConfig, FaceDetector
-from deid.faces.orientation import OrientationConfig, RollRobustDetector
+from deid.faces.orientation import OrientationConfig, RollRobustDetector, face_roll
 from deid.faces.paste import PasteConfig, paste_head
 from deid.faces.tracking import Face, TrackConfig, track
 from deid.media.containers import resolve_codec
@@ -241,6 +242,21 @@ def _audit_log(task: Task, auditor: FaceAuditor | None, frame_size: tuple[int, i
     return AuditLog(audit_path(task.target), auditor, task.source, frame_size)
 
 
+def _audit_pool(swapper: _FaceSwapper) -> AuditPool | None:
+    """The audit's worker processes (None without an audit), on the cores synthesis leaves free."""
+    if swapper.auditor is None:
+        return None
+    synthesis_threads = torch.get_num_threads() if swapper.synth.device.type == "cpu" else 1
+    return shared_pool(swapper.auditor.config, audit_workers(synthesis_threads))
+
+
+def _audit_items(group: list[tuple[Frame, list[Face]]], outputs: list[np.ndarray]) -> list[AuditItem]:
+    """What the audit needs of a group of frames: source, output, and the replaced faces' boxes, tracks and rolls."""
+    return [AuditItem(frame.index, frame.image, output, np.array([face.box for face in faces], np.float64).reshape(-1, 4),
+                      tuple(face.track_id for face in faces), tuple(float(face_roll(face.landmarks)) for face in faces))
+            for (frame, faces), output in zip(group, outputs)]
+
+
 def _anonymize_image(task: Task, job: AnonymizeJob, detector: RollRobustDetector, swapper: _FaceSwapper, report: FileReport) -> None:
     still = load_still(task.source)  # the networks see 8-bit RGB; the file keeps its own channels and depth
     image = still.rgb.copy()  # heads are pasted in place; still.rgb stays the reference for what changed
@@ -268,22 +284,26 @@ def _anonymize_video(task: Task, job: AnonymizeJob, detector: RollRobustDetector
     width, height = info.display_size
 
     def render(item):
-        frame, output, faces = item
-        if log is not None:  # before encoding: the fail-safe covers leaks in `output`
-            log.check(frame.index, frame.image, output, [face.box for face in faces])
+        frame, output, pending, position = item
+        if pending is not None:  # before encoding: the fail-safe has covered leaks in `output`
+            log.add(pending.result()[position])
         side = None
         if job.preview:
             side = np.concatenate([to_display(frame.image, info.rotation), to_display(output, info.rotation)], axis=1)
         return frame, output, side
 
+    pool = _audit_pool(swapper)
+    stream = new_stream()
     with _audit_log(task, swapper.auditor, stored_size) as log, \
             video_job(info, task.target, job.encode, overwrite=job.overwrite, queue_size=2 * batch, render=render,
                       preview_size=(2 * width, height) if job.preview else None, notes=report.notes) as (frames, sink):
         report.audit = log.totals if log is not None else None
         detected = detect_frames(frames, detector.stream(), info.rotation, stored_size, batch)
         for group in batched(track(detected, job.tracking), batch):
-            for (frame, faces), output in zip(group, swapper(group, report)):
-                sink.put((frame, output, faces))
+            outputs = swapper(group, report)
+            pending = pool.submit(stream, _audit_items(group, outputs)) if pool is not None else None
+            for position, ((frame, _), output) in enumerate(zip(group, outputs)):
+                sink.put((frame, output, pending, position))
             bar.update(bar_task, completed=report.frames)
     if report.frames != info.frame_count:
         warn(f"{task.source}: decoded {report.frames} frames, the index lists {info.frame_count}.")
