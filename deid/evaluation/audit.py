@@ -335,13 +335,16 @@ class FaceAuditor:
         pad = self.config.edge_padding((width, height))
         return _Geometry((-pad, -pad, width + pad, height + pad), self.config.scale((width, height)))
 
-    def _near_geometry(self, box: np.ndarray, frame: _Geometry) -> _Geometry | None:
+    def _near_geometry(self, box: np.ndarray, frame: _Geometry, shape: tuple[int, ...]) -> _Geometry | None:
         """Around a replaced face box [4]: a square of 1.5 times its side (room for HOG's window around a face of
         up to the box's size), scaled so faces down to `near_faces` of its side fill the window (at most twice as
-        fine as the frame pass allows anywhere); None where the whole-frame pass already looks that closely."""
+        fine as the frame pass allows anywhere); None where the whole-frame pass already looks that closely and
+        the face lies inside the frame (a face cut off by the edge is looked at again, reflected around its box)."""
         side = max(float(box[2] - box[0]), float(box[3] - box[1]), 1.0)
         scale = min(HOG_WINDOW / (self.config.near_faces * side), 2 * HOG_WINDOW / self.config.min_face)
-        if scale <= 1.25 * frame.scale:
+        height, width = shape[:2]
+        cut_off = box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height
+        if scale <= 1.25 * frame.scale and not cut_off:
             return None
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         half = 0.75 * side
@@ -381,7 +384,7 @@ class FaceAuditor:
         frame = self._frame_geometry(image.shape)
         found = _distinct(self._search(copies, frame, ALL_TURNS, expected))
         for k, box in enumerate(expected if expected is not None else ()):
-            near = self._near_geometry(box, frame)
+            near = self._near_geometry(box, frame, image.shape)
             if near is None:
                 continue
             turns = roll_turns(None if rolls is None else rolls[k])
