@@ -2,10 +2,10 @@
 
 Per video: decode (thread) -> detect (batched, on the upright view and the turned views that can hold a rolled
 face) -> track + smooth -> align -> E_attr with the person's fixed identity code -> M -> G -> paste back ->
-audit + fail-safe and encode with the source's timestamps, audio and rotation (thread). Queues are bounded and the
-tracker's delay is fixed, so memory does not grow with the video's length. The audit (deid.evaluation.audit) looks
-at every output frame with other networks before it is written, covers what it still recognises, and writes
-OUTPUT.audit.json.
+audit + fail-safe (worker processes beside synthesis, deid.evaluation.audit_pool) -> encode with the source's
+timestamps, audio and rotation (thread, in order). Queues are bounded and the tracker's delay is fixed, so memory
+does not grow with the video's length. The audit (deid.evaluation.audit) looks at every output frame with other
+networks before it is written, covers what it still recognises, and writes OUTPUT.audit.json.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK_GROUPS = {"synthesis-256-eager", "train-256-batch6", "make-dataset-256", "anonymize-1080p", "synthesis-1024-eager",
-                "synthesis-256-compile", "train-256-largest"}
+QUICK_GROUPS = {"synthesis-256-eager", "train-256-batch6", "make-dataset-256", "anonymize-1080p", "audit-pool-1080p",
+                "synthesis-1024-eager", "synthesis-256-compile", "train-256-largest"}
 
 
 def _suite(out: Path, *args: str) -> tuple[dict, str]:
@@ -69,6 +69,11 @@ def test_quick_suite_measures_everything_and_survives_a_failing_measurement(quic
         assert set(row["stages_fps"]) == {"decode", "detect", "detect_roll_robust", "track_smooth", "align", "synthesize",
                                           "paste", "audit", "encode"}
         assert row["audited"] and row["end_to_end_fps"] > 0 and row["end_to_end_no_audit_fps"] > 0
+
+    pool = groups["audit-pool-1080p"]["rows"]  # 3 faces, by worker count (1, and every core left here)
+    assert [row["workers"] for row in pool][0] == 1
+    for row in pool:
+        assert row["frames"] == 4 and row["faces_found"] > 0 and row["fps"] > 0
 
     assert "| measurement | variant | figures | note |" in table
     for name in QUICK_GROUPS:

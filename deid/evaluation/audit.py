@@ -34,10 +34,12 @@ from 0 to above 0.65 (tests/test_audit.py checks it).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -320,6 +322,18 @@ class FaceAuditor:
         self.config = config
         self.analyzer = DlibFaceAnalyzer()
         self.hog, self._lock = _hog_detector()
+        self.timings: dict[str, float] | None = None  # set to {} to sum seconds per pass (bench/video_pipeline.py)
+
+    @contextlib.contextmanager
+    def _timing(self, key: str):
+        if self.timings is None:
+            yield
+            return
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
 
     @property
     def identity(self) -> dict:
@@ -359,14 +373,17 @@ class FaceAuditor:
 
     # ------------------------------------------------------------------------------------ detection
 
-    def _search(self, copies: _Copies, geometry: _Geometry, turns: Sequence[int], expected: np.ndarray | None) -> list[_Found]:
+    def _search(self, copies: _Copies, geometry: _Geometry, turns: Sequence[int], expected: np.ndarray | None,
+                kind: str) -> list[_Found]:
         """HOG on the given quarter turns of one audited copy: faces scoring `hog_threshold`, or `expected_threshold`
-        where a face is expected (its centre inside one of `expected` [K, 4], frame pixels)."""
-        gray = copies.gray(geometry)
+        where a face is expected (its centre inside one of `expected` [K, 4], frame pixels). kind: the pass's name
+        in `timings`."""
+        with self._timing(f"copy {kind}"):
+            gray = copies.gray(geometry)
         found = []
         for turn in turns:
             view = np.ascontiguousarray(np.rot90(gray, turn))
-            with self._lock:
+            with self._lock, self._timing(f"hog {kind} {90 * turn}"):
                 rects, scores, _ = self.hog.run(view, 0, min(self.config.hog_threshold, self.config.expected_threshold))
             for rect, score in zip(rects, scores):
                 in_view = np.array([rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1], np.float64)
@@ -382,21 +399,22 @@ class FaceAuditor:
         are searched again more finely, in the quarter turns of `rolls` [K] (degrees; None: all four)."""
         copies = copies if copies is not None else _Copies(image)
         frame = self._frame_geometry(image.shape)
-        found = _distinct(self._search(copies, frame, ALL_TURNS, expected))
+        found = _distinct(self._search(copies, frame, ALL_TURNS, expected, "frame"))
         for k, box in enumerate(expected if expected is not None else ()):
             near = self._near_geometry(box, frame, image.shape)
             if near is None:
                 continue
             turns = roll_turns(None if rolls is None else rolls[k])
-            found += _distinct(self._search(copies, near, turns, expected), found)
+            found += _distinct(self._search(copies, near, turns, expected, "near"), found)
         return sorted(found, key=lambda f: (f.box[1], f.box[0]))
 
     # ------------------------------------------------------------------------------------ recognition
 
     def _describe(self, copies: _Copies, face: _Found) -> np.ndarray:
         """dlib's descriptor [128] of the face in its upright view of an audited copy."""
-        view = np.ascontiguousarray(np.rot90(copies.rgb(face.geometry), face.turns))
-        return self.analyzer.measure(view, face.in_view).descriptor
+        with self._timing("describe"):
+            view = np.ascontiguousarray(np.rot90(copies.rgb(face.geometry), face.turns))
+            return self.analyzer.measure(view, face.in_view).descriptor
 
     def _distance(self, source: _Copies, output: _Copies, face: _Found, frame: int, track: int | None,
                   memory: SourceFaces | None) -> float:
@@ -446,12 +464,14 @@ class FaceAuditor:
         covers = []
         for face in leaks:
             region = head_region(face.box, self.config.head_scale, output.shape)
-            cover_region(output, region, method, self.config)
+            with self._timing("cover"):
+                cover_region(output, region, method, self.config)
             covers.append(Cover([int(v) for v in region], method, None))
         boxes = np.array([c.box for c in covers], np.float64)
         covered = _Copies(output)
         for cover in covers:
-            for face in _distinct(self._search(covered, self._around(np.array(cover.box), output.shape), ALL_TURNS, boxes)):
+            around = self._around(np.array(cover.box), output.shape)
+            for face in _distinct(self._search(covered, around, ALL_TURNS, boxes, "after cover")):
                 if not _inside(face.box, np.array([cover.box], np.float64))[0]:
                     continue
                 distance = float(np.linalg.norm(self._describe(source, face) - self._describe(covered, face)))
