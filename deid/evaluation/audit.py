@@ -14,8 +14,8 @@ Each frame is searched in passes, each on an audited copy (`_Geometry`):
 - the whole frame, on all four quarter turns, scaled so the smallest face looked for (`min_face`) fills HOG's
   window (no finer: that is the documented limit), and padded on every side by reflection, about a quarter of the
   largest expected face side, so a face cut off by the frame's edge is completed by its mirror image;
-- around each face the pipeline replaced, harder: scaled so faces down to half the tracked box fill the window
-  (where the whole-frame pass cannot see them), in the quarter turns the face's roll suggests;
+- around each face the pipeline replaced that is small for the whole-frame pass, or cut off by the frame's edge,
+  harder: scaled so faces down to half its box fill the window, in the quarter turns the face's roll suggests;
 - after the fail-safe covered something, around each covered region only (all four turns): is it still recognised?
 
 A face the audit finds in the output frame is a leak when it was not replaced (its centre lies in no replaced

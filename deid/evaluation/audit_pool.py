@@ -1,7 +1,7 @@
 """The privacy audit beside synthesis: `FaceAuditor.check` in worker processes, fed through shared memory.
 
-The audit costs about as much per frame as synthesis on a CPU (dlib's HOG on four turns, two ResNet descriptors a
-face), and dlib holds the GIL-free but single-threaded: on the encoder thread it capped the whole pipeline. Here a
+The audit costs about as much per frame as synthesis on a CPU (dlib's HOG on four turns, ResNet descriptors of
+each face), on one thread: on the encoder thread it capped the whole pipeline. Here a
 pool of processes (sized to the cores synthesis leaves free, at least one) audits groups of frames while the next
 group is synthesised. A group's source and output frames are copied once into a shared-memory segment (reused, so
 memory stays flat); the worker covers leaks in the segment in place and returns the `FrameAudit`s; `result()`
@@ -18,6 +18,7 @@ import collections
 import functools
 import multiprocessing
 import os
+import signal
 import threading
 import uuid
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -82,7 +83,9 @@ class PendingAudit:
                     if audit.covered:  # only covered frames changed
                         output[:] = _view(self._segment, layout.shape, layout.output_at)
             finally:
-                self._release(self._segment)
+                if self._segment is not None:  # once, even when the worker failed and this is asked again
+                    self._release(self._segment)
+                    self._segment = None
             self._audits = audits
         return self._audits
 
@@ -97,6 +100,7 @@ class AuditPool:
         self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_start_worker, initargs=(config,))
         self._free: list[SharedMemory] = []
+        self._made: list[SharedMemory] = []  # every live segment, free or in flight: unlinked at close
         self._lock = threading.Lock()
 
     def submit(self, stream: str, items: list[AuditItem]) -> PendingAudit:
@@ -120,19 +124,25 @@ class AuditPool:
             for k, segment in enumerate(self._free):
                 if segment.size >= size:
                     return self._free.pop(k)
-        return SharedMemory(create=True, size=max(size, 1))
+            segment = SharedMemory(create=True, size=max(size, 1))
+            self._made.append(segment)
+            return segment
 
     def _give_back(self, segment: SharedMemory) -> None:
         with self._lock:
             self._free.append(segment)
             while len(self._free) > self.workers + 2:  # more than can be in flight at once: let the oldest go
-                _unlink(self._free.pop(0))
+                oldest = self._free.pop(0)
+                self._made.remove(oldest)
+                _unlink(oldest)
 
     def close(self) -> None:
+        """Stop the workers and free every segment, those of groups never collected (a run that failed) too."""
         self._executor.shutdown(wait=True, cancel_futures=True)
         with self._lock:
-            for segment in self._free:
+            for segment in self._made:
                 _unlink(segment)
+            self._made.clear()
             self._free.clear()
 
 
@@ -177,6 +187,7 @@ _worker: dict = {}
 def _start_worker(config: AuditConfig) -> None:
     import cv2
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
     cv2.setNumThreads(1)  # one core per worker: the pool is sized in cores
     _worker["auditor"] = FaceAuditor(config)
     _worker["memories"] = collections.OrderedDict()
