@@ -78,7 +78,7 @@ def plan(quick: bool, device: str) -> list[Group]:
         Group("make-dataset-256", "make_dataset", {"generator": GEN_256, "n": 4096}, 30),
         Group("anonymize-1080p", "anonymize", {"model": "256", "size": [1920, 1080], "frames": 90, "faces": [1, 3]}, 60),
         Group("audit-pool-1080p", "audit_pool", {"size": [1920, 1080], "frames": 90, "faces": [1, 3],
-                                                 "workers": [1, 4, 8], "group": 8}, 60),
+                                                 "workers": [1, 4, 8, "all"], "group": 8}, 60),
         Group("synthesis-1024-eager", "synthesis", {"generator": GEN_1024, "precisions": PRECISIONS, **synth,
                                                     "largest_cap": 512}, 60),
         Group("synthesis-256-channels-last", "synthesis", {"generator": GEN_256, "precisions": ["bf16", "fp16"],

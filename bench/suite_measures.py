@@ -409,7 +409,8 @@ def measure_anonymize(spec: dict, device: torch.device, rec: Recorder) -> None:
 
 
 def measure_audit_pool(spec: dict, device: torch.device, rec: Recorder) -> None:
-    """The privacy audit's worker pool alone (deid.evaluation.audit_pool): frames/s by worker count on a synthetic
+    """The privacy audit's worker pool alone (deid.evaluation.audit_pool): frames/s by worker count (spec "workers",
+    "all" for every core) on a synthetic
     clip, faces from MTCNN on the device. Worst case: the output is the source (a model that failed), so every face
     is a leak, measured, covered and looked at again. Whether 60 frames/s with the audit holds is this row's
     largest pool against the anonymize rows' synthesis."""
@@ -430,7 +431,8 @@ def measure_audit_pool(spec: dict, device: torch.device, rec: Recorder) -> None:
             items = [AuditItem(k, image, image, d.boxes.astype(np.float64), tuple(range(len(d))),
                                tuple(float(r) for r in face_roll(d.landmarks)))
                      for k, (image, d) in enumerate(zip(frames, found))]
-            for workers in sorted({w for w in spec["workers"] if w <= cores} | {cores}):
+            # "all": every core synthesis would leave free here (all of them, for the audit alone)
+            for workers in sorted({cores if w == "all" else w for w in spec["workers"] if w == "all" or w <= cores}):
                 def measure(workers=workers, items=items, faces=faces) -> dict:
                     pool = AuditPool(AuditConfig(), workers)
                     try:
@@ -447,10 +449,10 @@ def measure_audit_pool(spec: dict, device: torch.device, rec: Recorder) -> None:
                     fps = len(audits) / seconds
                     return {"clip": f"{width}x{height}", "faces_per_frame": faces, "workers": workers,
                             "frames": len(audits), "faces_found": sum(len(a.faces) for a in audits),
-                            "fps": round(fps, 2), "summary": f"{fps:.1f} frames/s with {workers} audit workers "
+                            "fps": round(fps, 2), "summary": f"{fps:.1f} frames/s with {workers} audit worker(s) "
                                                             f"(worst case: every face leaks and is covered)"}
 
-                rec.row(f"{faces} face{'s' if faces > 1 else ''}, {workers} workers", measure)
+                rec.row(f"{faces} face{'s' if faces > 1 else ''}, {workers} worker(s)", measure)
 
 
 MEASURES = {"synthesis": measure_synthesis, "make_dataset": measure_make_dataset, "train": measure_train,
