@@ -477,5 +477,52 @@ def anonymize_row(result: dict, faces: int, audited: bool, device: torch.device,
     return row
 
 
+def measure_audit_pool(spec: dict, device: torch.device, rec: Recorder) -> None:
+    """The privacy audit's worker pool alone (deid.evaluation.audit_pool): frames/s by worker count (spec "workers",
+    "all" for every core) on a synthetic
+    clip, faces from MTCNN on the device. Worst case: the output is the source (a model that failed), so every face
+    is a leak, measured, covered and looked at again. Whether 60 frames/s with the audit holds is this row's
+    largest pool against the anonymize rows' synthesis."""
+    from deid.evaluation.audit import AuditConfig
+    from deid.evaluation.audit_pool import AuditItem, AuditPool, audit_workers, new_stream
+    from deid.faces.detection import FaceDetector
+    from deid.faces.orientation import face_roll
+    from deid.media.video import read_frames
+
+    width, height = spec["size"]
+    detector = FaceDetector(device=device)
+    cores = audit_workers(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for faces in spec["faces"]:
+            clip = make_face_clip(Path(tmp) / f"faces{faces}.mp4", (width, height), spec["frames"], faces)
+            frames = [frame.image for frame in read_frames(clip)]
+            found = detector(frames)
+            items = [AuditItem(k, image, image, d.boxes.astype(np.float64), tuple(range(len(d))),
+                               tuple(float(r) for r in face_roll(d.landmarks)))
+                     for k, (image, d) in enumerate(zip(frames, found))]
+            # "all": every core synthesis would leave free here (all of them, for the audit alone)
+            for workers in sorted({cores if w == "all" else w for w in spec["workers"] if w == "all" or w <= cores}):
+                def measure(workers=workers, items=items, faces=faces) -> dict:
+                    pool = AuditPool(AuditConfig(), workers)
+                    try:
+                        pool.submit(new_stream(), items[:workers]).result()  # start the workers (dlib's models load)
+                        start = time.perf_counter()
+                        stream = new_stream()
+                        pending = [pool.submit(stream, [dataclasses.replace(item, output=item.output.copy())
+                                                        for item in items[k:k + spec["group"]]])
+                                   for k in range(0, len(items), spec["group"])]
+                        audits = [audit for group in pending for audit in group.result()]
+                        seconds = time.perf_counter() - start
+                    finally:
+                        pool.close()
+                    fps = len(audits) / seconds
+                    return {"clip": f"{width}x{height}", "faces_per_frame": faces, "workers": workers,
+                            "frames": len(audits), "faces_found": sum(len(a.faces) for a in audits),
+                            "fps": round(fps, 2), "summary": f"{fps:.1f} frames/s with {workers} audit worker(s) "
+                                                            f"(worst case: every face leaks and is covered)"}
+
+                rec.row(f"{faces} face{'s' if faces > 1 else ''}, {workers} worker(s)", measure)
+
+
 MEASURES = {"synthesis": measure_synthesis, "make_dataset": measure_make_dataset, "train": measure_train,
-            "anonymize": measure_anonymize}
+            "anonymize": measure_anonymize, "audit_pool": measure_audit_pool}

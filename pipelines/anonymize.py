@@ -3,10 +3,10 @@
 Per video: decode (thread) -> detect (batched, on the upright view and the turned views that can hold a rolled
 face) -> track + smooth -> the engine (pipelines/engines.py: `generate` aligns each face, runs E_attr with the
 person's fixed identity code -> M -> G and pastes the head back; `mask`, `blur` and `pixelate` cover the head, no
-model) -> audit + fail-safe and encode with the source's timestamps, audio and rotation (thread). Queues are bounded and the
-tracker's delay is fixed, so memory does not grow with the video's length. The audit (deid.evaluation.audit) looks
-at every output frame with other networks before it is written, covers what it still recognises, and writes
-OUTPUT.audit.json.
+model) -> audit + fail-safe (worker processes beside synthesis, deid.evaluation.audit_pool) -> encode with the
+source's timestamps, audio and rotation (thread, in order). Queues are bounded and the tracker's delay is fixed, so
+memory does not grow with the video's length. The audit (deid.evaluation.audit) looks at every output frame with
+other networks before it is written, covers what it still recognises, and writes OUTPUT.audit.json.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from deid.console import console, debugging, info, progress, warn
 from deid.errors import DeidError, MediaError
 from deid.faces.alignment import AlignConfig, align_photo_file
 from deid.evaluation.audit import AuditConfig, AuditLog, AuditTotals, FaceAuditor, audit_path
+from deid.evaluation.audit_pool import AuditItem, AuditPool, audit_workers, new_stream, shared_pool
 from deid.faces.detection import DetectConfig, FaceDetector
 from deid.faces.cover import HeadRegionConfig
-from deid.faces.orientation import OrientationConfig, RollRobustDetector
+from deid.faces.orientation import OrientationConfig, RollRobustDetector, face_roll
 from deid.faces.paste import PasteConfig
 from deid.faces.tracking import Face, TrackConfig, track
 from deid.media.containers import resolve_codec
@@ -294,6 +295,21 @@ def _audit_log(task: Task, auditor: FaceAuditor | None, frame_size: tuple[int, i
     return log
 
 
+def _audit_pool(auditor: FaceAuditor | None, detector: RollRobustDetector) -> AuditPool | None:
+    """The audit's worker processes (None without an audit), on the cores detection and synthesis leave free."""
+    if auditor is None:
+        return None
+    on_cpu = torch.device(detector.detector.device).type == "cpu"
+    return shared_pool(auditor.config, audit_workers(torch.get_num_threads() if on_cpu else 1))
+
+
+def _audit_items(group: list[tuple[Frame, list[Face]]], outputs: list[np.ndarray]) -> list[AuditItem]:
+    """What the audit needs of a group of frames: source, output, and the replaced faces' boxes, tracks and rolls."""
+    return [AuditItem(frame.index, frame.image, output, np.array([face.box for face in faces], np.float64).reshape(-1, 4),
+                      tuple(face.track_id for face in faces), tuple(float(face_roll(face.landmarks)) for face in faces))
+            for (frame, faces), output in zip(group, outputs)]
+
+
 def _anonymize_image(task: Task, job: AnonymizeJob, detector: RollRobustDetector, renderer: _Renderer,
                      auditor: FaceAuditor | None, report: FileReport) -> None:
     still = load_still(task.source)  # the networks see 8-bit RGB; the file keeps its own channels and depth
@@ -320,22 +336,26 @@ def _anonymize_video(task: Task, job: AnonymizeJob, detector: RollRobustDetector
     width, height = info.display_size
 
     def render(item):
-        frame, output, faces = item
-        if log is not None:  # before encoding: the fail-safe covers leaks in `output`
-            log.check(frame.index, frame.image, output, [face.box for face in faces])
+        frame, output, pending, position = item
+        if pending is not None:  # before encoding: the fail-safe has covered leaks in `output`
+            log.add(pending.result()[position])
         side = None
         if job.preview:
             side = _preview(to_display(frame.image, info.rotation), to_display(output, info.rotation), job.engine)
         return frame, output, side
 
+    pool = _audit_pool(auditor, detector)
+    stream = new_stream()
     with _audit_log(task, auditor, stored_size, job.engine) as log, \
             video_job(info, task.target, job.encode, overwrite=job.overwrite, queue_size=2 * batch, render=render,
                       preview_size=(2 * width, height) if job.preview else None, notes=report.notes) as (frames, sink):
         report.audit = log.totals if log is not None else None
         detected = detect_frames(frames, detector.stream(), info.rotation, stored_size, batch)
         for group in batched(track(detected, job.tracking), batch):
-            for (frame, faces), output in zip(group, renderer(group, report)):
-                sink.put((frame, output, faces))
+            outputs = renderer(group, report)
+            pending = pool.submit(stream, _audit_items(group, outputs)) if pool is not None else None
+            for position, ((frame, _), output) in enumerate(zip(group, outputs)):
+                sink.put((frame, output, pending, position))
             bar.update(bar_task, completed=report.frames)
     if report.frames != info.frame_count:
         warn(f"{task.source}: decoded {report.frames} frames, the index lists {info.frame_count}.")

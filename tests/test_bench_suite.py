@@ -15,8 +15,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK_GROUPS = {"synthesis-256-eager", "train-256-batch6", "make-dataset-256", "anonymize-1080p", "synthesis-1024-eager",
-                "synthesis-256-compile", "train-256-largest"}
+QUICK_GROUPS = {"synthesis-256-eager", "train-256-batch6", "make-dataset-256", "anonymize-1080p", "audit-pool-1080p",
+                "synthesis-1024-eager", "synthesis-256-compile", "train-256-largest"}
 
 
 def _suite(out: Path, *args: str) -> tuple[dict, str]:
@@ -82,6 +82,9 @@ def test_quick_suite_measures_everything_and_survives_a_failing_measurement(quic
                                                                  "audit", "encode"}
             assert set(plain["stages_fps"]) == expected
             assert audited["audit_ms_per_frame"] > 0 and "with the audit" in audited["summary"]
+
+    (pool,) = groups["audit-pool-1080p"]["rows"]  # 3 faces, 1 worker
+    assert pool["workers"] == 1 and pool["frames"] == 4 and pool["faces_found"] > 0 and pool["fps"] > 0
 
     assert "| measurement | variant | figures | note |" in table
     for name in QUICK_GROUPS:

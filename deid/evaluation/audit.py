@@ -9,26 +9,40 @@ The audit looks with networks that took no part in making the output, so it is n
 - recognition: dlib's ResNet descriptor (trained on other data than facenet's VGGFace2 network, the identity
   encoder the generator was steered with), with dlib's own same-person threshold, distance < 0.6.
 
+Each frame is searched in passes, each on an audited copy (`_Geometry`):
+
+- the whole frame, on all four quarter turns, scaled so the smallest face looked for (`min_face`) fills HOG's
+  window (no finer: that is the documented limit), and padded on every side by reflection, about a quarter of the
+  largest expected face side, so a face cut off by the frame's edge is completed by its mirror image;
+- around each face the pipeline replaced that is small for the whole-frame pass, or cut off by the frame's edge,
+  harder: scaled so faces down to half its box fill the window, in the quarter turns the face's roll suggests;
+- after the fail-safe covered something, around each covered region only (all four turns): is it still recognised?
+
 A face the audit finds in the output frame is a leak when it was not replaced (its centre lies in no replaced
 face's box: a missed detection, a face the tracker dropped, a face too small for the model), or when it was
 replaced and its descriptor is still within 0.6 of the source frame's descriptor at the same place. Only faces the
-audit detects are measured: a recogniser applied to a region without a face gives meaningless distances.
+audit detects are measured: a recogniser applied to a region without a face gives meaningless distances. With
+track ids, the source face's descriptor is computed once per track and view, and again when the face's box moves
+(`SourceFaces`); the output's is computed every frame.
 
 The fail-safe covers each leak before the frame is written (`blur`, `pixelate` or `black`) over the face's box grown
 to a square `head_scale` times its longer side (the head, whichever way it is rolled), then measures the covered
 face again and blacks it out if the recogniser still matches it. Blur and pixelate strengths are fractions of the
 covered square: measured on carphone and the astronaut, the default blur takes every dlib distance to the source
-from 0 to at least 0.7 (tests/test_audit.py checks it).
+from 0 to above 0.65 (tests/test_audit.py checks it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -39,6 +53,7 @@ from deid.evaluation.recognizers import DLIB_SAME_PERSON_DISTANCE, DlibFaceAnaly
 
 FAIL_SAFES = ("blur", "pixelate", "black", "none")
 HOG_WINDOW = 80  # pixels: the side of the face dlib's frontal HOG detector is trained on (smaller faces are missed)
+ALL_TURNS = (0, 1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,10 @@ class AuditConfig:
     head_scale: float = 2.0  # covered square side / the face box's longer side
     blur_sigma: float = 0.08  # Gaussian sigma / covered square side
     pixel_blocks: int = 8  # pixelation blocks across the covered square
+    largest_face: float = 0.5  # the largest face side expected / the frame's shorter side (sets the edge padding)
+    edge_margin: float = 0.25  # padding on each side of the frame / the largest face side expected
+    near_faces: float = 0.5  # around a replaced face, faces down to this fraction of its box's side are looked for
+    refresh_shift: float = 0.1  # a track's source descriptor is remade when its box moves by this x its side
 
     def __post_init__(self):
         if self.fail_safe not in FAIL_SAFES:
@@ -66,6 +85,10 @@ class AuditConfig:
     def smallest_face(self, size: tuple[int, int]) -> float:
         """The smallest face side (frame pixels) the audit can see in a frame of this size."""
         return HOG_WINDOW / self.scale(size)
+
+    def edge_padding(self, size: tuple[int, int]) -> int:
+        """Frame pixels of reflected padding on each side of a frame of size (width, height)."""
+        return int(round(self.edge_margin * self.largest_face * min(size)))
 
 
 @dataclass
@@ -108,6 +131,12 @@ class FrameAudit:
         """A leak remains in the written frame (the fail-safe is off, or could not cover it)."""
         return bool(self.leaks) and len(self.covered) < len(self.leaks)
 
+    @property
+    def has_source_face(self) -> bool:
+        """The source frame holds a face as far as anyone knows: the pipeline replaced (or the caller expected) one
+        there, or the audit found one the pipeline did not replace (the source's own face)."""
+        return bool(self.source_faces) or any(not f.replaced for f in self.faces)
+
     def record(self) -> dict:
         return {"frame": self.frame, "source_faces": self.source_faces, "replaced": self.replaced,
                 "faces": [asdict(f) for f in self.faces], "leaks": len(self.leaks),
@@ -118,6 +147,10 @@ class FrameAudit:
 class AuditTotals:
     frames: int = 0
     frames_with_faces: int = 0  # output frames in which the audit found a face
+    # frames whose source holds a face (FrameAudit.has_source_face): a leak rate over far fewer frames with faces
+    # means the audit did not see most of them, and measured nothing there
+    frames_with_source_faces: int = 0
+    unseen_frames: int = 0  # ...of them, frames in which the audit found no face at all
     faces: int = 0
     leaks: int = 0  # faces
     leaked_frames: int = 0  # frames with at least one leak, before the fail-safe
@@ -127,6 +160,8 @@ class AuditTotals:
     def add(self, audit: FrameAudit) -> None:
         self.frames += 1
         self.frames_with_faces += bool(audit.faces)
+        self.frames_with_source_faces += audit.has_source_face
+        self.unseen_frames += audit.has_source_face and not audit.faces
         self.faces += len(audit.faces)
         self.leaks += len(audit.leaks)
         self.leaked_frames += bool(audit.leaks)
@@ -164,9 +199,80 @@ def _inside(box: np.ndarray, boxes: np.ndarray | None) -> np.ndarray:
     return (boxes[:, 0] <= cx) & (cx <= boxes[:, 2]) & (boxes[:, 1] <= cy) & (cy <= boxes[:, 3])
 
 
+def roll_turns(roll: float | None) -> tuple[int, ...]:
+    """The quarter turns (np.rot90 counts) in which a face of this roll (degrees, deid.faces.orientation.face_roll)
+    looks upright enough for HOG (within about 25 degrees): the nearest, and its neighbour when the roll lies
+    between the two. None (roll unknown): all four."""
+    if roll is None or not np.isfinite(roll):
+        return ALL_TURNS
+    nearest = int(np.round(roll / 90))
+    off = roll - 90 * nearest
+    turns = (nearest % 4,)
+    return turns + ((nearest + int(np.sign(off))) % 4,) if abs(off) > 25 else turns
+
+
 @functools.lru_cache(maxsize=1)
 def _hog_detector():
-    return dlib_module().get_frontal_face_detector()
+    """dlib's HOG detector and the lock that guards it: one per process, shared by every auditor (like the models
+    of deid.evaluation.recognizers, it is not safe to run from two threads at once)."""
+    return dlib_module().get_frontal_face_detector(), threading.Lock()
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """How an audited copy is cut from a frame: `region` [x0, y0, x1, y1] (frame pixels; it may reach beyond the
+    frame) resized by `scale`. What lies beyond the frame is the frame reflected at its edge, so a face cut off
+    there is completed by its mirror image and fills HOG's window; inside, the copy holds the frame's own pixels."""
+
+    region: tuple[int, int, int, int]
+    scale: float
+
+    def _inner(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        height, width = shape[:2]
+        x0, y0, x1, y1 = self.region
+        return max(0, x0), max(0, y0), min(width, x1), min(height, y1)
+
+    def copy(self, image: np.ndarray) -> np.ndarray:
+        """The copy [h, w, C] of image [H, W, C] (uint8)."""
+        ix0, iy0, ix1, iy1 = self._inner(image.shape)
+        crop = image[iy0:iy1, ix0:ix1]
+        size = (max(1, round((ix1 - ix0) * self.scale)), max(1, round((iy1 - iy0) * self.scale)))
+        if size != (ix1 - ix0, iy1 - iy0):
+            crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if self.scale < 1 else cv2.INTER_LINEAR)
+        x0, y0, x1, y1 = self.region
+        pads = [max(0, round(v * self.scale)) for v in (iy0 - y0, y1 - iy1, ix0 - x0, x1 - ix1)]
+        if not any(pads):
+            return crop
+        border = cv2.BORDER_REFLECT_101 if min(crop.shape[:2]) > 1 else cv2.BORDER_REPLICATE
+        return cv2.copyMakeBorder(crop, *pads, border)
+
+    def to_frame(self, box: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """A box [4] in the copy of a frame of this shape -> frame pixels (they may lie beyond the frame)."""
+        ix0, iy0, ix1, iy1 = self._inner(shape)
+        sx = max(1, round((ix1 - ix0) * self.scale)) / (ix1 - ix0)  # the scale the resize really made
+        sy = max(1, round((iy1 - iy0) * self.scale)) / (iy1 - iy0)
+        left, top = max(0, round((ix0 - self.region[0]) * self.scale)), max(0, round((iy0 - self.region[1]) * self.scale))
+        x0, y0, x1, y1 = (float(v) for v in box)
+        return np.array([ix0 + (x0 - left) / sx, iy0 + (y0 - top) / sy, ix0 + (x1 - left) / sx, iy0 + (y1 - top) / sy])
+
+
+class _Copies:
+    """The audited copies of one frame, each geometry's made once (RGB for the recogniser, gray for HOG)."""
+
+    def __init__(self, image: np.ndarray):
+        self.image = image
+        self._rgb: dict[_Geometry, np.ndarray] = {}
+        self._gray: dict[_Geometry, np.ndarray] = {}
+
+    def rgb(self, geometry: _Geometry) -> np.ndarray:
+        if geometry not in self._rgb:
+            self._rgb[geometry] = geometry.copy(self.image)
+        return self._rgb[geometry]
+
+    def gray(self, geometry: _Geometry) -> np.ndarray:
+        if geometry not in self._gray:
+            self._gray[geometry] = cv2.cvtColor(self.rgb(geometry), cv2.COLOR_RGB2GRAY)
+        return self._gray[geometry]
 
 
 @dataclass
@@ -175,6 +281,38 @@ class _Found:
     turns: int  # quarter turns (counter-clockwise) of the view it was found in
     in_view: np.ndarray  # [4] the box in that view of the audited copy
     score: float
+    geometry: _Geometry  # the audited copy it was found in
+
+
+class SourceFaces:
+    """The source faces' dlib descriptors of one video, per track and view: a source face is described once and
+    again when its box moves by more than `refresh_shift` x its side (or changes size by as much). Tracks not seen
+    for `forget_after` frames are dropped, so memory stays flat however many people pass."""
+
+    def __init__(self, refresh_shift: float, forget_after: int = 150):
+        self.refresh_shift = refresh_shift
+        self.forget_after = forget_after
+        self._known: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, int]] = {}  # -> (box, descriptor, frame)
+        self.described = 0  # descriptors computed (the rest were reused)
+
+    def descriptor(self, key: tuple[int, int], box: np.ndarray, frame: int, describe: Callable[[], np.ndarray]) -> np.ndarray:
+        """The descriptor [128] of the source face of `key` (track id, quarter turns) at `box` [4] in `frame`."""
+        known = self._known.get(key)
+        if known is None or self._moved(known[0], box):
+            known = (np.asarray(box, np.float64), describe(), frame)
+            self.described += 1
+        self._known[key] = (known[0], known[1], frame)
+        self._forget(frame)
+        return known[1]
+
+    def _moved(self, before: np.ndarray, box: np.ndarray) -> bool:
+        side = max(before[2] - before[0], before[3] - before[1])
+        shift = np.abs(np.asarray(box, np.float64) - before).max()
+        return shift > self.refresh_shift * side
+
+    def _forget(self, frame: int) -> None:
+        for key in [k for k, (_, _, seen) in self._known.items() if abs(frame - seen) > self.forget_after]:
+            del self._known[key]
 
 
 class FaceAuditor:
@@ -183,8 +321,19 @@ class FaceAuditor:
     def __init__(self, config: AuditConfig = AuditConfig()):
         self.config = config
         self.analyzer = DlibFaceAnalyzer()
-        self.hog = _hog_detector()
-        self._lock = threading.Lock()
+        self.hog, self._lock = _hog_detector()
+        self.timings: dict[str, float] | None = None  # set to {} to sum seconds per pass (bench/video_pipeline.py)
+
+    @contextlib.contextmanager
+    def _timing(self, key: str):
+        if self.timings is None:
+            yield
+            return
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
 
     @property
     def identity(self) -> dict:
@@ -192,96 +341,160 @@ class FaceAuditor:
         return {"detector": "dlib HOG frontal face detector, 4 quarter turns", **self.analyzer.identity,
                 "config": asdict(self.config)}
 
-    def _copy(self, image: np.ndarray) -> np.ndarray:
-        """The audited copy of a frame: scaled so the smallest face looked for fills HOG's window (within max_side)."""
-        height, width = image.shape[:2]
-        scale = self.config.scale((width, height))
-        if scale == 1:
-            return image
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    # ------------------------------------------------------------------------------------ where to look
 
-    def find(self, image: np.ndarray, expected: np.ndarray | None = None) -> list[_Found]:
-        """Faces in image [H, W, 3] uint8 RGB at any quarter turn, one entry per face, top to bottom.
-        expected: boxes [K, 4] (image pixels) where a face is expected; a weaker detection counts there."""
-        height, width = image.shape[:2]
-        small = self._copy(image)
-        scale = small.shape[1] / width
-        gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+    def _frame_geometry(self, shape: tuple[int, ...]) -> _Geometry:
+        """The whole frame, scaled so the smallest face looked for fills HOG's window, padded at its edges."""
+        height, width = shape[:2]
+        pad = self.config.edge_padding((width, height))
+        return _Geometry((-pad, -pad, width + pad, height + pad), self.config.scale((width, height)))
+
+    def _near_geometry(self, box: np.ndarray, frame: _Geometry, shape: tuple[int, ...]) -> _Geometry | None:
+        """Around a replaced face box [4]: a square of 1.5 times its side (room for HOG's window around a face of
+        up to the box's size), scaled so faces down to `near_faces` of its side fill the window (at most twice as
+        fine as the frame pass allows anywhere); None where the whole-frame pass already looks that closely and
+        the face lies inside the frame (a face cut off by the edge is looked at again, reflected around its box)."""
+        side = max(float(box[2] - box[0]), float(box[3] - box[1]), 1.0)
+        scale = min(HOG_WINDOW / (self.config.near_faces * side), 2 * HOG_WINDOW / self.config.min_face)
+        height, width = shape[:2]
+        cut_off = box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height
+        if scale <= 1.25 * frame.scale and not cut_off:
+            return None
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        half = 0.75 * side
+        return _Geometry((int(np.floor(cx - half)), int(np.floor(cy - half)), int(np.ceil(cx + half)),
+                          int(np.ceil(cy + half))), scale)
+
+    def _around(self, region: np.ndarray, shape: tuple[int, ...]) -> _Geometry:
+        """A covered region [4] and half its side around it, at the whole-frame pass's scale."""
+        x0, y0, x1, y1 = (int(v) for v in region)
+        grow = max(x1 - x0, y1 - y0) // 2
+        return _Geometry((x0 - grow, y0 - grow, x1 + grow, y1 + grow), self._frame_geometry(shape).scale)
+
+    # ------------------------------------------------------------------------------------ detection
+
+    def _search(self, copies: _Copies, geometry: _Geometry, turns: Sequence[int], expected: np.ndarray | None,
+                kind: str) -> list[_Found]:
+        """HOG on the given quarter turns of one audited copy: faces scoring `hog_threshold`, or `expected_threshold`
+        where a face is expected (its centre inside one of `expected` [K, 4], frame pixels). kind: the pass's name
+        in `timings`."""
+        with self._timing(f"copy {kind}"):
+            gray = copies.gray(geometry)
         found = []
-        for turns in range(4):
-            view = np.ascontiguousarray(np.rot90(gray, turns))
-            with self._lock:
+        for turn in turns:
+            view = np.ascontiguousarray(np.rot90(gray, turn))
+            with self._lock, self._timing(f"hog {kind} {90 * turn}"):
                 rects, scores, _ = self.hog.run(view, 0, min(self.config.hog_threshold, self.config.expected_threshold))
             for rect, score in zip(rects, scores):
                 in_view = np.array([rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1], np.float64)
-                box = _unturn_box(in_view, turns, (small.shape[1], small.shape[0])) / scale
+                box = geometry.to_frame(_unturn_box(in_view, turn, (gray.shape[1], gray.shape[0])), copies.image.shape)
                 if score >= self.config.hog_threshold or (score >= self.config.expected_threshold and _inside(box, expected).any()):
-                    found.append(_Found(box, turns, in_view, float(score)))
-        if not found:
-            return []
-        # a face near 45 degrees can show in two turns: keep the more confident
-        same = same_face(np.stack([f.box for f in found]), 0.3)
-        kept: list[int] = []
-        for i in np.argsort([-f.score for f in found], kind="stable"):
-            if not any(same[i, k] for k in kept):
-                kept.append(int(i))
-        return sorted((found[i] for i in kept), key=lambda f: (f.box[1], f.box[0]))
+                    found.append(_Found(box, turn, in_view, float(score), geometry))
+        return found
 
-    def _describe(self, small: np.ndarray, face: _Found) -> np.ndarray:
+    def find(self, image: np.ndarray, expected: np.ndarray | None = None, rolls: Sequence[float] | None = None,
+             copies: _Copies | None = None) -> list[_Found]:
+        """Faces in image [H, W, 3] uint8 RGB at any quarter turn, one entry per face, top to bottom.
+        expected: boxes [K, 4] (image pixels) where a face is expected; a weaker detection counts there, and they
+        are searched again more finely, in the quarter turns of `rolls` [K] (degrees; None: all four)."""
+        copies = copies if copies is not None else _Copies(image)
+        frame = self._frame_geometry(image.shape)
+        found = _distinct(self._search(copies, frame, ALL_TURNS, expected, "frame"))
+        for k, box in enumerate(expected if expected is not None else ()):
+            near = self._near_geometry(box, frame, image.shape)
+            if near is None:
+                continue
+            turns = roll_turns(None if rolls is None else rolls[k])
+            found += _distinct(self._search(copies, near, turns, expected, "near"), found)
+        return sorted(found, key=lambda f: (f.box[1], f.box[0]))
+
+    # ------------------------------------------------------------------------------------ recognition
+
+    def _describe(self, copies: _Copies, face: _Found) -> np.ndarray:
         """dlib's descriptor [128] of the face in its upright view of an audited copy."""
-        return self.analyzer.measure(np.ascontiguousarray(np.rot90(small, face.turns)), face.in_view).descriptor
+        with self._timing("describe"):
+            view = np.ascontiguousarray(np.rot90(copies.rgb(face.geometry), face.turns))
+            return self.analyzer.measure(view, face.in_view).descriptor
+
+    def _distance(self, source: _Copies, output: _Copies, face: _Found, frame: int, track: int | None,
+                  memory: SourceFaces | None) -> float:
+        """dlib distance between the output's face and the source's at the same place (per track through memory)."""
+        if memory is None or track is None:
+            source_descriptor = self._describe(source, face)
+        else:
+            source_descriptor = memory.descriptor((track, face.turns), face.box, frame, lambda: self._describe(source, face))
+        return float(np.linalg.norm(source_descriptor - self._describe(output, face)))
 
     def check(self, index: int, source: np.ndarray, output: np.ndarray, replaced: np.ndarray | None = None,
-              expected: np.ndarray | None = None) -> FrameAudit:
+              expected: np.ndarray | None = None, *, tracks: Sequence[int] | None = None,
+              rolls: Sequence[float] | None = None, memory: SourceFaces | None = None) -> FrameAudit:
         """Audit one output frame [H, W, 3] uint8 against its source frame (same size and orientation).
 
         replaced: boxes [K, 4] (frame pixels) of the faces the pipeline replaced; None for an output made elsewhere,
         where every face found is judged by the recogniser alone. expected: boxes where the source is known to hold
-        a face (default: `replaced`). With the fail-safe on, leaks are covered in `output` in place."""
+        a face (default: `replaced`). tracks [K] and rolls [K] (degrees, face_roll) of the replaced faces: with
+        `memory` (one per video), source descriptors are reused per track; rolls pick the turns searched closely.
+        With the fail-safe on, leaks are covered in `output` in place."""
         boxes = None if replaced is None else np.asarray(replaced, np.float64).reshape(-1, 4)
         expected = boxes if expected is None else np.asarray(expected, np.float64).reshape(-1, 4)
         count = len(boxes) if boxes is not None else 0
         audit = FrameAudit(index, count if boxes is not None else len(expected) if expected is not None else None, count)
-        small_out, small_src = self._copy(output), None
+        src, out = _Copies(source), _Copies(output)
         leaks: list[_Found] = []
-        for face in self.find(output, expected):
-            was_replaced = boxes is None or bool(_inside(face.box, boxes).any())
+        for face in self.find(output, expected, rolls if expected is boxes else None, out):
+            owners = np.flatnonzero(_inside(face.box, boxes)) if boxes is not None else np.zeros(0, int)
+            was_replaced = boxes is None or len(owners) > 0
             distance = None
             if was_replaced:  # an unreplaced face is the source itself: nothing to measure
-                small_src = self._copy(source) if small_src is None else small_src
-                distance = float(np.linalg.norm(self._describe(small_src, face) - self._describe(small_out, face)))
+                track = tracks[owners[0]] if tracks is not None and len(owners) else None
+                distance = self._distance(src, out, face, index, track, memory)
             leak = not was_replaced or distance < self.config.same_person_distance
             audit.faces.append(FaceCheck([round(float(v), 1) for v in face.box], 90 * face.turns, was_replaced,
                                          None if distance is None else round(distance, 4), leak))
             if leak:
                 leaks.append(face)
         if self.config.fail_safe != "none" and leaks:
-            audit.covered = self._cover(source, small_src, output, leaks)
+            audit.covered = self._cover(src, output, leaks)
         return audit
 
-    def _cover(self, source: np.ndarray, small_src: np.ndarray | None, output: np.ndarray,
-               leaks: list[_Found]) -> list[Cover]:
-        """Cover the leaks in `output` in place, then look again: a face still found in a covered region that the
-        recogniser matches to the source is blacked out (measured only where a face is found, as above)."""
+    def _cover(self, source: _Copies, output: np.ndarray, leaks: list[_Found]) -> list[Cover]:
+        """Cover the leaks in `output` in place, then look again around each covered region: a face found there that
+        the recogniser matches to the source is blacked out (measured only where a face is found, as above)."""
         method = self.config.fail_safe
         covers = []
         for face in leaks:
             region = head_region(face.box, self.config.head_scale, output.shape)
-            cover_region(output, region, method, self.config)
+            with self._timing("cover"):
+                cover_region(output, region, method, self.config)
             covers.append(Cover([int(v) for v in region], method, None))
-        small_out = self._copy(output)
-        for face in self.find(output, np.array([c.box for c in covers], np.float64)):
-            for cover in covers:
+        boxes = np.array([c.box for c in covers], np.float64)
+        covered = _Copies(output)
+        for cover in covers:
+            around = self._around(np.array(cover.box), output.shape)
+            for face in _distinct(self._search(covered, around, ALL_TURNS, boxes, "after cover")):
                 if not _inside(face.box, np.array([cover.box], np.float64))[0]:
                     continue
-                small_src = self._copy(source) if small_src is None else small_src
-                distance = float(np.linalg.norm(self._describe(small_src, face) - self._describe(small_out, face)))
+                distance = float(np.linalg.norm(self._describe(source, face) - self._describe(covered, face)))
                 cover.distance_after = round(min(distance, cover.distance_after or np.inf), 4)
                 if distance < self.config.same_person_distance and method != "black":
                     cover_region(output, np.array(cover.box), "black", self.config)
                     cover.method = f"{method}+black"
         return covers
+
+
+def _distinct(found: list[_Found], kept_before: Sequence[_Found] = ()) -> list[_Found]:
+    """One entry per face: a face near 45 degrees can show in two turns (keep the more confident), and a face
+    already in `kept_before` is not found again."""
+    if not found:
+        return []
+    before = list(kept_before)
+    same = same_face(np.stack([f.box for f in before + found]), 0.3)
+    kept: list[int] = list(range(len(before)))
+    for i in np.argsort([-f.score for f in found], kind="stable"):
+        i = len(before) + int(i)
+        if not any(same[i, k] for k in kept):
+            kept.append(i)
+    return [found[i - len(before)] for i in kept[len(before):]]
 
 
 def head_region(box: np.ndarray, scale: float, shape: tuple[int, ...]) -> np.ndarray:
@@ -325,6 +538,7 @@ class AuditLog:
         self.path = Path(path)
         self.auditor = auditor
         self.totals = AuditTotals()
+        self.memory = SourceFaces(auditor.config.refresh_shift)  # this video's source descriptors, per track
         self.header = {"source": str(source), "output": str(self.path.name[: -len(".audit.json")]),
                        "fail_safe": auditor.config.fail_safe,
                        "smallest_face_px": round(auditor.config.smallest_face(frame_size), 1),
@@ -348,10 +562,13 @@ class AuditLog:
             raise
         self._context, self._file = context, file
 
-    def check(self, index: int, source: np.ndarray, output: np.ndarray, replaced: list[np.ndarray] | np.ndarray) -> FrameAudit:
+    def check(self, index: int, source: np.ndarray, output: np.ndarray, replaced: list[np.ndarray] | np.ndarray,
+              tracks: Sequence[int] | None = None, rolls: Sequence[float] | None = None) -> FrameAudit:
         """Audit (and, with the fail-safe, cover in place) one output frame of the pipeline; record it.
-        replaced: the boxes [4] (frame pixels) of the faces the pipeline replaced in it."""
-        audit = self.auditor.check(index, source, output, np.asarray(replaced, np.float64).reshape(-1, 4))
+        replaced: the boxes [4] (frame pixels) of the faces the pipeline replaced in it; tracks, rolls: theirs
+        (see FaceAuditor.check)."""
+        audit = self.auditor.check(index, source, output, np.asarray(replaced, np.float64).reshape(-1, 4),
+                                   tracks=tracks, rolls=rolls, memory=self.memory)
         self.add(audit)
         return audit
 
