@@ -20,6 +20,7 @@ from deid.media.video import EncodeOptions
 from deid.nets.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoderConfig
 from deid.nets.model import DEFAULT_MODEL, ModelConfig, load_model
 from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
+from deid.pipelines.cluster import ModelOptions, RayOptions, run_anonymize_on_ray
 from deid.pipelines.evaluate import PairsJob, VideoAuditJob, run_pairs, run_video_audit
 from deid.pipelines.figures import InterpolateJob, MixJob, run_interpolate, run_mix
 from deid.pipelines.reenact import ReenactJob, run_reenact
@@ -380,9 +381,14 @@ def encode_options(func):
 @click.option("--fail-safe", type=click.Choice(FAIL_SAFES), default=AuditConfig.fail_safe, show_default=True,
               help="How the audit covers a face it still recognises (or finds unreplaced) before the frame is written.")
 @click.option("--no-audit", is_flag=True, help="Skip the privacy audit of each output frame (and so the fail-safe and OUTPUT.audit.json).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[auto|ADDRESS]",
+              help="Run the batch on a Ray cluster (pip install 'deid[ray]'): `auto` joins the one `ray start` made, "
+                   "ADDRESS another; alone, Ray on this machine. Inputs and -o must be paths every node sees.")
+@click.option("--workers", type=click.IntRange(1), help="With --ray: actors, each holding the models [default: one per GPU, or per CPU].")
+@click.option("--gpus-per-worker", type=click.FloatRange(0), help="With --ray: GPUs per actor (fractions share one) [default: 1 if the cluster has GPUs, else 0].")
 @model_options
 def anonymize(inputs, output, identity, seed, shared_identities, overwrite, batch_size, crf, codec, keep_metadata, preview, save_crops, shard,
-              fail_safe, no_audit, model, device, precision):
+              fail_safe, no_audit, ray_address, workers, gpus_per_worker, model, device, precision):
     """Replace the identity of every face in videos or images.
 
     \b
@@ -391,6 +397,7 @@ def anonymize(inputs, output, identity, seed, shared_identities, overwrite, batc
       deid anonymize recordings/ -o anonymized/                 # a random identity per person
       deid anonymize 'clips/*.mov' -o out/ --model runs/ffhq256 --preview
       deid anonymize videos/ -o out/ --shard 3/8                # array job 3 of 8; re-runs skip finished files
+      deid anonymize /shared/in -o /shared/out --ray auto       # on the Ray cluster `ray start` made
 
     Every output frame is audited before it is written (dlib's detector on four orientations and its recogniser);
     faces it still recognises are covered (--fail-safe) and OUTPUT.audit.json records what it found.
@@ -400,8 +407,25 @@ def anonymize(inputs, output, identity, seed, shared_identities, overwrite, batc
                        shared_identities=shared_identities, overwrite=overwrite,
                        batch_size=batch_size, encode=EncodeOptions(codec=codec, crf=crf, keep_metadata=keep_metadata), preview=preview,
                        save_crops=save_crops, shard=shard, audit=None if no_audit else AuditConfig(fail_safe=fail_safe))
+    ray = ray_options(ray_address, workers, gpus_per_worker, shard)
     job.check()  # bad paths fail before the model loads
-    run_anonymize(job, *load_model_from_options(model, device, precision))
+    if ray is None:
+        run_anonymize(job, *load_model_from_options(model, device, precision))
+    else:
+        run_anonymize_on_ray(job, ModelOptions(model, device, precision), ray)
+
+
+def ray_options(address: str | None, workers: int | None, gpus_per_worker: float | None, shard: str | None) -> RayOptions | None:
+    """`--ray`, `--workers`, `--gpus-per-worker` -> RayOptions (None without --ray); usage errors for what does not go together."""
+    if address is None:
+        if workers is not None or gpus_per_worker is not None:
+            raise click.UsageError("--workers and --gpus-per-worker go with --ray.")
+        return None
+    if shard:
+        raise click.UsageError("--ray and --shard do not go together: Ray hands out the files itself. Drop --shard.")
+    if address != "auto" and Path(address).exists():
+        raise click.UsageError(f"--ray took {address!r} for a cluster address. Write `--ray auto`, or put --ray after the inputs.")
+    return RayOptions(address=None if address == "local" else address, workers=workers, gpus_per_worker=gpus_per_worker)
 
 
 @cli.command("reenact")
