@@ -8,6 +8,7 @@ import traceback
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from deid import __version__
@@ -624,7 +625,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         set_quiet(False)  # --quiet silences everything but errors
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # a message's [brackets] are text
         sys.exit(1)
     except Terminated:
         _terminated()
