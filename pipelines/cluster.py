@@ -40,6 +40,8 @@ from deid.pipelines.inputs import Task, preview_path
 from deid.weights import weights_home
 
 QUEUE_PER_WORKER = 2  # calls handed to one actor at a time: the next file is there when one finishes
+RESTART_TIMEOUT_S = 600.0  # an actor not back this long after its worker died is left out of the pool
+PING_EVERY_S = 0.5  # how often a restarting actor is asked whether it is back
 RAY_MISSING = "--ray needs Ray, an optional extra: pip install 'deid[ray]' (or pip install ray)."
 
 
@@ -69,11 +71,14 @@ class ModelOptions:
 
 @dataclass(frozen=True)
 class WorkerStamp:
-    """Which actor process ran a file, and how many times that process has built its Anonymizer (once, unless a bug)."""
+    """Which actor process ran a file, when (time.time() on its node), and how many times that process has built its
+    Anonymizer (once, unless a bug)."""
 
     node: str
     pid: int
     models_built: int
+    started: float
+    finished: float
 
 
 @dataclass
@@ -102,11 +107,16 @@ class AnonymizeWorker:
         except Exception as exc:  # noqa: BLE001 - raised again by every call, in the driver
             self.error = exc
 
+    def ready(self) -> bool:
+        """Answers once the actor is up (after a restart: once it has loaded its models again)."""
+        return True
+
     def run(self, task: Task) -> tuple[FileReport, WorkerStamp]:
         if self.error is not None:
             raise self.error
+        started = time.time()
         report = self.anonymizer.run(task, _NoProgress(), batch=True)
-        return report, WorkerStamp(socket.gethostname(), os.getpid(), _models_built)
+        return report, WorkerStamp(socket.gethostname(), os.getpid(), _models_built, started, time.time())
 
 
 class _NoProgress:
@@ -229,6 +239,10 @@ class _Scheduler:
         self.queues: list[deque] = [deque() for _ in self.actors]  # per actor: its calls' refs, oldest first
         self.calls: dict = {}  # ref -> (actor index, _Pending)
         self.settled: set = set()  # refs queued behind a file that killed their worker: already accounted for
+        self.pings: dict = {}  # ref of `ready()` -> actor index: a restarting actor gets no file until it answers
+        self.restarting: dict[int, float] = {}  # actor index -> when its worker died
+        self.due: list[tuple[float, int]] = []  # (when, actor index): ask again whether it is back
+        self.lost: set[int] = set()  # actors that did not come back: left out
 
     def run(self, todo: list[_Pending]) -> dict[Task, RayResult]:
         pending, results = deque(todo), {}
@@ -238,7 +252,11 @@ class _Scheduler:
             try:
                 while pending or self.calls:
                     self._hand_out(pending)
-                    (ref,), _ = self.ray.wait(list(self.calls), num_returns=1)
+                    ref = self._next_answer()
+                    if ref is None or ref in self.pings:
+                        if ref is not None:
+                            self._check_restarted(ref)
+                        continue
                     finished = self._collect(ref, pending)
                     if finished is not None:
                         results[finished[0]] = finished[1]
@@ -252,7 +270,10 @@ class _Scheduler:
         """Give the next files to the actor with the least work queued while it has room (longest processing time
         first: a long file is started early, and the short ones go to the other actors meanwhile)."""
         while pending:
-            index = min(range(len(self.actors)), key=lambda i: sum(self.calls[r][1].size for r in self.queues[i]))
+            up = [i for i in range(len(self.actors)) if i not in self.restarting and i not in self.lost]
+            if not up:
+                return
+            index = min(up, key=lambda i: sum(self.calls[r][1].size for r in self.queues[i]))
             if len(self.queues[index]) >= QUEUE_PER_WORKER:
                 return
             item = pending.popleft()
@@ -273,6 +294,7 @@ class _Scheduler:
                 running = item if queue[0] == ref else self.calls[queue[0]][1]
                 running.deaths += 1
                 self.settled.update(r for r in queue if r != ref)
+                self._ping(index)
             queue.remove(ref)
             return self._after_death(item, pending)
         except self.ray.exceptions.RayTaskError as exc:
@@ -282,6 +304,44 @@ class _Scheduler:
         if report.error:
             warn(f"{item.task.source}: failed; going on with the other files.")
         return item.task, RayResult(report, stamp)
+
+    def _next_answer(self):
+        """The next finished call or ping (None when it is time to ask a restarting actor again)."""
+        now = time.monotonic()
+        for when, index in [d for d in self.due if d[0] <= now]:
+            self.due.remove((when, index))
+            self._ping(index)
+        refs = [*self.calls, *self.pings]
+        timeout = max(0.0, min(when for when, _ in self.due) - now) if self.due else None
+        if not refs:
+            time.sleep(timeout or 0.0)
+            return None
+        ready, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)
+        return ready[0] if ready else None
+
+    def _ping(self, index: int) -> None:
+        """Ask a restarting actor whether it is back. It gets no file until it is: a call made while Ray restarts it
+        fails at once (and would count as a death of the file it carried)."""
+        self.restarting.setdefault(index, time.monotonic())
+        self.pings[self.actors[index].ready.remote()] = index
+
+    def _check_restarted(self, ref) -> None:
+        """A restarting actor answered: back, it takes files again; still restarting, ask again shortly; not back after
+        RESTART_TIMEOUT_S, it is left out (the run fails when none is left)."""
+        index = self.pings.pop(ref)
+        try:
+            self.ray.get(ref)
+            del self.restarting[index]
+            return
+        except self.ray.exceptions.RayActorError:
+            pass
+        if time.monotonic() - self.restarting[index] < RESTART_TIMEOUT_S:
+            self.due.append((time.monotonic() + PING_EVERY_S, index))
+            return
+        self.lost.add(index)
+        if len(self.lost) == len(self.actors):
+            raise DeidError(f"no Ray worker came back within {RESTART_TIMEOUT_S:.0f} s of dying (out of memory? a lost "
+                            "node?). See `ray status` and the Ray logs, fix it and run again: finished files are skipped.")
 
     def _after_death(self, item: _Pending, pending: deque) -> tuple[Task, RayResult] | None:
         """Clean up what the dead worker left of this file; try it again, or report it failed after `retries` deaths."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -17,6 +16,7 @@ import pytest
 from deid import cli
 from deid.atomic import is_partial
 from deid.errors import DeidError
+from deid.interrupts import Terminated, sigterm_as_interrupt
 from deid.evaluation.audit import audit_path
 from deid.faces.orientation import OrientationConfig
 from deid.media.samples import make_crowd_clip
@@ -99,9 +99,15 @@ def test_the_long_file_goes_first_and_the_short_ones_to_the_other_actor(ray_clus
     results = anonymize_on_ray(job, tiny_model_options, RayOptions(workers=2))
     frames = {r.report.target.name: r.report.frames for r in results}
     assert frames == {"long.mp4": LONG, **{f"short{i}.mp4": SHORT for i in range(5)}}
-    workers = {r.report.target.name: r.worker.pid for r in results}
-    long_worker = workers.pop("long.mp4")
-    assert long_worker not in workers.values(), f"the short files all went to the other actor: {workers}"
+    stamps = {r.report.target.name: r.worker for r in results}
+    long = stamps.pop("long.mp4")
+    beside = [name for name, s in stamps.items() if s.pid != long.pid]
+    behind = [name for name, s in stamps.items() if s.pid == long.pid]
+    # No short file waited behind the long one: the other actor took them while it ran. (That actor takes them all
+    # when their total time is under the long one's, as on a quiet machine; under heavy load the long one may end
+    # first, and its actor then takes the last ones: correct, and so allowed here.)
+    assert len(beside) >= 3, f"the short files went to the other actor: {stamps}"
+    assert all(stamps[name].started >= long.finished for name in behind), "a short file waited behind the long one"
 
 
 class _Killer(threading.Thread):
@@ -112,6 +118,7 @@ class _Killer(threading.Thread):
         super().__init__(daemon=True)
         self.folder, self.once, self.always = folder, once, always
         self.kills: dict[str, int] = {}
+        self.killed: set[int] = set()
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -119,8 +126,9 @@ class _Killer(threading.Thread):
             for partial in _partials(self.folder):
                 name = next((n for n in self.once | self.always if partial.name.startswith(f".{Path(n).stem}.")), None)
                 if name and (name in self.always or not self.kills.get(name)):
-                    for pid in _writers(partial):
+                    for pid in _writers(partial) - self.killed:
                         os.kill(pid, signal.SIGKILL)
+                        self.killed.add(pid)
                         self.kills[name] = self.kills.get(name, 0) + 1
             time.sleep(0.02)
 
@@ -187,25 +195,28 @@ def test_cli_corrupt_input_is_listed_as_failed_and_the_others_finish(ray_cluster
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_actors_and_leaves_nothing_partial(ray_cluster, tiny_model_path, tmp_path):
+def test_sigterm_stops_the_actors_and_leaves_nothing_partial(ray_cluster, tiny_model_options, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
-    for i in range(3):
+    for i in range(2):
         _clip(inputs, f"clip{i}.mp4", LONG, seed=40 + i)
     out = tmp_path / "out"
-    address = ray_cluster.get_runtime_context().gcs_address
-    driver = subprocess.Popen([sys.executable, "-m", "deid.cli", "anonymize", str(inputs), "-o", str(out), "--model",
-                               str(tiny_model_path), "--device", "cpu", "--no-audit", "--ray", address, "--workers", "2"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while not _partials(out) and time.monotonic() < deadline and driver.poll() is None:
-        time.sleep(0.05)
-    assert _partials(out), "the workers started writing"
-    driver.send_signal(signal.SIGTERM)
-    output, _ = driver.communicate(timeout=60)
-    assert driver.returncode == 143, output
-    assert not _partials(out)
-    assert not [p for p in out.rglob("*.mp4")], "the files being written were abandoned, none finished meanwhile"
+
+    def terminate_once_writing() -> None:
+        deadline = time.monotonic() + 300
+        while not _partials(out) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` or Slurm would, to the driver
+
+    threading.Thread(target=terminate_once_writing, daemon=True).start()
+    job = AnonymizeJob(inputs=(inputs,), output=out, audit=None)
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        anonymize_on_ray(job, tiny_model_options, RayOptions(workers=2))
+    assert not _partials(out) and not list(out.rglob("*.mp4")), "nothing partial, nothing finished meanwhile"
+    deadline = time.monotonic() + 30  # the actors are gone: their CPUs are free again
+    while ray_cluster.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_cluster.available_resources().get("CPU", 0) == 2, "the actors were stopped"
 
 
 def test_ray_goes_with_neither_shard_nor_without_its_extra(tmp_path, ntsc_clip, monkeypatch, capsys):
