@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import cv2
 import torch
 from PIL import Image
 
@@ -99,7 +100,8 @@ class AnonymizeWorker:
     def __init__(self, job: AnonymizeJob, model: ModelOptions, threads: int):
         global _models_built
         set_quiet(True)  # the driver shows progress and the summary; warnings here would interleave with them
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # the CPUs Ray gave the actor, for torch and OpenCV alike
+        cv2.setNumThreads(threads)
         self.error: Exception | None = None
         try:
             self.anonymizer = Anonymizer(job, *model.load())
