@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 from click.core import ParameterSource
+from rich.markup import escape
 from rich.table import Table
 
 from deid import __version__
@@ -23,6 +24,7 @@ from deid.nets.encoders import AttributeEncoderConfig, IdentityEncoderConfig, La
 from deid.nets.model import DEFAULT_MODEL, ModelConfig, default_model_installed, load_model
 from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
 from deid.pipelines.engines import ENGINES
+from deid.pipelines.cluster import ModelOptions, RayOptions, run_anonymize_on_ray
 from deid.pipelines.evaluate import PairsJob, VideoAuditJob, run_pairs, run_video_audit
 from deid.pipelines.figures import InterpolateJob, MixJob, run_interpolate, run_mix
 from deid.pipelines.reenact import ReenactJob, run_reenact
@@ -416,10 +418,15 @@ def encode_options(func):
                    "fill over the head, irreversible, no model), blur or pixelate (no model; recognisers trained on "
                    "such faces can undo them) [default: generate when a model is available (--model, or one imported "
                    "as deid-ffhq256), else mask].")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[auto|ADDRESS]",
+              help="Run the batch on a Ray cluster (pip install 'deid[ray]'): `auto` joins the one `ray start` made, "
+                   "ADDRESS another; alone, Ray on this machine. Inputs and -o must be paths every node sees.")
+@click.option("--workers", type=click.IntRange(1), help="With --ray: actors, each holding the models [default: one per GPU, or per CPU].")
+@click.option("--gpus-per-worker", type=click.FloatRange(0), help="With --ray: GPUs per actor (fractions share one) [default: 1 if the cluster has GPUs, else 0].")
 @model_options
 @click.pass_context
 def anonymize(ctx, inputs, output, identity, seed, shared_identities, overwrite, batch_size, crf, codec, keep_metadata, preview,
-              save_crops, shard, fail_safe, no_audit, engine, model, device, precision):
+              save_crops, shard, fail_safe, no_audit, engine, ray_address, workers, gpus_per_worker, model, device, precision):
     """Replace the identity of every face in videos or images, or cover it.
 
     \b
@@ -429,6 +436,7 @@ def anonymize(ctx, inputs, output, identity, seed, shared_identities, overwrite,
       deid anonymize recordings/ -o anonymized/                 # a random identity per person
       deid anonymize 'clips/*.mov' -o out/ --model runs/ffhq256 --preview
       deid anonymize videos/ -o out/ --shard 3/8                # array job 3 of 8; re-runs skip finished files
+      deid anonymize /shared/in -o /shared/out --ray auto       # on the Ray cluster `ray start` made
 
     Every output frame is audited before it is written (dlib's detector on four orientations and its recogniser);
     faces it still recognises are covered (--fail-safe) and OUTPUT.audit.json records what it found.
@@ -443,12 +451,28 @@ def anonymize(ctx, inputs, output, identity, seed, shared_identities, overwrite,
     if engine not in (None, "generate") and generate_options:
         raise OptionConflict(f"{', '.join(generate_options)}: only for --engine generate (a trained model makes "
                              f"new faces); --engine {engine} covers them.")
+    ray = ray_options(ray_address, workers, gpus_per_worker, shard)
     job.check()  # bad paths fail before the model loads
     job = dataclasses.replace(job, engine=anonymize_engine(engine, bool(generate_options)))
-    if job.engine == "generate":
+    if ray is not None:
+        run_anonymize_on_ray(job, ModelOptions(model, device, precision), ray)
+    elif job.engine == "generate":
         run_anonymize(job, *load_model_from_options(model, device, precision))
     else:
         run_anonymize(job, device=resolve_device(rank_device(device)))
+
+
+def ray_options(address: str | None, workers: int | None, gpus_per_worker: float | None, shard: str | None) -> RayOptions | None:
+    """`--ray`, `--workers`, `--gpus-per-worker` -> RayOptions (None without --ray); usage errors for what does not go together."""
+    if address is None:
+        if workers is not None or gpus_per_worker is not None:
+            raise click.UsageError("--workers and --gpus-per-worker go with --ray.")
+        return None
+    if shard:
+        raise click.UsageError("--ray and --shard do not go together: Ray hands out the files itself. Drop --shard.")
+    if address != "auto" and Path(address).exists():
+        raise click.UsageError(f"--ray took {address!r} for a cluster address. Write `--ray auto`, or put --ray after the inputs.")
+    return RayOptions(address=None if address == "local" else address, workers=workers, gpus_per_worker=gpus_per_worker)
 
 
 @cli.command("reenact")
@@ -647,7 +671,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         set_quiet(False)  # --quiet silences everything but errors
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # a message's [brackets] are text
         sys.exit(1)
     except Terminated:
         _terminated()

@@ -83,10 +83,12 @@ def unwritable(path: Path, exc: OSError) -> MediaError:
     return MediaError(f"{path}: cannot write in {path.parent} ({os.strerror(exc.errno)}). Choose another output folder.")
 
 
-def remove_stale_partials(path: Path) -> list[Path]:
+def remove_stale_partials(path: Path, min_age_s: float = _STALE_AFTER_S) -> list[Path]:
     """Delete the temporary files of `path` that killed runs left behind (unlocked and not brand new); returns them.
 
-    A running writer holds a lock on its temporary file, so a run that is writing the same target now is left alone."""
+    A running writer holds a lock on its temporary file, so a run that is writing the same target now is left alone.
+    `min_age_s`: how old an unlocked one must be; a caller that knows its writer is dead (a Ray worker that died)
+    passes 0."""
     if fcntl is None or not path.parent.is_dir():
         return []
     removed = []
@@ -95,7 +97,7 @@ def remove_stale_partials(path: Path) -> list[Path]:
         if match is None or match["stem"] != path.stem:
             continue
         with contextlib.suppress(OSError):
-            if time.time() - candidate.stat().st_mtime < _STALE_AFTER_S:
+            if time.time() - candidate.stat().st_mtime < min_age_s:
                 continue
             fd = os.open(candidate, os.O_RDONLY)
             try:

@@ -132,8 +132,8 @@ def run_anonymize(job: AnonymizeJob, model=None, device: torch.device | str | No
     anonymizer = Anonymizer(job, model, device, dtype)
     with progress(FramesPerSecond()) as bar:
         reports = [anonymizer.run(task, bar, batch=len(tasks) > 1) for task in tasks]
-    _print_summary(reports, job)
-    _raise_failures(reports)
+    print_summary(reports, job)
+    raise_failures(reports)
     return reports
 
 
@@ -232,7 +232,7 @@ def _log_traceback(task: Task, job: AnonymizeJob, exc: Exception) -> Path:
     return log
 
 
-def _raise_failures(reports: list[FileReport]) -> None:
+def raise_failures(reports: list[FileReport]) -> None:
     """A batch with failed files ends in an error (exit 1) once every other file is done."""
     failed = [r for r in reports if r.error]
     if failed:
@@ -373,8 +373,9 @@ def _audit_cell(report: FileReport, job: AnonymizeJob) -> str:
     return text
 
 
-def _print_summary(reports: list[FileReport], job: AnonymizeJob) -> None:
-
+def print_summary(reports: list[FileReport], job: AnonymizeJob) -> None:
+    """The table of a finished batch (one row per file), then the audit's warnings, the notes and each failure's reason
+    (shared by a local run and a Ray run)."""
     if not reports:
         info("nothing to do: this shard holds no inputs.")
         return
