@@ -27,7 +27,7 @@ from deid.faces.alignment import AlignConfig, align_photo_file, ffhq_affine, war
 from deid.evaluation.audit import AuditConfig, AuditLog, AuditTotals, FaceAuditor, audit_path
 from deid.faces.detection import DetectConfig, FaceDetector
 from deid.faces.orientation import OrientationConfig, RollRobustDetector
-from deid.faces.paste import PasteConfig, paste_head
+from deid.faces.paste import PasteConfig, fill_head, paste_head
 from deid.faces.tracking import Face, TrackConfig, track
 from deid.media.containers import resolve_codec
 from deid.media.images import load_image, save_image
@@ -40,6 +40,7 @@ from deid.pipelines.inputs import Task, expand_inputs, make_folders, preview_pat
 from deid.pipelines.sharding import parse_shard, shard
 from deid.pipelines.stages import batched
 from deid.pipelines.video_job import video_job
+from deid.weights import file_sha256
 
 
 @dataclass(frozen=True)
@@ -159,11 +160,14 @@ def _raise_failures(reports: list[FileReport]) -> None:
 
 
 def _identity_key(task: Task, job: AnonymizeJob) -> str | None:
-    """What makes one file's random identities differ from every other file's in the job: its output path inside the
-    output folder (the same on every shard and rerun). None with shared identities: person k is the same everywhere."""
-    if job.shared_identities:
+    """What makes one file's random identities differ from every other file's: a hash of the source's content (two
+    unrelated runs that both write `out.mp4` must not show the same fake people, and a rerun keeps them) and the
+    file's place in the job (two copies of one file in a batch still differ). None with shared identities (person k
+    is the same everywhere) or a given identity (no random ones)."""
+    if job.shared_identities or job.identity is not None:
         return None
-    return task.target.name if task.target == job.output else task.target.relative_to(job.output).as_posix()
+    place = task.target.name if task.target == job.output else task.target.relative_to(job.output).as_posix()
+    return f"{file_sha256(task.source)}/{place}"
 
 
 class _FaceSwapper:
@@ -189,7 +193,7 @@ class _FaceSwapper:
     def __call__(self, group: list[tuple[Frame, list[Face]]], report: FileReport) -> list[np.ndarray]:
         """group: frames with their tracked faces (stored-frame pixels). Returns the output images, same order."""
         size, scale = self.synth.resolution, self.job.align.scale
-        crops, affines, owners, tracks = [], [], [], []
+        crops, affines, owners, tracks, filled = [], [], [], [], []
         for i, (frame, faces) in enumerate(group):
             for face in faces:
                 affine = ffhq_affine(face.landmarks, size, scale)
@@ -197,15 +201,25 @@ class _FaceSwapper:
                 affines.append(affine)
                 owners.append(i)
                 tracks.append(face.track_id)
-        heads = self.synth(np.stack(crops), torch.stack([self.code(t) for t in tracks])) if crops else []
+                filled.append(face.filled)
+        # A face the tracker only fills in (no detection in this frame) is covered by a soft fill, not given a head:
+        # a gap is sometimes a face the detector missed, sometimes nobody (a turn of a fast crossing, a blink).
+        made = [k for k, fill in enumerate(filled) if not fill]
+        heads = {}
+        if made:
+            generated = self.synth(np.stack([crops[k] for k in made]), torch.stack([self.code(tracks[k]) for k in made]))
+            heads = dict(zip(made, generated))
         keep_source = self.job.preview or self.auditor is not None  # both look at the source frame afterwards
         outputs = [frame.image.copy() if keep_source else frame.image for frame, _ in group]
-        for crop, head, affine, owner, tid in zip(crops, heads, affines, owners, tracks):
-            paste_head(outputs[owner], head, affine, original=crop, config=self.job.paste)
+        for k, (crop, affine, owner, tid) in enumerate(zip(crops, affines, owners, tracks)):
+            if k not in heads:
+                fill_head(outputs[owner], crop, affine, config=self.job.paste)
+                continue
+            paste_head(outputs[owner], heads[k], affine, original=crop, config=self.job.paste)
             if self.crops_dir is not None:
                 stem = f"{group[owner][0].index:06d}_p{tid}"
                 save_image(crop, self.crops_dir / f"{stem}_in.png", overwrite=True)
-                save_image(head, self.crops_dir / f"{stem}_out.png", overwrite=True)
+                save_image(heads[k], self.crops_dir / f"{stem}_out.png", overwrite=True)
         for frame, faces in group:
             report.frames += 1
             report.faces += len(faces)

@@ -38,8 +38,9 @@ class HeadSynthesizer:
     def random_identity(self, seed: int, person: int, file_key: str | None = None) -> torch.Tensor:
         """The identity of a random person the generator imagines, fixed by (seed, file_key, person) -> [512].
 
-        `file_key` (a file's name in the job) makes person k of one file another person than person k of the next
-        file; without it person k looks the same in every file. Sampling the generator (z -> w -> image -> E_id)
+        `file_key` (anonymize's: a hash of the source file's content and its place in the job) makes person k of
+        one file another person than person k of any other file, and the same again on a rerun; without it person
+        k looks the same in every file. Sampling the generator (z -> w -> image -> E_id)
         keeps the code on the manifold of real identities, unlike a random unit vector in E_id's space.
         """
         if file_key is None:

@@ -132,7 +132,7 @@ def _mirror_edges(image: np.ndarray, margin: int) -> np.ndarray:
     return cv2.copyMakeBorder(image, margin, margin, margin, margin, cv2.BORDER_REFLECT_101)
 
 
-def _crowd_kept(found: "Detections", config: DetectConfig) -> np.ndarray:
+def confident(found: "Detections", config: DetectConfig) -> np.ndarray:
     """[K] bool: detections that reach min_score, and weaker ones (down to crowd_min_score) next to one that does."""
     strong = found.scores >= config.min_score
     weak = (found.scores >= config.crowd_min_score) & ~strong
@@ -181,5 +181,5 @@ class FaceDetector:
             return Detections.empty()
         found = Detections((np.asarray(boxes, np.float32) - margin) / factor, np.asarray(scores, np.float32),
                            (np.asarray(points, np.float32) - margin) / factor)
-        found = found.select(_crowd_kept(found, self.config))
+        found = found.select(confident(found, self.config))
         return without_edge_ghosts(found, size) if margin else found

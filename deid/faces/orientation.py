@@ -167,16 +167,18 @@ def merge_views(per_view: list[tuple[int, Detections]], merge_iou: float) -> Det
     a view's upright is sometimes still detected there, with landmarks placed as if it were upright (wrong); such
     detections score lower than the same face in a view that shows it within about 30 degrees of upright
     (measured on carphone at every view: never higher), so confidence picks the right landmarks. Detections of
-    one view are never merged with each other: the detector's own suppression already made them distinct faces,
-    and in a crowd a head partly hidden behind another overlaps it (merging them lost the hidden face)."""
+    one search (one entry of `per_view`) are never merged with each other: the detector's own suppression already
+    made them distinct faces, and in a crowd a head partly hidden behind another overlaps it (merging them lost the
+    hidden face)."""
     found = [(angle, d) for angle, d in per_view if len(d)]
     if not found:
         return Detections.empty()
     boxes, scores, landmarks = (np.concatenate([getattr(d, name) for _, d in found])
                                 for name in ("boxes", "scores", "landmarks"))
     views = np.concatenate([np.full(len(d), angle % 360) for angle, d in found])
+    runs = np.concatenate([np.full(len(d), run) for run, (_, d) in enumerate(found)])  # one detector run each
     order = np.argsort(-scores, kind="stable")
-    same = same_face(boxes, merge_iou) & (views[:, None] != views[None, :])
+    same = same_face(boxes, merge_iou) & (runs[:, None] != runs[None, :])
     kept: list[int] = []
     for i in order:
         if not any(same[i, k] for k in kept):
@@ -308,8 +310,22 @@ class RollRobustStream:
                 searches[k] = self._between_sweeps(indices[k], held)
             for k, per_view in zip(rest, self.owner.detect([images[k] for k in rest], [searches[k] for k in rest])):
                 results[k] = per_view
+            self._follow(images, rest, held, searches, results)
         merged = [merge_views(per_view, cfg.merge_iou) for per_view in results]
         for k in rest:
             self._remember(indices[k], merged[k])
         self.searched += sum(s.scale ** 2 for wanted in searches for s in wanted)
         return merged
+
+    def _follow(self, images, rest: list[int], held: set[int], searches, results) -> None:
+        """A face the rotation found in this batch is searched for in every other frame of the batch too, in its own
+        view at `turned_scale` (the rotation alone would find it only every `rotation_groups` frames). In place."""
+        cfg = self.config
+        new = {nearest_view(float(roll), cfg.views) for k in rest
+               for roll in face_roll(merge_views(results[k], cfg.merge_iou).landmarks)} - held - {0}
+        extra = {k: [ViewSearch(v, cfg.turned_scale) for v in sorted(new)
+                     if not any(s.angle == v and s.scale >= cfg.turned_scale for s in searches[k])] for k in rest}
+        todo = [k for k in rest if extra[k]]
+        for k, per_view in zip(todo, self.owner.detect([images[k] for k in todo], [extra[k] for k in todo])):
+            searches[k] = searches[k] + extra[k]
+            results[k] = results[k] + per_view
