@@ -10,11 +10,11 @@ on them unchanged.
 For video, searching every view on every frame costs about eight detections per frame. `RollRobustStream` searches
 the upright view on every frame at full resolution; all views on every `sweep_every`-th frame; on every frame the
 views in which a face was seen during the last `hold` frames (the view nearest each face's roll), so a face that
-stays rolled is followed frame by frame; and, between sweeps, the other turned views in rotation at a low
+stays rolled is followed frame by frame (at the size its face needs: a large face in a smaller view, since a
+view costs in proportion to its pixels); and, between sweeps, the other turned views in rotation at a low
 resolution, so a large face that appears rolled (after a cut, or right after a sweep) is found within
-`rotation_groups` frames instead of at the next sweep. Turned views are searched smaller than the upright one
-(`turned_scale`): a face found only turned is rarely a small one, and the views cost in proportion to their pixels.
-All the views of a batch that share a size go to the detector in one call.
+`rotation_groups` frames instead of at the next sweep. All the views of a batch that share a size go to the
+detector in one call.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ class OrientationConfig:
     # astronaut's 135-degree view shows one at 0.93), while a real face's best view scores >= 0.998 on carphone
     # turned by every 15 degrees.
     min_turned_score: float = 0.98
-    # Video: turned views are searched at this fraction of the size the detector searches the upright view at
-    # (sweeps and held views), and the rotation between sweeps at `discovery_scale`; 1.0 and 1.0 search at full size.
-    turned_scale: float = 0.75
+    # Video: a held view is searched only as large as its smallest recent face needs (twice the detector's smallest
+    # face side), and never below `held_min_scale` of its full size (1.0: always full size). Sweeps search every view
+    # at full size (small rolled faces are found there), the rotation between sweeps at `discovery_scale`.
+    held_min_scale: float = 0.5
     discovery_scale: float = 0.4
     # Video, between sweeps: the turned views split into this many groups, one searched per frame in turn, so every
     # view is searched at least every `rotation_groups` frames (0: no rotation, only sweeps and held views).
@@ -217,6 +218,15 @@ class RollRobustDetector:
         self.config = config
         # a FaceDetector shrinks large images to its max_side; turned views are shrunk in the same warp instead
         self.max_side = getattr(getattr(detector, "config", None), "max_side", None)
+        self.min_face = getattr(getattr(detector, "config", None), "min_face_size", 20)
+
+    def scale_for(self, face_side: float, angle: int, size: tuple[int, int]) -> float:
+        """The scale (`ViewSearch.scale`, at least held_min_scale) at which a face of `face_side` image pixels is
+        still twice the detector's smallest face in the view turned by `angle` of an image of size (width, height)."""
+        _, (view_w, view_h) = view_affine(size, angle)
+        full = 1.0 if self.max_side is None else min(1.0, self.max_side / max(view_w, view_h))
+        need = 2.0 * self.min_face / max(face_side * full, 1e-6)
+        return float(np.clip(need, self.config.held_min_scale, 1.0))
 
     def _view(self, image: np.ndarray, search: ViewSearch) -> tuple[np.ndarray, np.ndarray]:
         """The view of image [H, W, 3] a search looks at, and its affine image -> view."""
@@ -261,7 +271,8 @@ class RollRobustStream:
     """Roll-robust detection over one video's frames, searching only the views that can hold a face.
 
     Every frame: the upright view, each view that showed a face (the view nearest its roll) within the last `hold`
-    frames, and (between sweeps) one group of the turned views in rotation at `discovery_scale`. Every
+    frames (at the scale its smallest face needs), and (between sweeps) one group of the turned views in rotation
+    at `discovery_scale`. Every
     `sweep_every`-th frame: all views. `searched` sums the views searched over frames, each weighed by its share of
     a full-size view's pixels (what the detection costs; 1 per frame would be upright only)."""
 
@@ -269,25 +280,38 @@ class RollRobustStream:
         self.owner = owner
         self.config = owner.config
         self.frame = 0  # index of the next frame
-        self.last_seen: dict[int, int] = {}  # view -> last frame index a face near it was found
+        self.last_seen: dict[int, tuple[int, float]] = {}  # view -> (last frame a face near it was found, its side)
         self.searched = 0.0
 
     def _remember(self, index: int, found: Detections) -> None:
-        for roll in face_roll(found.landmarks) if len(found) else ():
-            self.last_seen[nearest_view(float(roll), self.config.views)] = index
+        """Note each face's view (the one nearest its roll) and its size; the smallest recent face of a view sets
+        the size the view is searched at."""
+        if not len(found):
+            return
+        sides = np.sqrt(np.prod(found.boxes[:, 2:] - found.boxes[:, :2], axis=1))
+        for roll, side in zip(face_roll(found.landmarks), sides):
+            view = nearest_view(float(roll), self.config.views)
+            seen, before = self.last_seen.get(view, (-self.config.hold - 1, np.inf))
+            recent = index - seen <= self.config.hold
+            self.last_seen[view] = (index, float(min(side, before) if recent else side))
 
     def _sweep(self) -> list[ViewSearch]:
-        return [ViewSearch(a, 1.0 if a % 360 == 0 else self.config.turned_scale) for a in self.config.views]
+        return [ViewSearch(a) for a in self.config.views]
 
-    def _between_sweeps(self, index: int, held: set[int]) -> list[ViewSearch]:
-        """Frame `index`'s views: upright, the held views, and its group of the rotation."""
+    def _between_sweeps(self, index: int, held: dict[int, float]) -> list[ViewSearch]:
+        """Frame `index`'s views: upright, the held views (view -> scale), and its group of the rotation."""
         cfg = self.config
         turned = [a for a in cfg.views if a % 360]
         groups = max(cfg.rotation_groups, 0)
         rotation = set(turned[index % groups::groups]) if groups else set()
-        scales = {a: cfg.discovery_scale for a in rotation - held}
-        scales.update({a: cfg.turned_scale for a in held if a % 360})
+        scales = {a: cfg.discovery_scale for a in rotation - set(held)}
+        scales.update({a: scale for a, scale in held.items() if a % 360})
         return [ViewSearch(0)] + [ViewSearch(a, scales[a]) for a in sorted(scales)]
+
+    def _held(self, newest: int, size: tuple[int, int]) -> dict[int, float]:
+        """The views a face was seen near within `hold` frames of frame `newest`, each with the scale it needs."""
+        return {v: self.owner.scale_for(side, v, size) for v, (t, side) in self.last_seen.items()
+                if newest - t <= self.config.hold}
 
     def __call__(self, images) -> list[Detections]:
         """images: the video's next frames [N, H, W, 3] uint8 RGB, in order. Returns one Detections per frame."""
@@ -304,8 +328,7 @@ class RollRobustStream:
             self._remember(indices[k], merge_views(per_view, cfg.merge_iou))
         rest = [k for k in range(len(images)) if k not in sweep]
         if rest:
-            newest = indices[rest[0]]
-            held = {v for v, t in self.last_seen.items() if newest - t <= cfg.hold}
+            held = self._held(indices[rest[0]], (images[0].shape[1], images[0].shape[0]))
             for k in rest:
                 searches[k] = self._between_sweeps(indices[k], held)
             for k, per_view in zip(rest, self.owner.detect([images[k] for k in rest], [searches[k] for k in rest])):
@@ -317,14 +340,21 @@ class RollRobustStream:
         self.searched += sum(s.scale ** 2 for wanted in searches for s in wanted)
         return merged
 
-    def _follow(self, images, rest: list[int], held: set[int], searches, results) -> None:
+    def _follow(self, images, rest: list[int], held: dict[int, float], searches, results) -> None:
         """A face the rotation found in this batch is searched for in every other frame of the batch too, in its own
-        view at `turned_scale` (the rotation alone would find it only every `rotation_groups` frames). In place."""
+        view at the size it needs (the rotation alone would find it only every `rotation_groups` frames). In place."""
         cfg = self.config
-        new = {nearest_view(float(roll), cfg.views) for k in rest
-               for roll in face_roll(merge_views(results[k], cfg.merge_iou).landmarks)} - held - {0}
-        extra = {k: [ViewSearch(v, cfg.turned_scale) for v in sorted(new)
-                     if not any(s.angle == v and s.scale >= cfg.turned_scale for s in searches[k])] for k in rest}
+        size = (images[0].shape[1], images[0].shape[0])
+        new: dict[int, float] = {}
+        for k in rest:
+            found = merge_views(results[k], cfg.merge_iou)
+            sides = np.sqrt(np.prod(found.boxes[:, 2:] - found.boxes[:, :2], axis=1))
+            for roll, side in zip(face_roll(found.landmarks), sides):
+                view = nearest_view(float(roll), cfg.views)
+                if view % 360 and view not in held:
+                    new[view] = max(new.get(view, 0.0), self.owner.scale_for(float(side), view, size))
+        extra = {k: [ViewSearch(v, scale) for v, scale in sorted(new.items())
+                     if not any(s.angle == v and s.scale >= scale for s in searches[k])] for k in rest}
         todo = [k for k in rest if extra[k]]
         for k, per_view in zip(todo, self.owner.detect([images[k] for k in todo], [extra[k] for k in todo])):
             searches[k] = searches[k] + extra[k]
