@@ -216,10 +216,6 @@ def test_a_face_appearing_rolled_after_a_sweep_is_replaced_within_two_frames(ast
 # ------------------------------------------------------------------------------------------- identities
 
 
-def _short_clip(path: Path, frames: list[np.ndarray]) -> Path:
-    return _write_clip(path, frames)
-
-
 def test_random_identities_follow_the_source_not_the_output_name(carphone_frames, tiny_model, tmp_path, monkeypatch):
     codes = []
     original = HeadSynthesizer.__call__
@@ -229,8 +225,8 @@ def test_random_identities_follow_the_source_not_the_output_name(carphone_frames
         return original(self, crops, identities)
 
     monkeypatch.setattr(HeadSynthesizer, "__call__", spy)
-    first = _short_clip(tmp_path / "first.mp4", carphone_frames[:3])
-    second = _short_clip(tmp_path / "second.mp4", carphone_frames[60:63])
+    first = _write_clip(tmp_path / "first.mp4", carphone_frames[:3])
+    second = _write_clip(tmp_path / "second.mp4", carphone_frames[60:63])
 
     def person(source: Path, folder: str, **kwargs) -> torch.Tensor:
         codes.clear()

@@ -69,7 +69,7 @@ class DetectConfig:
     # Faces cut off by the frame's edge: MTCNN finds only a whole face. The detection image is padded on every side
     # by this fraction of its shorter side with the frame mirrored at its edge, so half a face becomes a whole
     # (symmetric) one. Faces up to about 2.5x the margin are found from 40 % visible.
-    edge_margin: float = 0.125
+    edge_margin: float = 0.1
     # The detection image is padded (right and bottom, black) to a multiple of this: frames of many sizes share
     # a few image pyramids, so the networks meet a bounded set of shapes (see deid.buckets).
     size_multiple: int = 32

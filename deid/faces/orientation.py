@@ -272,8 +272,7 @@ class RollRobustStream:
 
     Every frame: the upright view, each view that showed a face (the view nearest its roll) within the last `hold`
     frames (at the scale its smallest face needs), and (between sweeps) one group of the turned views in rotation
-    at `discovery_scale`. Every
-    `sweep_every`-th frame: all views. `searched` sums the views searched over frames, each weighed by its share of
+    at `discovery_scale`. Every `sweep_every`-th frame: all views at full size. `searched` sums the views searched over frames, each weighed by its share of
     a full-size view's pixels (what the detection costs; 1 per frame would be upright only)."""
 
     def __init__(self, owner: RollRobustDetector):
@@ -286,14 +285,18 @@ class RollRobustStream:
     def _remember(self, index: int, found: Detections) -> None:
         """Note each face's view (the one nearest its roll) and its size; the smallest recent face of a view sets
         the size the view is searched at."""
-        if not len(found):
-            return
-        sides = np.sqrt(np.prod(found.boxes[:, 2:] - found.boxes[:, :2], axis=1))
-        for roll, side in zip(face_roll(found.landmarks), sides):
-            view = nearest_view(float(roll), self.config.views)
+        for view, side in self._faces_by_view(found):
             seen, before = self.last_seen.get(view, (-self.config.hold - 1, np.inf))
             recent = index - seen <= self.config.hold
-            self.last_seen[view] = (index, float(min(side, before) if recent else side))
+            self.last_seen[view] = (index, min(side, before) if recent else side)
+
+    def _faces_by_view(self, found: Detections) -> list[tuple[int, float]]:
+        """(the view nearest its roll, its side in image pixels) of each face found."""
+        if not len(found):
+            return []
+        sides = np.sqrt(np.prod(found.boxes[:, 2:] - found.boxes[:, :2], axis=1))
+        return [(nearest_view(float(roll), self.config.views), float(side))
+                for roll, side in zip(face_roll(found.landmarks), sides)]
 
     def _sweep(self) -> list[ViewSearch]:
         return [ViewSearch(a) for a in self.config.views]
@@ -347,12 +350,9 @@ class RollRobustStream:
         size = (images[0].shape[1], images[0].shape[0])
         new: dict[int, float] = {}
         for k in rest:
-            found = merge_views(results[k], cfg.merge_iou)
-            sides = np.sqrt(np.prod(found.boxes[:, 2:] - found.boxes[:, :2], axis=1))
-            for roll, side in zip(face_roll(found.landmarks), sides):
-                view = nearest_view(float(roll), cfg.views)
+            for view, side in self._faces_by_view(merge_views(results[k], cfg.merge_iou)):
                 if view % 360 and view not in held:
-                    new[view] = max(new.get(view, 0.0), self.owner.scale_for(float(side), view, size))
+                    new[view] = max(new.get(view, 0.0), self.owner.scale_for(side, view, size))
         extra = {k: [ViewSearch(v, scale) for v, scale in sorted(new.items())
                      if not any(s.angle == v and s.scale >= scale for s in searches[k])] for k in rest}
         todo = [k for k in rest if extra[k]]
