@@ -5,8 +5,8 @@
 `before` is the schedule of the previous release, rebuilt from its settings: no mirrored edge margin, no crowd
 score, held views at full size, no rotation between sweeps (all 8 views every 8th frame, the upright and the held
 views on the others). `after` is today's defaults: edge margin, held views only as large as their faces need, the
-rotation at 0.4 of the size, views of one size in one detector call. Both run on the same frames, interleaved repeat by repeat (a shared
-machine slows both alike), on two 1280x720 clips of real faces: `crowd` (0-4 upright faces per frame, carphone and
+rotation at 0.4 of the size, views of one size in one detector call. Both run on the same frames, interleaved
+repeat by repeat (a shared machine slows both alike), on two 1280x720 clips of real faces: `crowd` (0-4 upright faces per frame, carphone and
 the astronaut) and `rolled` (the same frames turned 135 degrees). Prints one JSON object: per clip and schedule the
 median ms per frame, the detector's input pixels per frame (what its first network's cost follows), the views
 searched per frame in full-size views' worth of pixels, and the faces found per frame.

@@ -207,8 +207,8 @@ class _FaceSwapper:
         made = [k for k, fill in enumerate(filled) if not fill]
         heads = {}
         if made:
-            generated = self.synth(np.stack([crops[k] for k in made]), torch.stack([self.code(tracks[k]) for k in made]))
-            heads = dict(zip(made, generated))
+            codes = torch.stack([self.code(tracks[k]) for k in made])
+            heads = dict(zip(made, self.synth(np.stack([crops[k] for k in made]), codes)))
         keep_source = self.job.preview or self.auditor is not None  # both look at the source frame afterwards
         outputs = [frame.image.copy() if keep_source else frame.image for frame, _ in group]
         for k, (crop, affine, owner, tid) in enumerate(zip(crops, affines, owners, tracks)):

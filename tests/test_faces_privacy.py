@@ -101,7 +101,7 @@ def test_face_sliding_in_from_the_edge_is_replaced_from_40_percent_visible(astro
 
 def test_without_the_mirrored_margin_a_half_face_is_missed(astronaut_head):
     """The margin is what finds it: the same half-visible face, detected with and without."""
-    head = cv2.resize(astronaut_head, (94, 122), interpolation=cv2.INTER_AREA)  # face side ~50: within the margin's reach
+    head = cv2.resize(astronaut_head, (94, 122), interpolation=cv2.INTER_AREA)  # face ~50 px: in the margin's reach
     (found,) = FaceDetector()([head])
     x0, _, x1, _ = found.boxes[0]
     frame = _background(0)
@@ -271,7 +271,10 @@ def test_a_gap_is_covered_without_a_generated_head(carphone_frames, tiny_model, 
     assert sum(heads) == 8  # the two filled frames got no head
     sources, outputs = [f.image for f in read_frames(clip)], [f.image for f in read_frames(tmp_path / "out.mp4")]
     inner = (box[0] + 8, box[1] + 8, box[2] - 8, box[3] - 8)
-    sharpness = lambda im: float(np.abs(cv2.Laplacian(cv2.cvtColor(im, cv2.COLOR_RGB2GRAY), cv2.CV_32F)).mean())  # noqa: E731
+
+    def sharpness(image: np.ndarray) -> float:
+        return float(np.abs(cv2.Laplacian(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.CV_32F)).mean())
+
     for k in (4, 5):
         x0, y0, x1, y1 = inner
         assert _changed(sources[k], outputs[k], inner) > 20  # covered

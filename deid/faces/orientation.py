@@ -272,8 +272,8 @@ class RollRobustStream:
 
     Every frame: the upright view, each view that showed a face (the view nearest its roll) within the last `hold`
     frames (at the scale its smallest face needs), and (between sweeps) one group of the turned views in rotation
-    at `discovery_scale`. Every `sweep_every`-th frame: all views at full size. `searched` sums the views searched over frames, each weighed by its share of
-    a full-size view's pixels (what the detection costs; 1 per frame would be upright only)."""
+    at `discovery_scale`. Every `sweep_every`-th frame: all views at full size. `searched` sums the views searched
+    over frames, each weighed by its share of a full-size view's pixels (what the detection costs; 1 per frame would be upright only)."""
 
     def __init__(self, owner: RollRobustDetector):
         self.owner = owner

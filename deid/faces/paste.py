@@ -84,11 +84,13 @@ def paste_head(frame: np.ndarray, head: np.ndarray, affine: np.ndarray, original
     return frame
 
 
-def fill_head(frame: np.ndarray, crop: np.ndarray, affine: np.ndarray, config: PasteConfig = PasteConfig()) -> np.ndarray:
+def fill_head(frame: np.ndarray, crop: np.ndarray, affine: np.ndarray,
+              config: PasteConfig = PasteConfig()) -> np.ndarray:
     """Cover where a face is predicted but not seen, in place, and return the frame: the crop blurred (Gaussian,
     sigma = fill_sigma x its side) and blended back under the same feathered ellipse as a head. The place is
     covered (the face may be there, missed by the detector) and no head is invented (there may be nobody).
 
     frame: [H, W, 3] uint8 RGB; crop: [S, S, 3] uint8, cut from the frame with affine [2, 3] frame -> crop."""
-    blurred = cv2.GaussianBlur(crop, (0, 0), max(config.fill_sigma * crop.shape[0], 0.5), borderType=cv2.BORDER_REFLECT_101)
+    sigma = max(config.fill_sigma * crop.shape[0], 0.5)
+    blurred = cv2.GaussianBlur(crop, (0, 0), sigma, borderType=cv2.BORDER_REFLECT_101)
     return paste_head(frame, blurred, affine, original=None, config=config)
