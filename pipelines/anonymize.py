@@ -45,6 +45,7 @@ from deid.pipelines.inputs import Task, check_previews, expand_inputs, make_fold
 from deid.pipelines.sharding import parse_shard, shard
 from deid.pipelines.stages import batched
 from deid.pipelines.video_job import video_job
+from deid.weights import file_sha256
 
 _COVERED = {"mask": "masked", "blur": "blurred", "pixelate": "pixelated"}  # what the summary calls each engine's faces
 _REVERSIBLE = ("blur", "pixelate")  # engines that recognisers trained on their output can undo: they warn
@@ -242,11 +243,14 @@ def raise_failures(reports: list[FileReport]) -> None:
 
 
 def _identity_key(task: Task, job: AnonymizeJob) -> str | None:
-    """What makes one file's random identities differ from every other file's in the job: its output path inside the
-    output folder (the same on every shard and rerun). None with shared identities: person k is the same everywhere."""
-    if job.shared_identities:
+    """What makes one file's random identities differ from every other file's: a hash of the source's content (two
+    unrelated runs that both write `out.mp4` must not show the same fake people, and a rerun keeps them) and the
+    file's place in the job (two copies of one file in a batch still differ). None with shared identities (person k
+    is the same everywhere) or a given identity (no random ones)."""
+    if job.shared_identities or job.identity is not None:
         return None
-    return task.target.name if task.target == job.output else task.target.relative_to(job.output).as_posix()
+    place = task.target.name if task.target == job.output else task.target.relative_to(job.output).as_posix()
+    return f"{file_sha256(task.source)}/{place}"
 
 
 class _Renderer:

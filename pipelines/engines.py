@@ -26,7 +26,7 @@ from deid.devices import autocast
 from deid.evaluation.audit import AuditConfig, cover_region
 from deid.faces.alignment import ffhq_affine, warp_crop
 from deid.faces.cover import HeadRegionConfig, head_corners, region_mask
-from deid.faces.paste import PasteConfig, paste_head
+from deid.faces.paste import PasteConfig, fill_head, paste_head
 from deid.faces.tracking import Face
 from deid.media.images import save_image, to_tensor, to_uint8
 from deid.media.video import Frame
@@ -62,8 +62,9 @@ class HeadSynthesizer:
     def random_identity(self, seed: int, person: int, file_key: str | None = None) -> torch.Tensor:
         """The identity of a random person the generator imagines, fixed by (seed, file_key, person) -> [512].
 
-        `file_key` (a file's name in the job) makes person k of one file another person than person k of the next
-        file; without it person k looks the same in every file. Sampling the generator (z -> w -> image -> E_id)
+        `file_key` (anonymize's: a hash of the source file's content and its place in the job) makes person k of
+        one file another person than person k of any other file, and the same again on a rerun; without it person
+        k looks the same in every file. Sampling the generator (z -> w -> image -> E_id)
         keeps the code on the manifold of real identities, unlike a random unit vector in E_id's space.
         """
         if file_key is None:
@@ -126,7 +127,8 @@ class Identities:
 
 
 class GenerateEngine:
-    """`generate`: each face's aligned crop -> E_attr with the person's identity code -> M -> G -> pasted back.
+    """`generate`: each face's aligned crop -> E_attr with the person's identity code -> M -> G -> pasted back; a
+    face the tracker only filled in across a detection gap gets `fill_head` (its crop blurred), no new head.
     With `crops_dir`, the aligned input and output heads are saved there as FRAME_pTRACK_in/_out.png."""
 
     name = "generate"
@@ -141,7 +143,7 @@ class GenerateEngine:
 
     def __call__(self, group: Sequence[tuple[Frame, list[Face]]], outputs: list[np.ndarray]) -> None:
         size = self.synth.resolution
-        crops, affines, owners, tracks = [], [], [], []
+        crops, affines, owners, tracks, filled = [], [], [], [], []
         for i, (frame, faces) in enumerate(group):
             for face in faces:
                 affine = ffhq_affine(face.landmarks, size, self.align_scale)
@@ -149,16 +151,24 @@ class GenerateEngine:
                 affines.append(affine)
                 owners.append(i)
                 tracks.append(face.track_id)
-        if not crops:
-            return
-        heads = self.synth(np.stack(crops), torch.stack([self.identities(t) for t in tracks]))
-        for crop, head, affine, owner, track_id in zip(crops, heads, affines, owners, tracks):
-            paste_head(outputs[owner], head, affine, original=crop, config=self.paste)
+                filled.append(face.filled)
+        # A face the tracker only fills in (no detection in this frame) is covered by a soft fill, not given a head:
+        # a gap is sometimes a face the detector missed, sometimes nobody (a turn of a fast crossing, a blink).
+        made = [k for k, fill in enumerate(filled) if not fill]
+        heads = {}
+        if made:
+            codes = torch.stack([self.identities(tracks[k]) for k in made])
+            heads = dict(zip(made, self.synth(np.stack([crops[k] for k in made]), codes)))
+        for k, (crop, affine, owner, track_id) in enumerate(zip(crops, affines, owners, tracks)):
+            if k not in heads:
+                fill_head(outputs[owner], crop, affine, config=self.paste)
+                continue
+            paste_head(outputs[owner], heads[k], affine, original=crop, config=self.paste)
             if self.crops_dir is not None:
                 self.crops_dir.mkdir(exist_ok=True)  # here, not earlier: a batch makes the file's folders first
                 stem = f"{group[owner][0].index:06d}_p{track_id}"
                 save_image(crop, self.crops_dir / f"{stem}_in.png", overwrite=True)
-                save_image(head, self.crops_dir / f"{stem}_out.png", overwrite=True)
+                save_image(heads[k], self.crops_dir / f"{stem}_out.png", overwrite=True)
 
 
 class CoverEngine:

@@ -21,6 +21,7 @@ from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
 from deid.pipelines.engines import HeadSynthesizer
 from deid.pipelines.inputs import expand_inputs
 from deid.pipelines.sharding import parse_shard, shard
+from deid.weights import file_sha256
 from deid.distributed import rank_device
 
 
@@ -151,7 +152,8 @@ def test_image_identity_and_random_identities(tmp_path, astronaut_png, tiny_mode
     assert torch.equal(codes["target_s0"], codes["target_s1"])
     synth = HeadSynthesizer(tiny_model)
     for seed in (0, 1):  # a random identity is the seed's person 0 of this file
-        torch.testing.assert_close(codes[f"random_s{seed}"], synth.random_identity(seed, 0, f"random_s{seed}.png"))
+        key = f"{file_sha256(astronaut_png)}/random_s{seed}.png"  # the source's content and the output's place
+        torch.testing.assert_close(codes[f"random_s{seed}"], synth.random_identity(seed, 0, key))
     # Other seeds pick other people. (Compared as codes: the random-weight tiny E_id maps every image to nearly the
     # same direction, cosine ~0.9997, so the pixels of two random identities barely differ.)
     assert not torch.equal(codes["random_s0"], codes["random_s1"])
@@ -170,7 +172,7 @@ def test_random_identities_differ_across_the_files_of_a_batch_unless_shared(tmp_
     assert not torch.equal(first, second)
     synth = HeadSynthesizer(tiny_model)
     torch.testing.assert_close(torch.stack([first, second]),
-                               torch.stack([synth.random_identity(3, 0, "in/a.png"), synth.random_identity(3, 0, "in/b.png")]))
+                               torch.stack([synth.random_identity(3, 0, f"{file_sha256(src / name)}/in/{name}") for name in ("a.png", "b.png")]))
     identity_spy.clear()
     _anonymize(tiny_model, src, tmp_path / "shared", seed=3, shared_identities=True)
     first, second = (call[0] for call in identity_spy)
@@ -221,7 +223,8 @@ def test_two_people_get_two_tracks_and_two_fixed_identities(tmp_path, carphone, 
     codes = torch.unique(torch.stack(used), dim=0)
     assert len(used) == 24 and len(codes) == 2  # one fixed code per person, all video long
     synth = HeadSynthesizer(tiny_model)
-    expected = torch.stack([synth.random_identity(7, 0, "out.mp4"), synth.random_identity(7, 1, "out.mp4")])
+    key = f"{file_sha256(clip)}/out.mp4"
+    expected = torch.stack([synth.random_identity(7, 0, key), synth.random_identity(7, 1, key)])
     torch.testing.assert_close(torch.sort(codes, dim=0).values, torch.sort(expected, dim=0).values)
 
 

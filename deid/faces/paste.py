@@ -17,6 +17,7 @@ class PasteConfig:
     axes: tuple[float, float] = (0.33, 0.42)
     feather: float = 0.06  # width of the soft edge, fraction of the crop side
     colour_match: bool = True  # match mean/std (LAB) of the generated face to the original face
+    fill_sigma: float = 0.08  # `fill_head`'s Gaussian sigma, fraction of the crop side (the audit's blur strength)
 
 
 @lru_cache(maxsize=8)
@@ -81,3 +82,15 @@ def paste_head(frame: np.ndarray, head: np.ndarray, affine: np.ndarray, original
     roi = frame[y0:y1, x0:x1].astype(np.float32)
     frame[y0:y1, x0:x1] = np.clip(roi + alpha * (warped.astype(np.float32) - roi) + 0.5, 0, 255).astype(np.uint8)
     return frame
+
+
+def fill_head(frame: np.ndarray, crop: np.ndarray, affine: np.ndarray,
+              config: PasteConfig = PasteConfig()) -> np.ndarray:
+    """Cover where a face is predicted but not seen, in place, and return the frame: the crop blurred (Gaussian,
+    sigma = fill_sigma x its side) and blended back under the same feathered ellipse as a head. The place is
+    covered (the face may be there, missed by the detector) and no head is invented (there may be nobody).
+
+    frame: [H, W, 3] uint8 RGB; crop: [S, S, 3] uint8, cut from the frame with affine [2, 3] frame -> crop."""
+    sigma = max(config.fill_sigma * crop.shape[0], 0.5)
+    blurred = cv2.GaussianBlur(crop, (0, 0), sigma, borderType=cv2.BORDER_REFLECT_101)
+    return paste_head(frame, blurred, affine, original=None, config=config)
