@@ -24,7 +24,7 @@ from deid.nets.encoders import AttributeEncoderConfig, IdentityEncoderConfig, La
 from deid.nets.model import DEFAULT_MODEL, ModelConfig, default_model_installed, load_model
 from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
 from deid.pipelines.engines import ENGINES
-from deid.pipelines.cluster import ModelOptions, RayOptions, run_anonymize_on_ray
+from deid.pipelines.cluster import ModelOptions, RayOptions, import_ray, run_anonymize_on_ray
 from deid.pipelines.evaluate import PairsJob, VideoAuditJob, run_pairs, run_video_audit
 from deid.pipelines.figures import InterpolateJob, MixJob, run_interpolate, run_mix
 from deid.pipelines.reenact import ReenactJob, run_reenact
@@ -472,6 +472,7 @@ def ray_options(address: str | None, workers: int | None, gpus_per_worker: float
         raise click.UsageError("--ray and --shard do not go together: Ray hands out the files itself. Drop --shard.")
     if address != "auto" and Path(address).exists():
         raise click.UsageError(f"--ray took {address!r} for a cluster address. Write `--ray auto`, or put --ray after the inputs.")
+    import_ray()  # a missing extra fails at once, before anything else is said or done
     return RayOptions(address=None if address == "local" else address, workers=workers, gpus_per_worker=gpus_per_worker)
 
 
