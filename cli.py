@@ -21,14 +21,14 @@ from deid.evaluation.audit import FAIL_SAFES, AuditConfig
 from deid.interrupts import Terminated, sigterm_as_interrupt
 from deid.media.video import EncodeOptions
 from deid.nets.encoders import AttributeEncoderConfig, IdentityEncoderConfig, LandmarkEncoderConfig
-from deid.nets.model import DEFAULT_MODEL, ModelConfig, default_model_installed, load_model
+from deid.nets.model import DEFAULT_MODEL, ModelConfig, default_model_installed
 from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
 from deid.pipelines.engines import ENGINES
 from deid.pipelines.cluster import ModelOptions, RayOptions, import_ray, run_anonymize_on_ray
 from deid.pipelines.evaluate import PairsJob, VideoAuditJob, run_pairs, run_video_audit
 from deid.pipelines.figures import InterpolateJob, MixJob, run_interpolate, run_mix
 from deid.pipelines.reenact import ReenactJob, run_reenact
-from deid.devices import resolve_device, resolve_dtype
+from deid.devices import resolve_device
 from deid.distributed import rank_device
 from deid.stylegan.loading import convert_generator
 from deid.train.config import Schedule, TrainConfig, Validation
@@ -86,13 +86,9 @@ def model_options(func):
 
 
 def load_model_from_options(model: str, device: str, precision: str):
-    """The `model_options` trio -> (trained model on its device, the device, the dtype to run it in).
-
-    Under torchrun, `--device auto` is the rank's own GPU."""
-
-    torch_device = resolve_device(rank_device(device))
-    dtype = resolve_dtype(precision, torch_device)
-    return load_model(model, device=torch_device), torch_device, dtype
+    """The `model_options` trio -> (trained model on its device, the device, the dtype to run it in); see
+    ModelOptions.load (under torchrun, `--device auto` is the rank's own GPU)."""
+    return ModelOptions(model, device, precision).load()
 
 
 class OptionConflict(click.ClickException):

@@ -32,6 +32,7 @@ from PIL import Image
 from deid.atomic import is_partial, remove_stale_partials
 from deid.console import info, progress, set_quiet, warn
 from deid.devices import resolve_device, resolve_dtype
+from deid.distributed import rank_device
 from deid.errors import DeidError, MediaError
 from deid.evaluation.audit import audit_path
 from deid.media.video import probe
@@ -66,8 +67,9 @@ class ModelOptions:
     precision: str = "fp32"
 
     def load(self, engine: str = "generate") -> tuple[torch.nn.Module | None, torch.device, torch.dtype]:
-        """(model, device, dtype) for an Anonymizer: the covering engines run no model, so none is loaded for them."""
-        device = resolve_device(self.device)
+        """(model, device, dtype): the one way a command gets its trained model (the CLI's and each Ray actor's). Under
+        torchrun `auto` is the rank's own GPU; the covering engines run no model, so none is loaded for them."""
+        device = resolve_device(rank_device(self.device))
         model = load_model(self.model, device=device) if engine == "generate" else None
         return model, device, resolve_dtype(self.precision, device)
 
