@@ -7,7 +7,7 @@ file and returns its `FileReport`. Files never travel through Ray: inputs and ou
 node sees, written through `atomic_output` as in a local run.
 
 A worker that dies (killed, out of memory, a lost node) is restarted by Ray; the driver charges the death to the file
-that was running on it (an actor runs its calls in order, so that is the oldest one still queued on it), cleans up
+that was running on it (an actor runs its calls in order, so that is the oldest of its calls that failed), cleans up
 what it left half-written and tries the file again, up to `RayOptions.retries` times. The files that were only queued
 behind it are handed out again without a charge. A `DeidError` inside a file (a corrupt input) is that file's report,
 never a retry.
@@ -44,6 +44,7 @@ from deid.weights import weights_home
 QUEUE_PER_WORKER = 2  # calls handed to one actor at a time: the next file is there when one finishes
 RESTART_TIMEOUT_S = 600.0  # an actor not back this long after its worker died is left out of the pool
 PING_EVERY_S = 0.5  # how often a restarting actor is asked whether it is back
+DEATH_SETTLE_S = 10.0  # after a worker died, how long its other calls are given to resolve (they fail at once)
 RAY_MISSING = "--ray needs Ray, an optional extra: pip install 'deid[ray]' (or pip install ray)."
 
 
@@ -294,13 +295,10 @@ class _Scheduler:
         try:
             report, stamp = self.ray.get(ref)
         except self.ray.exceptions.RayActorError:
-            if ref in self.settled:  # it waited behind the file that killed the worker: not its fault
+            if ref in self.settled:  # its worker's death is already charged to the file that was running
                 self.settled.discard(ref)
-            else:  # the first call seen failing from this death: charge the file that was running, the oldest
-                running = item if queue[0] == ref else self.calls[queue[0]][1]
-                running.deaths += 1
-                self.settled.update(r for r in queue if r != ref)
-                self._ping(index)
+            else:  # the first call seen failing from this death
+                self._charge_death(index, ref, item)
             queue.remove(ref)
             return self._after_death(item, pending)
         except self.ray.exceptions.RayTaskError as exc:
@@ -310,6 +308,34 @@ class _Scheduler:
         if report.error:
             warn(f"{item.task.source}: failed; going on with the other files.")
         return item.task, RayResult(report, stamp)
+
+    def _charge_death(self, index: int, ref, item: _Pending) -> None:
+        """Charge a worker's death to the file it was running; the calls queued behind it are settled (they go back
+        without a charge) and the actor is asked when it is back.
+
+        The running call is the oldest one on the actor that failed with it. Not simply the oldest one the driver has
+        not collected yet: a call may have finished in the instant before the death, its report not yet read here (it
+        stays in `calls` and is collected as usual). So every call on the actor is first let resolve: after a death
+        they all do at once."""
+        queue = self.queues[index]
+        self.ray.wait(list(queue), num_returns=len(queue), timeout=DEATH_SETTLE_S)
+        finished = {r for r in queue if r != ref and self._finished(r)}
+        running = next(r for r in queue if r not in finished)
+        (item if running == ref else self.calls[running][1]).deaths += 1
+        self.settled.update(r for r in queue if r != ref and r not in finished)
+        self._ping(index)
+
+    def _finished(self, ref) -> bool:
+        """Whether a call has returned a report (rather than failed with its worker, or not answered yet)."""
+        if not self.ray.wait([ref], timeout=0)[0]:
+            return False
+        try:
+            self.ray.get(ref)
+        except self.ray.exceptions.RayActorError:
+            return False
+        except self.ray.exceptions.RayTaskError:
+            return True  # an error inside the file: it ran to its end, and `_collect` raises it
+        return True
 
     def _next_answer(self):
         """The next finished call or ping (None when it is time to ask a restarting actor again)."""
