@@ -7,9 +7,10 @@ file and returns its `FileReport`. Files never travel through Ray: inputs and ou
 node sees, written through `atomic_output` as in a local run.
 
 A worker that dies (killed, out of memory, a lost node) is restarted by Ray; the driver charges the death to the file
-that was running on it (an actor runs its calls in order, so that is the oldest of its calls that failed), cleans up
-what it left half-written and tries the file again, up to `RayOptions.retries` times. The files that were only queued
-behind it are handed out again without a charge. A `DeidError` inside a file (a corrupt input) is that file's report,
+that was running on it (an actor runs its calls in order: the oldest of its calls that neither returned nor wrote its
+output), cleans up what it left half-written and tries the file again, up to `RayOptions.retries` times. The files
+that were only queued behind it are handed out again without a charge; a file whose output was written but whose
+report died with the worker is finished, reported from its output. A `DeidError` inside a file (a corrupt input) is that file's report,
 never a retry.
 """
 
@@ -142,6 +143,24 @@ class _Pending:
     size: int  # frames x pixels: what the scheduler balances
     frames: int
     deaths: int = 0  # times a worker died while running it
+    target_before: tuple[int, int] | None = None  # the target's (inode, mtime) when last handed out (None: absent)
+
+    def handed_out(self) -> None:
+        self.target_before = _file_stamp(self.task.target)
+
+    def written(self) -> bool:
+        """Whether its output appeared (or was replaced: the atomic rename brings a new inode) since it was handed out:
+        the file is finished, even when its report went down with a worker that died just after."""
+        now = _file_stamp(self.task.target)
+        return now is not None and now != self.target_before
+
+
+def _file_stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def import_ray():
@@ -284,6 +303,7 @@ class _Scheduler:
             if len(self.queues[index]) >= QUEUE_PER_WORKER:
                 return
             item = pending.popleft()
+            item.handed_out()
             ref = self.actors[index].run.remote(item.task)
             self.queues[index].append(ref)
             self.calls[ref] = (index, item)
@@ -300,6 +320,8 @@ class _Scheduler:
             else:  # the first call seen failing from this death
                 self._charge_death(index, ref, item)
             queue.remove(ref)
+            if item.written():  # finished, and its worker died before the report reached here
+                return item.task, RayResult(_report_of_output(item))
             return self._after_death(item, pending)
         except self.ray.exceptions.RayTaskError as exc:
             cause = exc.cause if isinstance(exc.cause, BaseException) else None
@@ -313,16 +335,19 @@ class _Scheduler:
         """Charge a worker's death to the file it was running; the calls queued behind it are settled (they go back
         without a charge) and the actor is asked when it is back.
 
-        The running call is the oldest one on the actor that failed with it. Not simply the oldest one the driver has
-        not collected yet: a call may have finished in the instant before the death, its report not yet read here (it
-        stays in `calls` and is collected as usual). So every call on the actor is first let resolve: after a death
-        they all do at once."""
+        The running call is the oldest one on the actor that did not finish. Not simply the oldest one the driver has
+        not collected yet: a call may have finished in the instant before the death, its report not yet read here, or
+        lost (a worker killed as it starts the next file may not have sent it). So every call on the actor is first
+        let resolve (after a death they all do at once), and a call whose output was written counts as finished.
+        A worker that died between two files charges none."""
         queue = self.queues[index]
         self.ray.wait(list(queue), num_returns=len(queue), timeout=DEATH_SETTLE_S)
-        finished = {r for r in queue if r != ref and self._finished(r)}
-        running = next(r for r in queue if r not in finished)
-        (item if running == ref else self.calls[running][1]).deaths += 1
-        self.settled.update(r for r in queue if r != ref and r not in finished)
+        items = {r: item if r == ref else self.calls[r][1] for r in queue}
+        returned = {r for r in queue if r != ref and self._finished(r)}  # collected as usual later
+        running = next((r for r in queue if r not in returned and not items[r].written()), None)
+        if running is not None:
+            items[running].deaths += 1
+        self.settled.update(r for r in queue if r != ref and r not in returned)
         self._ping(index)
 
     def _finished(self, ref) -> bool:
@@ -396,6 +421,16 @@ class _Scheduler:
             self.ray.wait(list(self.calls), num_returns=len(self.calls), timeout=30)  # the processes are gone
             for _, item in self.calls.values():
                 remove_leftovers(item.task)
+
+
+def _report_of_output(item: _Pending) -> FileReport:
+    """The report of a file whose worker died right after writing it: what the output itself tells (its frames), and a
+    note that the rest was lost."""
+    task = item.task
+    report = FileReport(task.source, task.target, frames=1 if task.is_image else probe(task.target).frame_count)
+    report.notes.append("its Ray worker died just after writing it: the output is whole, its face counts and "
+                        "audit totals were lost with the worker (OUTPUT.audit.json has the audit)")
+    return report
 
 
 def remove_leftovers(task: Task, wait_s: float = 10.0) -> None:

@@ -23,6 +23,7 @@ from deid.faces.orientation import OrientationConfig
 from deid.media.samples import make_crowd_clip
 from deid.media.video import EncodeOptions, probe, read_frames
 from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
+from deid.pipelines.inputs import Task
 from deid.pipelines.cluster import ModelOptions, RayOptions, _Pending, _Scheduler, _pool_size, anonymize_on_ray
 
 SHORT, LONG = 3, 24  # frames of the short clips and of the 8x-long one (crowd clips: 352x288, 0-4 faces)
@@ -191,7 +192,7 @@ def test_cli_corrupt_input_is_listed_as_failed_and_the_others_finish(ray_cluster
         cli.main(args)
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
-    assert "1 of 2 files failed" in err and "bad.mp4" in err
+    assert "1 of 2 files failed" in err and "bad.mp4" in err, err  # the reasons, should another file fail
     assert sorted(p.name for p in (out / "in").iterdir()) == ["good.mp4"]
     assert probe(out / "in" / "good.mp4").frame_count == SHORT
 
@@ -288,17 +289,45 @@ class _FakeActor:
             return "ping"
 
 
-def test_a_death_is_charged_to_the_call_that_was_running_not_to_one_finished_but_unread():
+def _scheduler_with(outcomes: dict[str, str], read_first: str, folder: Path) -> tuple[_Scheduler, dict[str, _Pending]]:
+    """A scheduler whose one actor held the calls `outcomes` names, in that order, as its worker died; the driver is
+    about to read `read_first`'s failure. Each call's file has its own target in `folder`, handed out before."""
+    (folder / "out").mkdir(parents=True, exist_ok=True)
+    items = {name: _Pending(Task(folder / f"{name}.mp4", folder / "out" / f"{name}.mp4"), 1, 1) for name in outcomes}
+    for item in items.values():
+        item.handed_out()
+    scheduler = _Scheduler.__new__(_Scheduler)
+    scheduler.ray = _FakeRay(outcomes)
+    scheduler.actors, scheduler.queues = [_FakeActor()], [deque(items)]
+    scheduler.calls = {name: (0, item) for name, item in items.items() if name != read_first}
+    scheduler.settled, scheduler.pings, scheduler.restarting = set(), {}, {}
+    return scheduler, items
+
+
+def test_a_death_is_charged_to_the_call_that_was_running_not_to_one_finished_but_unread(tmp_path):
     """One actor held three calls: the first returned its report an instant before the worker died running the
     second, and the third waited behind. Whichever failed call the driver reads first, the second is charged."""
     for read_first in ("running", "queued"):
-        items = {name: _Pending(None, 1, 1) for name in ("finished", "running", "queued")}
-        scheduler = _Scheduler.__new__(_Scheduler)
-        scheduler.ray = _FakeRay({"finished": "done", "running": "died", "queued": "died"})
-        scheduler.actors, scheduler.queues = [_FakeActor()], [deque(items)]
-        scheduler.calls = {name: (0, item) for name, item in items.items() if name != read_first}
-        scheduler.settled, scheduler.pings, scheduler.restarting = set(), {}, {}
+        scheduler, items = _scheduler_with({"finished": "done", "running": "died", "queued": "died"}, read_first, tmp_path)
         scheduler._charge_death(0, read_first, items[read_first])
         assert {name: item.deaths for name, item in items.items()} == {"finished": 0, "running": 1, "queued": 0}
         assert scheduler.settled == {"running", "queued"} - {read_first}  # read later without a second charge
         assert scheduler.restarting and list(scheduler.pings.values()) == [0]  # asked when it is back
+
+
+def test_a_file_written_before_its_worker_died_is_finished_not_charged(tmp_path):
+    """The worker wrote the first file's output and died starting the second, before the first's report was sent:
+    the second is charged, and the first is reported from its output, not run again."""
+    scheduler, items = _scheduler_with({"written": "died", "running": "died"}, "written", tmp_path)
+    make_crowd_clip(items["written"].task.target, seconds=1, fps=3, seed=0)  # the output the worker finished
+    scheduler._charge_death(0, "written", items["written"])
+    assert {name: item.deaths for name, item in items.items()} == {"written": 0, "running": 1}
+    assert scheduler.settled == {"running"}
+
+    # Its worker died between two files: nothing is charged, and the file is done, with what its output tells.
+    scheduler, items = _scheduler_with({"written": "died"}, None, tmp_path / "again")
+    make_crowd_clip(items["written"].task.target, seconds=1, fps=3, seed=0)
+    pending = deque()
+    task, result = scheduler._collect("written", pending)
+    assert task == items["written"].task and not pending and items["written"].deaths == 0
+    assert result.report.error is None and result.report.frames == 3 and "died just after" in result.report.notes[0]
