@@ -7,7 +7,8 @@ The audit looks with networks that took no part in making the output, so it is n
   frontal detector it sees faces only within about 20 degrees of upright, and rolled heads are exactly where the
   pipeline's own detector is weakest;
 - recognition: dlib's ResNet descriptor (trained on other data than facenet's VGGFace2 network, the identity
-  encoder the generator was steered with), with dlib's own same-person threshold, distance < 0.6.
+  encoder the generator was steered with), on faces aligned by dlib's 5-point shape predictor (dlib's own pairing
+  for this recogniser; the audit needs no other landmarks), with dlib's own same-person threshold, distance < 0.6.
 
 Each frame is searched in passes, each on an audited copy (`_Geometry`):
 
@@ -320,7 +321,7 @@ class FaceAuditor:
 
     def __init__(self, config: AuditConfig = AuditConfig()):
         self.config = config
-        self.analyzer = DlibFaceAnalyzer()
+        self.analyzer = DlibFaceAnalyzer(landmarks=5)  # descriptors only: dlib's pairing, 31.6 MB of model files
         self.hog, self._lock = _hog_detector()
         self.timings: dict[str, float] | None = None  # set to {} to sum seconds per pass (bench/video_pipeline.py)
 
