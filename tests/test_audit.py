@@ -32,13 +32,15 @@ def _dlib_check():
 
     shapes = {5: dlib.shape_predictor(models.pose_predictor_five_point_model_location()),
               68: dlib.shape_predictor(models.pose_predictor_model_location())}
-    return dlib.get_frontal_face_detector(), shapes, dlib.face_recognition_model_v1(models.face_recognition_model_location())
+    recognizer = dlib.face_recognition_model_v1(models.face_recognition_model_location())
+    return dlib.get_frontal_face_detector(), shapes, recognizer
 
 
 def _describe(image, rect) -> dict[int, np.ndarray]:
     """{points: descriptor [128]} of the face at dlib rectangle `rect` in image, aligned with each shape predictor."""
     _, shapes, recognizer = _dlib_check()
-    return {points: np.array(recognizer.compute_face_descriptor(image, shape(image, rect))) for points, shape in shapes.items()}
+    return {points: np.array(recognizer.compute_face_descriptor(image, shape(image, rect)))
+            for points, shape in shapes.items()}
 
 
 def _faces(image):

@@ -52,7 +52,8 @@ def test_the_audit_opens_the_five_point_predictor_and_not_the_68_point_one(witho
     face = auditor.analyzer.measure(image, box)
     assert face.landmarks.shape == (5, 2) and face.descriptor.shape == (128,)
     # evaluation needs the 68-point file, and says which one is missing and how to get it back
-    with pytest.raises(DeidError, match=f"{re.escape(str(without_the_68_point_file))}: dlib model file missing.*Reinstall"):
+    missing = re.escape(str(without_the_68_point_file))
+    with pytest.raises(DeidError, match=f"{missing}: dlib model file missing.*Reinstall"):
         DlibFaceAnalyzer(landmarks=68)
 
 

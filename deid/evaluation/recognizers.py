@@ -39,7 +39,8 @@ class FaceMeasurement:
 
     box: [4] float (x0, y0, x1, y1) pixels; landmarks: [P, 2] float64 pixels, P the analyzer's alignment: [68, 2] in
     iBUG order, or [5, 2] in dlib's 5-point order (the outer and inner corner of the image-right eye, the outer
-    and inner corner of the image-left eye, the base of the nose); descriptor: [128] float64, dlib's embedding (unit-free; about unit length).
+    and inner corner of the image-left eye, the base of the nose);
+    descriptor: [128] float64, dlib's embedding (unit-free; about unit length).
     """
 
     box: np.ndarray
@@ -67,13 +68,16 @@ def _model_file(locator: str) -> Path:
     return path
 
 
+# The models are shared by every analyzer (the caches below) and are not safe to call from two threads at once: one
+# lock guards every call to them, and their loading, so that each loads once even when threads start together.
+_DLIB_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=1)
 def _recognizer():
-    """dlib's recogniser, its file and the lock of every dlib model of this module: the models are shared by every
-    analyzer (these caches) and are not safe to call from two threads at once, so one lock, made with the model
-    every analyzer shares, guards them all."""
+    """dlib's recogniser and its file (shared by both alignments)."""
     path = _model_file("face_recognition_model_location")
-    return _dlib_packages()[0].face_recognition_model_v1(str(path)), path, threading.Lock()
+    return _dlib_packages()[0].face_recognition_model_v1(str(path)), path
 
 
 @functools.lru_cache(maxsize=len(SHAPE_PREDICTORS))
@@ -94,8 +98,10 @@ class DlibFaceAnalyzer:
             raise ValueError(f"landmarks must be one of {sorted(SHAPE_PREDICTORS)}, not {landmarks!r}")
         self.landmarks = landmarks
         self.num_jitters = num_jitters  # >0 averages descriptors of jittered crops: slower, slightly steadier
-        self._recognizer, recognizer_file, self._lock = _recognizer()
-        self._shape, shape_file = _shape_predictor(landmarks)
+        with _DLIB_LOCK:
+            self._recognizer, recognizer_file = _recognizer()
+            self._shape, shape_file = _shape_predictor(landmarks)
+        self._lock = _DLIB_LOCK
         self.files = (shape_file, recognizer_file)
 
     @property
