@@ -26,10 +26,11 @@ FRAMES = 4  # per clip: enough for a track's descriptor to be reused, few to sta
 
 @functools.lru_cache(maxsize=1)
 def _dlib():
+    """dlib's HOG detector, its 5-point shape predictor (the audit's alignment) and its recogniser."""
     import dlib
     import face_recognition_models as models
 
-    return (dlib.get_frontal_face_detector(), dlib.shape_predictor(models.pose_predictor_model_location()),
+    return (dlib.get_frontal_face_detector(), dlib.shape_predictor(models.pose_predictor_five_point_model_location()),
             dlib.face_recognition_model_v1(models.face_recognition_model_location()))
 
 

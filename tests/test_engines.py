@@ -22,7 +22,7 @@ from deid.media.video import Frame, audio_duration, frame_times, probe, read_fra
 from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
 from deid.pipelines.engines import MASK_COLOUR, CoverEngine, HeadSynthesizer
 from deid.weights import import_file
-from tests.test_audit import _dlib_check, _recognised
+from tests.test_audit import _describe, _dlib_check, _recognised
 
 
 def _frames(path: Path) -> list[np.ndarray]:
@@ -139,25 +139,28 @@ def test_head_region_turns_with_the_face_and_holds_the_fail_safes_disc(roll):
 
 
 def test_blur_and_pixelate_defeat_the_recogniser(carphone, astronaut_png):
-    """The engines' strength, checked against dlib directly on the test faces: over 0.65 from the original."""
-    detector, shape, recognizer = _dlib_check()
+    """The engines' strength, checked against dlib directly on the test faces: over 0.65 from the original, aligned
+    with 5 points (the audit's) and with 68. Measured minima: blur 0.729 (5 points) and 0.716 (68), pixelate 0.716
+    and 0.731."""
+    detector = _dlib_check()[0]
     images = [cv2.resize(f.image, (352, 288)) for f in list(read_frames(carphone))[::20]] + [load_image(astronaut_png)]
     mtcnn = FaceDetector()
     for method in ("blur", "pixelate"):
-        distances = []
+        distances = {5: [], 68: []}
         for image in images:
             rect = max(detector(image, 0), key=lambda r: r.area())
             found = mtcnn([image])[0]
             faces = [Face(i, found.boxes[i], found.landmarks[i], False) for i in range(len(found))]
             output = image.copy()
             CoverEngine(method)([(Frame(0, 0, 0, image), faces)], [output])
-            before = np.array(recognizer.compute_face_descriptor(image, shape(image, rect)))
-            after = np.array(recognizer.compute_face_descriptor(output, shape(output, rect)))
-            distances.append(np.linalg.norm(before - after))
+            before, after = _describe(image, rect), _describe(output, rect)
+            for points in distances:
+                distances[points].append(np.linalg.norm(before[points] - after[points]))
             # the region is at least what the fail-safe's square covers of the head: the inner face box, all changed
             x0, y0, x1, y1 = head_region(found.boxes[0], 0.6, image.shape)
             assert (np.abs(output[y0:y1, x0:x1].astype(int) - image[y0:y1, x0:x1]).sum(-1) > 0).mean() > 0.9
-        assert len(distances) == 7 and min(distances) > 0.65, (method, distances)
+        for points, measured in distances.items():
+            assert len(measured) == 7 and min(measured) > 0.65, (method, points, measured)
 
 
 # ------------------------------------------------------------------------------------------- tracking gaps

@@ -74,13 +74,15 @@ def test_dlib_says_carphone_frames_are_one_person_and_astronaut_another(meter, c
 
 
 def test_dlib_analyzers_share_the_lock_of_the_models_they_share(astronaut):
-    """The dlib models are cached and shared by every analyzer: one analyzer busy with them holds off the others."""
+    """The dlib models are cached and shared by every analyzer: one analyzer busy with them holds off the others,
+    whichever alignment each uses (one recogniser, one lock)."""
     import threading
 
     from deid.evaluation.recognizers import DlibFaceAnalyzer
 
-    first, second = DlibFaceAnalyzer(), DlibFaceAnalyzer()
-    assert first._shape is second._shape
+    first, second = DlibFaceAnalyzer(), DlibFaceAnalyzer(landmarks=5)
+    assert first._shape is DlibFaceAnalyzer()._shape and second._shape is DlibFaceAnalyzer(landmarks=5)._shape
+    assert first._recognizer is second._recognizer and first._lock is second._lock
     done = threading.Event()
     worker = threading.Thread(target=lambda: (second.measure(astronaut, np.array([180, 60, 300, 220])), done.set()))
     with first._lock:  # as if `first` were in the middle of a measurement
