@@ -203,6 +203,7 @@ def test_batch_goes_on_past_unreadable_files(tmp_path, astronaut_png, not_a_vide
                                     "the reasons are listed above). Fix or remove them and run again: finished files are skipped.")
 
 
+@pytest.mark.slow
 def test_batch_of_b_frame_avis_finishes_every_file(tmp_path, bframes_avis, astronaut_png, tiny_model_path, capsys):
     """DivX/XviD-style AVIs (B-frames, MP3/AC3 audio) used to crash the run with `returned 22` and stop the batch
     there; now each is anonymized, every frame kept, and the file after them too."""

@@ -93,6 +93,7 @@ def test_fresh_install_masks_a_video(ntsc_clip, tmp_path, capsys, no_model):
     assert audit["engine"] == "mask" and audit["totals"]["frames"] == 36 and audit["totals"]["leaks"] == 0
 
 
+@pytest.mark.slow
 def test_fresh_install_masks_photos_identically_whoever_they_show(astronaut_png, carphone, tmp_path, capsys, no_model):
     """Two different people: across each head region the output is the same flat colour (no information from the
     input), and dlib no longer recognises either."""
@@ -138,6 +139,7 @@ def test_head_region_turns_with_the_face_and_holds_the_fail_safes_disc(roll):
     assert covered(crown) and not covered(chin)
 
 
+@pytest.mark.slow
 def test_blur_and_pixelate_defeat_the_recogniser(carphone, astronaut_png):
     """The engines' strength, checked against dlib directly on the test faces: over 0.65 from the original, aligned
     with 5 points (the audit's) and with 68. Measured minima: blur 0.729 (5 points) and 0.716 (68), pixelate 0.716
@@ -166,6 +168,7 @@ def test_blur_and_pixelate_defeat_the_recogniser(carphone, astronaut_png):
 # ------------------------------------------------------------------------------------------- tracking gaps
 
 
+@pytest.mark.slow
 def test_a_face_missed_for_two_frames_stays_covered(ntsc_clip, tmp_path, monkeypatch):
     """Frames 10 and 11 lose their detection: the tracker fills the face in (`filled` reaches the engine) and it is
     masked like every other frame."""

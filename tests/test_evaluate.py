@@ -287,6 +287,7 @@ def test_pairs_resume_after_an_interruption_matches_an_uninterrupted_run(faces_d
     assert resumed["pairs"]["fid"] == pytest.approx(fresh["pairs"]["fid"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_pairs_cli_with_a_tiny_trained_model_checkpoint(faces_dir, tiny_model_path, tmp_path):
     from deid import cli
 

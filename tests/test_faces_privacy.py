@@ -75,6 +75,7 @@ def _changed(source: np.ndarray, output: np.ndarray, box) -> float:
 # ------------------------------------------------------------------------------------------- the frame's edge
 
 
+@pytest.mark.slow
 def test_face_sliding_in_from_the_edge_is_replaced_from_40_percent_visible(astronaut_head, tiny_model, tmp_path):
     (found,) = FaceDetector()([astronaut_head])
     box = found.boxes[0]  # the face's box inside the head patch

@@ -93,6 +93,7 @@ def test_validation_logs_the_official_numbers_writes_loadable_bests_and_resume_k
     assert _validations(cut) == seen
 
 
+@pytest.mark.slow
 def test_validation_numbers_equal_a_hand_computation_of_the_official_test(tiny_model):
     """Every number of `measure`, recomputed here per sample in float64 from the networks themselves (not the
     Disentangler's helpers): cosines of E_id codes on the output clipped to [-1, 1], the mean of per-sample
