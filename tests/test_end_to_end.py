@@ -27,10 +27,10 @@ def test_make_dataset_train_import_then_anonymize_with_the_default_model(tmp_pat
     invoke("make-dataset", "--n", 8, "--out", data, "--generator", tiny_generator_file, "--batch-size", 4, "--device", "cpu")
     invoke("make-dataset", "--verify", data)
     invoke("train", "--data", data, "--out", run, "--generator", tiny_generator_file, "--identity-encoder", "random",
-           "--attribute-encoder", "random", "--landmark-encoder", "random", "--steps", 2, "--batch-size", 2,
+           "--attribute-encoder", "random", "--landmark-encoder", "random", "--steps", 2, "--batch-size", 1,
            "--checkpoint-every", 3, "--sample-every", 0, "--validate-every", 0, "--log-every", 1, "--device", "cpu")
-    # a cross step and a same-image step (the encoders are full-size: each step costs seconds); the one checkpoint
-    # is the final one, off the --checkpoint-every schedule
+    # a cross step and a same-image step of one image each (the encoders are full-size: each step costs seconds);
+    # the one checkpoint is the final one, off the --checkpoint-every schedule
     header, _ = read_checkpoint(latest_checkpoint(run))
     assert header["step"] == 2 and header["generator_fingerprint"] == tiny_generator.fingerprint
     losses = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
