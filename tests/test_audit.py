@@ -111,14 +111,14 @@ def test_a_box_that_holds_two_other_faces_is_not_a_face():
 
 
 @pytest.mark.slow
-def test_rolled_video_every_face_replaced(rolled_clip, tiny_model, tmp_path):
-    clip, angle = rolled_clip
+def test_rolled_video_every_face_replaced(short_rolled_clip, tiny_model, tmp_path):
+    clip, angle = short_rolled_clip
     out = tmp_path / "out.mp4"
     report = _anonymize(tiny_model, clip, out)
-    assert (report.frames, report.faces, report.frames_without_faces, report.persons) == (24, 24, 0, {0})
+    assert (report.frames, report.faces, report.frames_without_faces, report.persons) == (12, 12, 0, {0})
     detector = FaceDetector()
     turns = angle // 90  # np.rot90 turns counter-clockwise: this many quarter turns make the content upright again
-    for source, output in list(zip(_frames(clip), _frames(out)))[::6]:
+    for source, output in list(zip(_frames(clip), _frames(out)))[::3]:
         src, dst = np.rot90(source, turns), np.rot90(output, turns)
         (x0, y0, x1, y1), = detector([np.ascontiguousarray(src)])[0].boxes.astype(int)
         inner = (slice(y0 + (y1 - y0) // 4, y1 - (y1 - y0) // 4), slice(x0 + (x1 - x0) // 4, x1 - (x1 - x0) // 4))
@@ -176,8 +176,8 @@ def test_default_blur_defeats_the_recogniser(carphone, astronaut_png):
 
 
 @pytest.mark.slow
-def test_leaky_model_on_rolled_video_is_caught_and_covered(rolled_clip, tiny_model, tmp_path, leaky):
-    clip, _ = rolled_clip
+def test_leaky_model_on_rolled_video_is_caught_and_covered(short_rolled_clip, tiny_model, tmp_path, leaky):
+    clip, _ = short_rolled_clip
     sources = _frames(clip)
     results = {}
     for fail_safe in ("blur", "none"):
@@ -186,7 +186,7 @@ def test_leaky_model_on_rolled_video_is_caught_and_covered(rolled_clip, tiny_mod
         audit = json.loads(audit_path(out).read_text())
         totals = audit["totals"]
         assert totals == report.audit.record() and audit["fail_safe"] == fail_safe
-        assert totals["frames"] == 24 and totals["frames_with_faces"] >= 22
+        assert totals["frames"] == 12 and totals["frames_with_faces"] >= 11  # 12 measured at both rolls
         # every face the audit finds is flagged: replaced, yet still the source person
         assert totals["leaks"] == totals["faces"] and totals["leaked_frames"] == totals["frames_with_faces"]
         faces = [face for frame in audit["frames"] for face in frame["faces"]]
@@ -196,8 +196,8 @@ def test_leaky_model_on_rolled_video_is_caught_and_covered(rolled_clip, tiny_mod
     assert sum(recognised) == 0
     assert totals["covered_frames"] == totals["leaked_frames"] and totals["residual_leaked_frames"] == 0
     recognised, totals = results["none"]
-    assert sum(recognised) > 12  # most of the 24 frames show the source person (15 and 19 measured)
-    assert totals["covered_frames"] == 0 and totals["residual_leaked_frames"] == totals["leaked_frames"] >= 22
+    assert sum(recognised) > 6  # most of the 12 frames show the source person (11 and 12 measured)
+    assert totals["covered_frames"] == 0 and totals["residual_leaked_frames"] == totals["leaked_frames"] >= 11
 
 
 @pytest.mark.slow

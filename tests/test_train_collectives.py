@@ -4,7 +4,10 @@
   BatchNorm in inference mode nothing is broadcast; the ranks, fed different data, end with identical weights;
 * Ctrl-C on one rank stops both after the same step, with one checkpoint;
 * when rank 0 cannot write (a full disk) a log line, a sample grid or a best checkpoint, rank 1 stops at once
-  with rank 0's message instead of waiting in its next collective until the process group's timeout."""
+  with rank 0's message instead of waiting in its next collective until the process group's timeout.
+
+Both tests read the files of one spawn of the two ranks (the `scenario_dirs` fixture): a rank's start costs
+seconds of imports and a rendezvous."""
 
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 WORLD = 2
 GROUP_TIMEOUT_S = 120  # a rank left waiting in a collective fails after this, not gloo's default 30 minutes
-SPAWN_TIMEOUT_S = 600  # two ranks building tiny models twice: about a minute alone, minutes on a shared 2-core CI
+SPAWN_TIMEOUT_S = 600  # two ranks running five tiny trainings: about a minute alone, minutes on a shared 2-core CI
 
 
 def _config(data: Path, out: Path, **kw) -> TrainConfig:
@@ -68,12 +71,12 @@ def _count_collectives() -> dict[str, int]:
 # ------------------------------------------------------------------------------------- collectives
 
 
-def _loop_rank(rank: int, port: int, data: str, out_dir: str) -> None:
-    _join(rank, port)
+def _loop_rank(rank: int, data: str, out_dir: str) -> None:
+    """Two runs (4 steps; 6 steps with Ctrl-C on rank 1), counting the collectives of each step. Writes rankR.pt."""
+    real_collectives, real_step = (tdist.all_reduce, tdist.broadcast), Trainer.step
     try:
         calls = _count_collectives()
         per_step, losses, seen = [], [], {}
-        real_step = Trainer.step
 
         def keep_trainer(self, *args, **kwargs):
             seen["trainer"] = self
@@ -106,11 +109,30 @@ def _loop_rank(rank: int, port: int, data: str, out_dir: str) -> None:
             result["stopped"] = str(exc)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        (tdist.all_reduce, tdist.broadcast), Trainer.step = real_collectives, real_step
+
+
+def _both_scenarios(rank: int, port: int, data: str, loop_dir: str, failing_dir: str) -> None:
+    """One process group for both tests' scenarios: each rank's start (imports, rendezvous) costs seconds."""
+    _join(rank, port)
+    try:
+        _failing_rank(rank, data, failing_dir)
+        _loop_rank(rank, data, loop_dir)
+    finally:
         tdist.destroy_process_group()
 
 
-def test_the_loop_talks_once_per_step_and_ranks_stay_identical(tiny_dataset, tmp_path):
-    spawn_ranks(_loop_rank, (free_port(), str(tiny_dataset), str(tmp_path)), timeout=SPAWN_TIMEOUT_S)
+@pytest.fixture(scope="module")
+def scenario_dirs(tiny_dataset, tmp_path_factory) -> dict[str, Path]:
+    """{"loop": folder of _loop_rank's files, "failing": folder of _failing_rank's}, from one spawn of two ranks."""
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ("loop", "failing")}
+    spawn_ranks(_both_scenarios, (free_port(), str(tiny_dataset), str(dirs["loop"]), str(dirs["failing"])),
+                timeout=SPAWN_TIMEOUT_S)
+    return dirs
+
+
+def test_the_loop_talks_once_per_step_and_ranks_stay_identical(scenario_dirs):
+    tmp_path = scenario_dirs["loop"]
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
     for rank in (a, b):
         # one all-reduce per step (gradients, losses and the stop vote); no broadcast: E_attr's BatchNorm is
@@ -135,42 +157,39 @@ def _disk_full(*args, **kwargs):
     raise OSError(28, DISK_FULL)
 
 
-def _failing_rank(rank: int, port: int, data: str, out_dir: str) -> None:
-    """Three runs; in each, one of rank 0's writes fails. Reports each rank's exception and when it came."""
-    _join(rank, port)
-    try:
-        real_save = Disentangler.save
+def _failing_rank(rank: int, data: str, out_dir: str) -> None:
+    """Three runs; in each, one of rank 0's writes fails at its first chance (after step 0, or the validation
+    before it). Reports each rank's exception and when it came in rankR.json."""
+    real_save = Disentangler.save
 
-        def best_checkpoint_fails(self, path, *args, **kwargs):
-            if Path(path).name.startswith("best-"):
-                _disk_full()
-            return real_save(self, path, *args, **kwargs)
+    def best_checkpoint_fails(self, path, *args, **kwargs):
+        if Path(path).name.startswith("best-"):
+            _disk_full()
+        return real_save(self, path, *args, **kwargs)
 
-        cases = {
-            "log line": (lambda: setattr(RunLog, "write", _disk_full), {}),
-            "sample grid": (lambda: setattr(trainer_module, "save_sample_grid", _disk_full), {"sample_every": 2}),
-            "best checkpoint": (lambda: setattr(Disentangler, "save", best_checkpoint_fails),
-                                {"validation": Validation(every=2, batches=1, holdout=4)}),
-        }
-        reports = {}
-        for name, (break_rank_0, options) in cases.items():
-            saved = (RunLog.write, trainer_module.save_sample_grid, Disentangler.save)
-            if rank == 0:
-                break_rank_0()
-            tdist.barrier()  # both ranks start each run together: the times below compare
-            try:
-                train(_config(Path(data), Path(out_dir) / name.replace(" ", "-"), **options))
-                reports[name] = ("finished", "", time.monotonic())
-            except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
-                reports[name] = (type(exc).__name__, str(exc), time.monotonic())
-            RunLog.write, trainer_module.save_sample_grid, Disentangler.save = saved
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(reports))
-    finally:
-        tdist.destroy_process_group()
+    cases = {
+        "log line": (lambda: setattr(RunLog, "write", _disk_full), {"log_every": 1}),
+        "sample grid": (lambda: setattr(trainer_module, "save_sample_grid", _disk_full), {"sample_every": 1}),
+        "best checkpoint": (lambda: setattr(Disentangler, "save", best_checkpoint_fails),
+                            {"validation": Validation(every=2, batches=1, holdout=4)}),
+    }
+    reports = {}
+    for name, (break_rank_0, options) in cases.items():
+        saved = (RunLog.write, trainer_module.save_sample_grid, Disentangler.save)
+        if rank == 0:
+            break_rank_0()
+        tdist.barrier()  # both ranks start each run together: the times below compare
+        try:
+            train(_config(Path(data), Path(out_dir) / name.replace(" ", "-"), **options))
+            reports[name] = ("finished", "", time.monotonic())
+        except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
+            reports[name] = (type(exc).__name__, str(exc), time.monotonic())
+        RunLog.write, trainer_module.save_sample_grid, Disentangler.save = saved
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(reports))
 
 
-def test_when_rank_0_cannot_write_every_rank_stops_at_once_with_its_message(tiny_dataset, tmp_path):
-    spawn_ranks(_failing_rank, (free_port(), str(tiny_dataset), str(tmp_path)), timeout=SPAWN_TIMEOUT_S)
+def test_when_rank_0_cannot_write_every_rank_stops_at_once_with_its_message(scenario_dirs):
+    tmp_path = scenario_dirs["failing"]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD))
     assert set(rank0) == {"log line", "sample grid", "best checkpoint"}
     for case in rank0:
