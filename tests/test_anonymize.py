@@ -230,18 +230,18 @@ def test_two_people_get_two_tracks_and_two_fixed_identities(tmp_path, carphone, 
 
 
 @pytest.mark.slow
-def test_batch_mirrors_tree_skips_existing_and_shards(tmp_path, astronaut_png, ntsc_clip, tiny_model):
+def test_batch_mirrors_tree_skips_existing_and_shards(tmp_path, astronaut_png, short_ntsc_clip, tiny_model):
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
     (src / "a.png").write_bytes(astronaut_png.read_bytes())
     (src / "sub" / "b.png").write_bytes(astronaut_png.read_bytes())
-    (src / "sub" / "c.mp4").write_bytes(ntsc_clip.read_bytes())
+    (src / "sub" / "c.mp4").write_bytes(short_ntsc_clip.read_bytes())
     (src / "notes.txt").write_text("not media")
     out = tmp_path / "out"
     reports = _anonymize(tiny_model, src, out)
     expected = [out / "in" / "a.png", out / "in" / "sub" / "b.png", out / "in" / "sub" / "c.mp4"]
     assert sorted(r.target for r in reports) == expected and all(p.is_file() for p in expected)
-    assert probe(expected[2]).frame_count == 36
+    assert probe(expected[2]).frame_count == 12
     stamps = [p.stat().st_mtime_ns for p in expected]
     again = _anonymize(tiny_model, src, out)
     assert all(r.skipped for r in again) and [p.stat().st_mtime_ns for p in expected] == stamps
@@ -317,13 +317,13 @@ def test_interrupt_and_full_disk_remove_partial_output(tmp_path, ntsc_clip, tiny
 
 
 @pytest.mark.slow
-def test_cli_anonymize(tmp_path, ntsc_clip, astronaut_png, tiny_model_path, capsys):
+def test_cli_anonymize(tmp_path, short_ntsc_clip, astronaut_png, tiny_model_path, capsys):
     out = tmp_path / "cli.mp4"
-    cli.main(["-q", "anonymize", str(ntsc_clip), "-o", str(out), "--identity", str(astronaut_png),
+    cli.main(["-q", "anonymize", str(short_ntsc_clip), "-o", str(out), "--identity", str(astronaut_png),
               "--model", str(tiny_model_path), "--device", "cpu", "--crf", "23"])
-    assert probe(out).frame_count == 36
+    assert probe(out).frame_count == 12
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["anonymize", str(ntsc_clip), "-o", str(out), "--model", str(tiny_model_path)])
+        cli.main(["anonymize", str(short_ntsc_clip), "-o", str(out), "--model", str(tiny_model_path)])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "already exists" in err and "--overwrite" in err
