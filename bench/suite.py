@@ -59,19 +59,22 @@ def plan(quick: bool, device: str) -> list[Group]:
         gens = {"256": "tiny", "1024": "tiny64"}
         synth = {"batches": [1, 2], "largest_cap": 4, "min_seconds": 0.0, "repeats": 1}
         precisions = PRECISIONS if device != "cpu" else ["fp32", "bf16"]
+        clip = {"size": [160, 90], "frames": 2}  # faces of 54 px, still found by MTCNN (its smallest is 20 px)
+        # training: "steps" 1 is one warm-up step and one timed step, the least that times a step
         return [
             Group("synthesis-256-eager", "synthesis", {"generator": gens["256"], "precisions": precisions, **synth}, 10),
-            Group("train-256-batch6", "train", {"generator": "tiny", "model": "tiny", "batches": [6], "precisions": ["fp32"], "steps": 3, "samples": 24}, 20),
+            Group("train-256-batch6", "train", {"generator": "tiny", "model": "tiny", "batches": [6], "precisions": ["fp32"], "steps": 1, "samples": 12}, 20),
             Group("make-dataset-256", "make_dataset", {"generator": "tiny", "n": 24}, 8),
-            Group("anonymize-1080p", "anonymize", {"model": "tiny", "size": [320, 180], "frames": 4, "faces": [1, 3]}, 20),
-            Group("audit-pool-1080p", "audit_pool", {"size": [320, 180], "frames": 4, "faces": [3], "workers": [1],
+            Group("anonymize-1080p", "anonymize", {"model": "tiny", **clip, "faces": [1, 3]}, 20),
+            Group("audit-pool-1080p", "audit_pool", {**clip, "faces": [3], "workers": [1],
                                                      "group": 2}, 20),
             Group("synthesis-1024-eager", "synthesis", {"generator": gens["1024"], "precisions": ["fp32"], **synth}, 8),
+            # batch 8 is the PSNR check's: one shape, so one compilation
             Group("synthesis-256-compile", "synthesis", {"generator": gens["256"], "precisions": ["fp32"], "compile": True,
-                                                         "compile_backend": "eager", **synth, "batches": [2],
+                                                         "compile_backend": "eager", **synth, "batches": [8],
                                                          "largest_cap": 0}, 15),
             Group("train-256-largest", "train", {"generator": "tiny", "model": "tiny", "batches": ["largest"], "precisions": ["fp32"],
-                                                 "steps": 2, "largest_cap": 12, "samples": 24}, 15),
+                                                 "steps": 1, "largest_cap": 12, "samples": 24}, 15),
         ]
     synth = {"batches": [1, 8, 32, 64], "largest_cap": 4096, "min_seconds": 0.5, "repeats": 20}
     return [
