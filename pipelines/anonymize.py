@@ -126,13 +126,14 @@ def run_anonymize(job: AnonymizeJob, model=None, device: torch.device | str | No
                   dtype: torch.dtype = torch.float32) -> list[FileReport]:
     """Anonymize every input of the job (this shard's share); returns one report per input file. `model` (a trained
     Disentangler) is what the generate engine runs; the other engines take none."""
-    tasks = shard(job.check(), *parse_shard(job.shard))
+    index, shards = parse_shard(job.shard)
+    tasks = shard(job.check(), index, shards)
     if job.engine in _REVERSIBLE:
         warn(f"--engine {job.engine} hides faces from people, not from machines: recognisers trained on "
              f"{_COVERED[job.engine]} faces can re-identify them (--engine mask cannot be undone).")
     anonymizer = Anonymizer(job, model, device, dtype)
     with progress(FramesPerSecond()) as bar:
-        reports = [anonymizer.run(task, bar, batch=len(tasks) > 1) for task in tasks]
+        reports = [anonymizer.run(task, bar, batch=len(tasks) > 1, shared_tree=shards > 1) for task in tasks]
     print_summary(reports, job)
     raise_failures(reports)
     return reports
@@ -169,23 +170,26 @@ class Anonymizer:
         identities = Identities(self.synth, self.identity, self.job.seed, _identity_key(task, self.job))
         return GenerateEngine(self.synth, identities, self.job.align.scale, self.job.paste, _crops_dir(task, self.job))
 
-    def run(self, task: Task, bar, batch: bool = False) -> FileReport:
+    def run(self, task: Task, bar, batch: bool = False, shared_tree: bool = False) -> FileReport:
         """One file (skipped when its output exists and the job does not overwrite); see `_run_task`."""
         if task.target.exists() and not self.job.overwrite:
             return FileReport(task.source, task.target, skipped=True)
         renderer = _Renderer(self.engine(task), keep_source=self.job.preview or self.auditor is not None)
-        return _run_task(task, self.job, self.detector, renderer, self.auditor, bar, batch=batch)
+        return _run_task(task, self.job, self.detector, renderer, self.auditor, bar, batch, shared_tree)
 
 
 def _run_task(task: Task, job: AnonymizeJob, detector: RollRobustDetector, renderer: "_Renderer",
-              auditor: FaceAuditor | None, bar, batch: bool = False) -> FileReport:
+              auditor: FaceAuditor | None, bar, batch: bool = False, shared_tree: bool = False) -> FileReport:
     """One file. In a batch, a file that fails (unreadable, corrupt, ...) is reported and the batch goes on; the
-    mirror folders made for it are removed again when they stay empty."""
+    mirror folders made for it are removed again when they stay empty, unless other processes write into the same
+    output tree (`shared_tree`: shards, Ray workers), where an empty folder may be about to receive their file."""
     report = FileReport(task.source, task.target)
     start = time.perf_counter()
     created: list[Path] = []
     try:
         created = make_folders(task.target.parent)
+        if shared_tree:  # not this process's to remove: another may be about to write its file there
+            created = []
         for path in (task.target, audit_path(task.target), preview_of(task)):  # what a killed run (SIGKILL) left
             remove_stale_partials(path)
         if task.is_image:

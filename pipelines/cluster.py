@@ -123,7 +123,7 @@ class AnonymizeWorker:
         if self.error is not None:
             raise self.error
         started = time.time()
-        report = self.anonymizer.run(task, _NoProgress(), batch=True)
+        report = self.anonymizer.run(task, _NoProgress(), batch=True, shared_tree=True)
         return report, WorkerStamp(socket.gethostname(), os.getpid(), _models_built, started, time.time())
 
 

@@ -203,6 +203,22 @@ def test_batch_goes_on_past_unreadable_files(tmp_path, astronaut_png, not_a_vide
                                     "the reasons are listed above). Fix or remove them and run again: finished files are skipped.")
 
 
+
+def test_a_shard_leaves_a_failed_files_mirror_folder_to_the_others(tmp_path, not_a_video):
+    """Shards and Ray workers write into one output tree: a folder that is empty when one process's file fails may be
+    where another is about to write (Ray's corrupt-input test lost its good file so: 'the directory does not exist').
+    A process alone removes it; one of several leaves it."""
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(not_a_video, src / "notes.mp4")
+    for shard, kept in ((None, []), ("0/2", ["in"])):
+        out = tmp_path / f"out-{kept}"
+        job = AnonymizeJob(inputs=(src,), output=out, engine="mask", audit=None, shard=shard)
+        with pytest.raises(MediaError, match="not a readable video"):
+            run_anonymize(job)
+        assert _files(out) == kept
+
+
 @pytest.mark.slow
 def test_batch_of_b_frame_avis_finishes_every_file(tmp_path, bframes_avis, astronaut_png, tiny_model_path, capsys):
     """DivX/XviD-style AVIs (B-frames, MP3/AC3 audio) used to crash the run with `returned 22` and stop the batch
