@@ -10,8 +10,8 @@ A worker that dies (killed, out of memory, a lost node) is restarted by Ray; the
 that was running on it (an actor runs its calls in order: the oldest of its calls that neither returned nor wrote its
 output), cleans up what it left half-written and tries the file again, up to `RayOptions.retries` times. The files
 that were only queued behind it are handed out again without a charge; a file whose output was written but whose
-report died with the worker is finished, reported from its output. A `DeidError` inside a file (a corrupt input) is that file's report,
-never a retry.
+report died with the worker is finished, reported from its output. A `DeidError` inside a file (a corrupt input) is
+that file's report, never a retry.
 """
 
 from __future__ import annotations
