@@ -5,7 +5,13 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
 import torch.multiprocessing as mp
+
+# The suite runs on every core (pytest-xdist, setup.cfg). Tests that start processes of their own (gloo ranks, a Ray
+# instance, the bench suite's groups) all go to one worker, one at a time: two of them side by side would compete
+# for the cores their own processes need, and the Ray tests share one Ray instance.
+OWN_PROCESSES = pytest.mark.xdist_group("own-processes")
 
 
 def free_port() -> int:

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.ranks import OWN_PROCESSES
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_GROUPS = {"synthesis-256-eager", "train-256-batch6", "make-dataset-256", "anonymize-1080p", "audit-pool-1080p",
                 "synthesis-1024-eager", "synthesis-256-compile", "train-256-largest"}
@@ -34,6 +36,7 @@ def quick_run(tmp_path_factory):
     return _suite(tmp_path_factory.mktemp("bench"), "--budget", "240", "--inject-failure", "synthesis-1024-eager")
 
 
+@OWN_PROCESSES
 @pytest.mark.slow
 def test_quick_suite_measures_everything_and_survives_a_failing_measurement(quick_run):
     report, table = quick_run
@@ -91,6 +94,7 @@ def test_quick_suite_measures_everything_and_survives_a_failing_measurement(quic
         assert f"| {name} |" in table
 
 
+@OWN_PROCESSES
 @pytest.mark.slow
 def test_groups_that_do_not_fit_the_budget_are_skipped_and_reported(tmp_path):
     report, table = _suite(tmp_path, "--budget", "0")

@@ -13,6 +13,7 @@ from deid.dataset import GeneratedDataset, image_relpath, verify_dataset
 from deid.errors import DatasetError
 from deid.media.images import to_uint8
 from deid.train.make_dataset import MakeDatasetConfig, make_dataset, sample_z
+from tests.ranks import OWN_PROCESSES
 
 
 def _files(root):
@@ -172,6 +173,7 @@ def _make_dataset_rank(rank: int, port: int, out: str, results) -> None:
             torch.distributed.destroy_process_group()
 
 
+@OWN_PROCESSES
 @pytest.mark.slow
 def test_when_rank_0_fails_while_preparing_rank_1_stops_at_once_with_its_message(tmp_path):
     """Rank 0 refuses a non-empty --out; without sharing the failure rank 1 would wait in a collective until the

@@ -25,6 +25,7 @@ from deid.media.video import EncodeOptions, probe, read_frames
 from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
 from deid.pipelines.inputs import Task
 from deid.pipelines.cluster import ModelOptions, RayOptions, _Pending, _Scheduler, _pool_size, anonymize_on_ray
+from tests.ranks import OWN_PROCESSES
 
 SHORT, LONG = 3, 24  # frames of the short clips and of the 8x-long one (crowd clips: 352x288, 0-4 faces)
 
@@ -54,6 +55,7 @@ def _partials(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if is_partial(p)]
 
 
+@OWN_PROCESSES
 @pytest.mark.slow
 def test_ray_run_equals_local_run_and_builds_models_once(ray_cluster, tiny_model_options, tmp_path):
     inputs = tmp_path / "in"
@@ -90,6 +92,7 @@ def test_ray_run_equals_local_run_and_builds_models_once(ray_cluster, tiny_model
     assert [(r.report.skipped, r.worker) for r in rerun] == [(True, None)] * 3
 
 
+@OWN_PROCESSES
 @pytest.mark.slow
 def test_the_long_file_goes_first_and_the_short_ones_to_the_other_actor(ray_cluster, tiny_model_options, tmp_path):
     inputs = tmp_path / "in"
@@ -152,6 +155,7 @@ def _writers(path: Path) -> set[int]:
     return found - {os.getpid()}
 
 
+@OWN_PROCESSES
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the worker's process through /proc (Linux)")
 def test_worker_killed_mid_file_gives_one_output_and_a_file_that_always_kills_fails(ray_cluster, tiny_model_options, tmp_path):
@@ -179,6 +183,7 @@ def test_worker_killed_mid_file_gives_one_output_and_a_file_that_always_kills_fa
     assert not _partials(out)
 
 
+@OWN_PROCESSES
 @pytest.mark.slow
 def test_cli_corrupt_input_is_listed_as_failed_and_the_others_finish(ray_cluster, tiny_model_path, tmp_path, capsys):
     inputs = tmp_path / "in"
@@ -201,6 +206,7 @@ def test_cli_corrupt_input_is_listed_as_failed_and_the_others_finish(ray_cluster
     assert "skipped" in capsys.readouterr().err
 
 
+@OWN_PROCESSES
 @pytest.mark.slow
 def test_sigterm_stops_the_actors_and_leaves_nothing_partial(ray_cluster, tiny_model_options, tmp_path):
     inputs = tmp_path / "in"

@@ -22,7 +22,7 @@ from deid.runs import latest_checkpoint
 from deid.distributed import Dist
 from deid.train.config import TrainConfig, Validation
 from deid.train.trainer import DataOrder, Trainer, TrainingInterrupted, load_batch, state_path_for, train
-from tests.ranks import free_port, spawn_ranks
+from tests.ranks import OWN_PROCESSES, free_port, spawn_ranks
 
 
 def _config(tiny_generator, data, out, **kw) -> TrainConfig:
@@ -246,6 +246,7 @@ def _r1_rank(rank: int, world: int, port: int, w: torch.Tensor, fake: torch.Tens
         tdist.destroy_process_group()
 
 
+@OWN_PROCESSES
 @pytest.mark.slow
 def test_discriminator_and_r1_gradients_across_two_ranks_equal_the_global_batch(tmp_path):
     """Two gloo processes, each with half the batch: averaged gradients equal one process with all of it."""

@@ -28,9 +28,9 @@ from deid.stylegan.loading import load_generator
 from deid.train import trainer as trainer_module
 from deid.train.config import TrainConfig, Validation
 from deid.train.trainer import RunLog, Trainer, train
-from tests.ranks import free_port, spawn_ranks
+from tests.ranks import OWN_PROCESSES, free_port, spawn_ranks
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, OWN_PROCESSES]
 
 WORLD = 2
 GROUP_TIMEOUT_S = 120  # a rank left waiting in a collective fails after this, not gloo's default 30 minutes

@@ -22,7 +22,7 @@ from deid.train.config import TrainConfig, Validation
 from deid.train.trainer import TrainingInterrupted, train
 from deid.train.validation import ValidationState, Validator, holdout_count, validation_batches
 from deid.weights import import_file
-from tests.ranks import free_port, spawn_ranks
+from tests.ranks import OWN_PROCESSES, free_port, spawn_ranks
 
 METRICS = {"id_to_pred", "id_to_attr", "attr_to_pred", "score", "landmarks", "reconstruction_mse",
            "reconstruction_psnr", "reconstruction_identity"}
@@ -223,6 +223,7 @@ def _tiny_measure(images: torch.Tensor, dist: Dist) -> dict:
     return measure(model, LandmarkEncoder(TINY_MODEL_CONFIG.landmarks), pairs, lambda i: images[i], dist, torch.float32, 160)
 
 
+@OWN_PROCESSES
 @pytest.mark.slow
 def test_validation_across_two_ranks_equals_one_process(tmp_path):
     """Each rank measures every other batch and the sums are all-reduced: the numbers of one process."""

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from deid import cli, weights
 from deid.errors import WeightsError
+from tests.ranks import OWN_PROCESSES
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB of known bytes
 
@@ -233,8 +234,13 @@ def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
     assert weights.weights_home() == tmp_path / "h" / ".cache" / "deid"
 
 
-def test_list_shows_every_design_network_as_missing_with_the_fetch_command():
-    result = CliRunner().invoke(cli.cli, ["weights", "list"], env={"COLUMNS": "250"})
+def test_list_shows_every_design_network_as_missing_with_the_fetch_command(monkeypatch):
+    from deid.console import console
+
+    # wide enough for the fetch command on one line; COLUMNS alone is not read by a console made while it was set
+    # (pytest-xdist's workers start with COLUMNS=80)
+    monkeypatch.setattr(console, "_width", 250)
+    result = CliRunner().invoke(cli.cli, ["weights", "list"])
     assert result.exit_code == 0, result.output
     for name in ("stylegan2-ffhq-256", "stylegan2-ffhq-256-ngc", "stylegan2-ffhq-1024", "facenet-vggface2",
                  "inception-v3-imagenet", "fan-2d", "deid-ffhq256", "mtcnn"):
@@ -266,6 +272,7 @@ def _fetch_in_process(home: str, entry: weights.WeightsEntry, start, results) ->
     results.put(str(weights.fetch(entry.name)))
 
 
+@OWN_PROCESSES
 @pytest.mark.slow
 def test_two_processes_fetching_one_entry_leave_one_correct_file_and_index(server, _isolated_deid_home):
     """Without the cache lock both processes write the same .part file (and record whatever hash they read)."""
