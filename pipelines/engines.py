@@ -21,7 +21,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from deid.buckets import FACE_BUCKETS, bucket_chunks, bucket_size, pad_batch
+from deid.buckets import FACE_BUCKETS, bucket_parts
 from deid.devices import autocast
 from deid.evaluation.audit import AuditConfig, cover_region
 from deid.faces.alignment import ffhq_affine, warp_crop
@@ -86,14 +86,13 @@ class HeadSynthesizer:
         if not len(crops):
             return np.zeros_like(crops)
         heads = []
-        # batches padded to FACE_BUCKETS sizes: the number of faces per batch changes with every frame, the
-        # shapes the networks see do not (see deid.buckets)
-        for part in bucket_chunks(len(crops), FACE_BUCKETS):
-            size = bucket_size(part.stop - part.start, FACE_BUCKETS)
-            images = pad_batch(to_tensor(crops[part], self.device), size)
+        # parts of FACE_BUCKETS sizes: the number of faces per batch changes with every frame, the shapes the
+        # networks see do not (see deid.buckets)
+        for part in bucket_parts(len(crops), FACE_BUCKETS):
             with self._autocast():
-                w = self.model.map(pad_batch(identities[part].to(self.device), size), self.model.encode_attributes(images))
-                heads.append(to_uint8(self.model.generate(w)[: part.stop - part.start]))
+                attributes = self.model.encode_attributes(to_tensor(crops[part], self.device))
+                w = self.model.map(identities[part].to(self.device), attributes)
+                heads.append(to_uint8(self.model.generate(w)))
         return np.concatenate(heads)
 
 
