@@ -187,9 +187,8 @@ def _run_task(task: Task, job: AnonymizeJob, detector: RollRobustDetector, rende
     start = time.perf_counter()
     created: list[Path] = []
     try:
-        created = make_folders(task.target.parent)
-        if shared_tree:  # not this process's to remove: another may be about to write its file there
-            created = []
+        made = make_folders(task.target.parent)
+        created = [] if shared_tree else made  # in a shared tree another process may be about to write there
         for path in (task.target, audit_path(task.target), preview_of(task)):  # what a killed run (SIGKILL) left
             remove_stale_partials(path)
         if task.is_image:

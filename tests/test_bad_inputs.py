@@ -203,7 +203,6 @@ def test_batch_goes_on_past_unreadable_files(tmp_path, astronaut_png, not_a_vide
                                     "the reasons are listed above). Fix or remove them and run again: finished files are skipped.")
 
 
-
 def test_a_shard_leaves_a_failed_files_mirror_folder_to_the_others(tmp_path, not_a_video):
     """Shards and Ray workers write into one output tree: a folder that is empty when one process's file fails may be
     where another is about to write (Ray's corrupt-input test lost its good file so: 'the directory does not exist').

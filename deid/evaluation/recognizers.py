@@ -96,7 +96,6 @@ class DlibFaceAnalyzer:
     def __init__(self, landmarks: int = 68, num_jitters: int = 0):
         if landmarks not in SHAPE_PREDICTORS:
             raise ValueError(f"landmarks must be one of {sorted(SHAPE_PREDICTORS)}, not {landmarks!r}")
-        self.landmarks = landmarks
         self.num_jitters = num_jitters  # >0 averages descriptors of jittered crops: slower, slightly steadier
         with _DLIB_LOCK:
             self._recognizer, recognizer_file = _recognizer()
