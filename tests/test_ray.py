@@ -161,8 +161,11 @@ def _writers(path: Path) -> set[int]:
 def test_worker_killed_mid_file_gives_one_output_and_a_file_that_always_kills_fails(ray_cluster, tiny_model_options, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
-    for i, name in enumerate(["killed_once.mp4", "kills_always.mp4", "fine.mp4"]):
-        _clip(inputs, name, 2 * SHORT, seed=20 + i)
+    # The files to kill are long, so the killer (a thread that polls) finds them mid-file on a loaded machine too:
+    # CI once ran a 6-frame file from start to finish between two of its looks.
+    frames = {"killed_once.mp4": LONG, "kills_always.mp4": LONG, "fine.mp4": 2 * SHORT}
+    for i, (name, count) in enumerate(frames.items()):
+        _clip(inputs, name, count, seed=20 + i)
     out = tmp_path / "out"
     killer = _Killer(out, once={"killed_once.mp4"}, always={"kills_always.mp4"})
     killer.start()
@@ -175,7 +178,7 @@ def test_worker_killed_mid_file_gives_one_output_and_a_file_that_always_kills_fa
     assert sorted(reports) == ["fine.mp4", "killed_once.mp4", "kills_always.mp4"]  # one report per file
     assert killer.kills == {"killed_once.mp4": 1, "kills_always.mp4": 2}  # killed, retried once, killed again
     once = reports["killed_once.mp4"]
-    assert once.error is None and once.frames == probe(once.target).frame_count == 2 * SHORT
+    assert once.error is None and once.frames == probe(once.target).frame_count == LONG
     assert reports["fine.mp4"].error is None and reports["fine.mp4"].target.is_file()
     always = reports["kills_always.mp4"]
     assert "died 2 times" in always.error and not always.target.exists()
