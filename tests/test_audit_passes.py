@@ -207,7 +207,7 @@ def test_source_descriptors_are_reused_per_track_until_the_box_moves():
 
 def test_every_auditor_shares_the_hog_detector_and_its_lock():
     first, second = FaceAuditor(), FaceAuditor()
-    assert first.hog is second.hog and first._lock is second._lock
+    assert first.hog is second.hog and first.hog.lock is second.hog.lock
 
 
 def test_totals_count_frames_with_source_faces_the_audit_did_not_see():

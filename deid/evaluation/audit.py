@@ -5,7 +5,7 @@ The audit looks with networks that took no part in making the output, so it is n
 - detection: dlib's HOG + linear SVM frontal face detector (hand-made gradient features, a failure mode unlike the
   MTCNN cascade that chose which faces to replace), on all four quarter turns of the frame, because like every
   frontal detector it sees faces only within about 20 degrees of upright, and rolled heads are exactly where the
-  pipeline's own detector is weakest;
+  pipeline's own detector is weakest (a view and its half turn share one HOG feature pyramid: deid.evaluation.hog);
 - recognition: dlib's ResNet descriptor (trained on other data than facenet's VGGFace2 network, the identity
   encoder the generator was steered with), on faces aligned by dlib's 5-point shape predictor (dlib's own pairing
   for this recogniser; the audit needs no other landmarks), with dlib's own same-person threshold, distance < 0.6.
@@ -37,10 +37,8 @@ from 0 to above 0.65 (at least 0.742 with the audit's 5-point alignment, 0.738 w
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +49,8 @@ import numpy as np
 
 from deid.atomic import atomic_output
 from deid.faces.orientation import same_face
-from deid.evaluation.recognizers import DLIB_SAME_PERSON_DISTANCE, DlibFaceAnalyzer, dlib_module
+from deid.evaluation.hog import half_turn_box, hog_detector, pad_to_cells
+from deid.evaluation.recognizers import DLIB_SAME_PERSON_DISTANCE, DlibFaceAnalyzer
 
 FAIL_SAFES = ("blur", "pixelate", "black", "none")
 HOG_WINDOW = 80  # pixels: the side of the face dlib's frontal HOG detector is trained on (smaller faces are missed)
@@ -213,13 +212,6 @@ def roll_turns(roll: float | None) -> tuple[int, ...]:
     return turns + ((nearest + int(np.sign(off))) % 4,) if abs(off) > 25 else turns
 
 
-@functools.lru_cache(maxsize=1)
-def _hog_detector():
-    """dlib's HOG detector and the lock that guards it: one per process, shared by every auditor (like the models
-    of deid.evaluation.recognizers, it is not safe to run from two threads at once)."""
-    return dlib_module().get_frontal_face_detector(), threading.Lock()
-
-
 @dataclass(frozen=True)
 class _Geometry:
     """How an audited copy is cut from a frame: `region` [x0, y0, x1, y1] (frame pixels; it may reach beyond the
@@ -259,7 +251,8 @@ class _Geometry:
 
 
 class _Copies:
-    """The audited copies of one frame, each geometry's made once (RGB for the recogniser, gray for HOG)."""
+    """The audited copies of one frame, each geometry's made once (RGB for the recogniser, gray for HOG), padded
+    at the right and bottom to whole HOG cells."""
 
     def __init__(self, image: np.ndarray):
         self.image = image
@@ -267,8 +260,8 @@ class _Copies:
         self._gray: dict[_Geometry, np.ndarray] = {}
 
     def rgb(self, geometry: _Geometry) -> np.ndarray:
-        if geometry not in self._rgb:
-            self._rgb[geometry] = geometry.copy(self.image)
+        if geometry not in self._rgb:  # in whole HOG cells: where a view and its half turn are searched together
+            self._rgb[geometry] = pad_to_cells(geometry.copy(self.image))
         return self._rgb[geometry]
 
     def gray(self, geometry: _Geometry) -> np.ndarray:
@@ -323,7 +316,7 @@ class FaceAuditor:
     def __init__(self, config: AuditConfig = AuditConfig()):
         self.config = config
         self.analyzer = DlibFaceAnalyzer(landmarks=5)  # descriptors only: dlib's pairing, 31.6 MB of model files
-        self.hog, self._lock = _hog_detector()
+        self.hog = hog_detector()  # one per process, shared by every auditor, with the lock that guards it
         self.timings: dict[str, float] | None = None  # set to {} to sum seconds per pass (bench/video_pipeline.py)
 
     @contextlib.contextmanager
@@ -340,7 +333,8 @@ class FaceAuditor:
     @property
     def identity(self) -> dict:
         """The networks and settings, for the record."""
-        return {"detector": "dlib HOG frontal face detector, 4 quarter turns", **self.analyzer.identity,
+        return {"detector": "dlib HOG frontal face detector, 4 quarter turns (2 feature pyramids)",
+                **self.analyzer.identity,
                 "config": asdict(self.config)}
 
     # ------------------------------------------------------------------------------------ where to look
@@ -382,16 +376,23 @@ class FaceAuditor:
         in `timings`."""
         with self._timing(f"copy {kind}"):
             gray = copies.gray(geometry)
+        size = (gray.shape[1], gray.shape[0])
+        threshold = min(self.config.hog_threshold, self.config.expected_threshold)
         found = []
         for turn in turns:
+            if turn >= 2 and turn - 2 in turns:
+                continue  # searched with its half turn, on one feature pyramid
             view = np.ascontiguousarray(np.rot90(gray, turn))
-            with self._lock, self._timing(f"hog {kind} {90 * turn}"):
-                rects, scores, _ = self.hog.run(view, 0, min(self.config.hog_threshold, self.config.expected_threshold))
-            for rect, score in zip(rects, scores):
-                in_view = np.array([rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1], np.float64)
-                box = geometry.to_frame(_unturn_box(in_view, turn, (gray.shape[1], gray.shape[0])), copies.image.shape)
-                if score >= self.config.hog_threshold or (score >= self.config.expected_threshold and _inside(box, expected).any()):
-                    found.append(_Found(box, turn, in_view, float(score), geometry))
+            both = turn + 2 in turns
+            with self._timing(f"hog {kind} {90 * turn}" + (f"+{90 * turn + 180}" if both else "")):
+                hits = self.hog.run(view, threshold, half_turn_too=both)
+            for hit in hits:
+                upright_turn, in_view = turn, hit.box
+                if hit.half_turned:  # a face upright in the view's half turn: record it there
+                    upright_turn, in_view = turn + 2, half_turn_box(hit.box, (view.shape[1], view.shape[0]))
+                box = geometry.to_frame(_unturn_box(in_view, upright_turn, size), copies.image.shape)
+                if hit.score >= self.config.hog_threshold or (hit.score >= self.config.expected_threshold and _inside(box, expected).any()):
+                    found.append(_Found(box, upright_turn, in_view, hit.score, geometry))
         return found
 
     def find(self, image: np.ndarray, expected: np.ndarray | None = None, rolls: Sequence[float] | None = None,
