@@ -265,7 +265,7 @@ class _Renderer:
 
     def __call__(self, group: list[tuple[Frame, list[Face]]], report: FileReport) -> list[np.ndarray]:
         """group: frames with their tracked faces (stored-frame pixels). Returns the output images, same order."""
-        outputs = [frame.image.copy() if self.keep_source else frame.image for frame, _ in group]
+        outputs = [frame.image.copy() if self.keep_source else np.ascontiguousarray(frame.image) for frame, _ in group]
         self.engine(group, outputs)
         for frame, faces in group:
             report.frames += 1

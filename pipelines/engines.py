@@ -25,7 +25,7 @@ from deid.buckets import FACE_BUCKETS, bucket_parts
 from deid.devices import autocast
 from deid.evaluation.audit import AuditConfig, cover_region
 from deid.faces.alignment import ffhq_affine, warp_crop
-from deid.faces.cover import HeadRegionConfig, head_corners, region_mask
+from deid.faces.cover import HeadRegionConfig, fill_region, head_corners, region_mask
 from deid.faces.paste import PasteConfig, fill_head, paste_head
 from deid.faces.tracking import Face
 from deid.media.images import save_image, to_tensor, to_uint8
@@ -190,14 +190,14 @@ class CoverEngine:
 
     def cover(self, image: np.ndarray, corners: np.ndarray) -> None:
         """Cover the region with `corners` [4, 2] (frame pixels) of image [H, W, 3] uint8, in place."""
+        if self.name == "mask":
+            fill_region(image, corners, MASK_COLOUR)
+            return
         found = region_mask(corners, image.shape)
         if found is None:
             return
         (x0, y0, x1, y1), inside = found
         roi = image[y0:y1, x0:x1]
-        if self.name == "mask":
-            roi[inside] = MASK_COLOUR
-            return
         covered = roi.copy()
         cover_region(covered, np.array([0, 0, x1 - x0, y1 - y0]), self.name, self.strength)
         roi[inside] = covered[inside]

@@ -13,7 +13,7 @@ import pytest
 
 from deid import cli
 from deid.evaluation.audit import audit_path, head_region
-from deid.faces.cover import HeadRegionConfig, head_corners, region_mask
+from deid.faces.cover import HeadRegionConfig, fill_region, head_corners, region_mask
 from deid.faces.detection import Detections, FaceDetector
 from deid.faces.orientation import RollRobustDetector
 from deid.faces.tracking import Face
@@ -252,3 +252,26 @@ def test_engine_job_checks():
         AnonymizeJob(inputs=(Path("a.mp4"),), output=Path("b.mp4"), engine="smudge")
     job = AnonymizeJob(inputs=(Path("a.mp4"),), output=Path("b.mp4"), engine="mask", seed=0, identity=Path("x.png"))
     assert job.generate_options() == ["--identity"]
+
+
+def test_the_mask_fills_exactly_the_region_mask_pixels():
+    """fill_region (the mask engine's one rasterisation) covers the pixels region_mask gives, and no other, for
+    rolled regions inside the frame, across its edges and beyond it."""
+    rng = np.random.default_rng(4)
+    shape = (120, 160, 3)
+    for _ in range(200):
+        centre = rng.uniform([-60, -60], [220, 180])
+        angle, half = rng.uniform(0, np.pi), rng.uniform([2, 2], [70, 90])
+        axes = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]]) * half[:, None]
+        corners = np.stack([centre - axes[0] - axes[1], centre + axes[0] - axes[1], centre + axes[0] + axes[1],
+                            centre - axes[0] + axes[1]])
+        image = np.zeros(shape, np.uint8)
+        fill_region(image, corners, (128, 128, 128))
+        expected = np.zeros(shape[:2], bool)
+        found = region_mask(corners, shape)
+        if found is not None:
+            (x0, y0, x1, y1), inside = found
+            expected[y0:y1, x0:x1] = inside
+        assert np.array_equal(image[..., 0] == 128, expected) and (image[expected] == 128).all()
+    with pytest.raises(ValueError, match="contiguous"):
+        fill_region(np.zeros((10, 20, 3), np.uint8)[:, ::2], corners, (1, 2, 3))

@@ -49,8 +49,20 @@ def region_mask(corners: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray
     if np.any(hi <= lo):
         return None
     mask = np.zeros((hi[1] - lo[1], hi[0] - lo[0]), np.uint8)
-    points = np.round((corners - lo) * 16).astype(np.int32)  # 4 fractional bits: sub-pixel corners
-    cv2.fillConvexPoly(mask, points, 1, lineType=cv2.LINE_8, shift=4)
+    _fill(mask, corners - lo, 1)
     if not mask.any():
         return None
     return np.array([lo[0], lo[1], hi[0], hi[1]]), mask.astype(bool)
+
+
+def fill_region(image: np.ndarray, corners: np.ndarray, colour: tuple[int, int, int]) -> None:
+    """Set the pixels of the region with `corners` [4, 2] (those `region_mask` gives) in image [H, W, 3] uint8
+    (C-contiguous) to `colour`, in place: one rasterisation, no mask (a 720p head is 8 ms as a masked assignment)."""
+    if not image.flags.c_contiguous:  # OpenCV would fill a copy
+        raise ValueError("fill_region needs a C-contiguous image")
+    _fill(image, np.asarray(corners, np.float64), colour)
+
+
+def _fill(image: np.ndarray, corners: np.ndarray, value) -> None:
+    points = np.round(corners * 16).astype(np.int32)  # 4 fractional bits: sub-pixel corners
+    cv2.fillConvexPoly(image, points, value, lineType=cv2.LINE_8, shift=4)

@@ -106,12 +106,15 @@ def rotate_view(image: np.ndarray, angle: float, max_side: int | None = None,
         return image, np.array([[1.0, 0, 0], [0, 1.0, 0]])
     affine, size = view_affine((width, height), angle)
     scale = min(1.0, max_side / max(size)) if max_side else 1.0
-    if angle % 90 == 0:
-        view = np.ascontiguousarray(np.rot90(image, int(angle // 90) % 4))  # exact, and faster than a warp
+    if angle % 90 == 0:  # np.rot90: exact, and faster than a warp
+        turns = int(angle // 90) % 4
         if scale == 1.0:
-            return view, affine
+            return np.ascontiguousarray(np.rot90(image, turns)), affine
         small = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
-        return cv2.resize(view, small, interpolation=cv2.INTER_AREA), _scaled(affine, size, small)
+        # shrunk, then turned: the turn copies the small image, not the frame
+        unturned = small if turns % 2 == 0 else small[::-1]
+        view = np.rot90(cv2.resize(image, unturned, interpolation=cv2.INTER_AREA), turns)
+        return np.ascontiguousarray(view), _scaled(affine, size, small)
     if scale < 1.0:
         small = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
         affine, size = _scaled(affine, size, small), small
