@@ -2,12 +2,13 @@
 
 Prints one JSON object per measurement. Models have random weights (speed and memory do not depend on them).
 
-    python bench/video_pipeline.py stages   [--seconds 10] [--model tiny|256] [--frames N]   (incl. roll-robust
-                                            detection and the privacy audit; the pipeline with and without it)
+    python bench/video_pipeline.py stages   [--seconds 10] [--model tiny|256] [--frames N] [--crowd --fps 5]
+                                            (incl. roll-robust detection and the privacy audit; the pipeline with
+                                            and without it; carphone, or the crowd clip)
     python bench/video_pipeline.py memory   [--minutes 10] [--fps 5] [--size 1280x720]   # the crowd clip (0-4 faces
                                             per frame) scaled to --size, the audit on
     python bench/video_pipeline.py jitter
-    python bench/video_pipeline.py deface   --deface PATH [--rounds 2] [--seconds 4]   # `deid anonymize --engine
+    python bench/video_pipeline.py deface   --deface PATH [--rounds 2] [--seconds 10]  # `deid anonymize --engine
                                             mask` (with and without the audit) against deface, interleaved
     python bench/video_pipeline.py all      # everything above with the defaults (a 720p 10 s clip)
 
@@ -397,6 +398,16 @@ def run_versus_deface(clip: Path, deface: str, rounds: int) -> dict:
 # ------------------------------------------------------------------------------------------- main
 
 
+def _crowd_clip(cache: Path, minutes: float, fps: int, size: str) -> Path:
+    """The crowd clip (real faces, 0-4 per frame: deid.media.samples) of this length and rate, scaled to `size`."""
+    from deid.media.samples import make_crowd_clip
+
+    crowd = cache / f"crowd_{minutes:g}min_{fps}fps.mp4"
+    if not crowd.exists():
+        make_crowd_clip(crowd, minutes * 60, fps)
+    return _scaled(crowd, cache / f"crowd_{minutes:g}min_{fps}fps_{size}.mp4", size)
+
+
 def _subprocess(args: list[str]) -> None:
     """Run one measurement in a fresh interpreter (its own peak RSS); its JSON goes to our stdout."""
     subprocess.run([sys.executable, __file__, *args], check=True)
@@ -409,8 +420,10 @@ def main() -> None:
     parser.add_argument("--size", default="1280x720", help="stages, memory: clip size WxH")
     parser.add_argument("--model", choices=["tiny", "256"], default="tiny", help="stages: random-weight model size")
     parser.add_argument("--frames", type=int, default=None, help="stages: only the first N frames")
+    parser.add_argument("--crowd", action="store_true",
+                        help="stages: the crowd clip (0-4 real faces per frame, at --fps) instead of carphone")
     parser.add_argument("--minutes", type=float, default=10.0, help="memory: clip length")
-    parser.add_argument("--fps", type=int, default=5, help="memory: clip frame rate (frames are what costs time and memory)")
+    parser.add_argument("--fps", type=int, default=5, help="memory, stages --crowd: clip frame rate (frames are what costs time and memory)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own, as `deid anonymize` runs; 1 gives decode, "
                              "encode and the audit the other cores, and hides what they cost; a shared "
@@ -437,7 +450,10 @@ def main() -> None:
     if args.what == "jitter":
         result = run_jitter()
     elif args.what == "stages":
-        clip = _make_clip(args.cache / f"carphone_{args.size}_{args.seconds:g}s.mp4", args.seconds, args.size)
+        if args.crowd:
+            clip = _crowd_clip(args.cache, args.seconds / 60, args.fps, args.size)
+        else:
+            clip = _make_clip(args.cache / f"carphone_{args.size}_{args.seconds:g}s.mp4", args.seconds, args.size)
         result = run_stages(clip, args.model, args.frames)
     elif args.what == "deface":
         clip = _make_clip(args.cache / f"carphone_{args.size}_{args.seconds:g}s.mp4", args.seconds, args.size)
@@ -445,13 +461,7 @@ def main() -> None:
     else:
         # real faces whose number changes (0-4 per frame): a one-face clip hides memory that grows with the
         # variety of batch shapes
-        from deid.media.samples import make_crowd_clip
-
-        crowd = args.cache / f"crowd_{args.minutes:g}min_{args.fps}fps.mp4"
-        if not crowd.exists():
-            make_crowd_clip(crowd, args.minutes * 60, args.fps)
-        clip = _scaled(crowd, args.cache / f"crowd_{args.minutes:g}min_{args.fps}fps_{args.size}.mp4", args.size)
-        result = run_memory(clip)
+        result = run_memory(_crowd_clip(args.cache, args.minutes, args.fps, args.size))
     print(json.dumps(result), flush=True)
 
 
