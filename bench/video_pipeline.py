@@ -262,6 +262,7 @@ def run_memory(clip: Path) -> dict:
             "fps": round(report.frames / seconds, 2), "peak_rss_mib": round(_peak_rss_mib(), 1),
             "peak_rss_with_audit_workers_mib": round(max(sampler.samples, default=0.0), 1),
             "rss_mib_by_tenth_of_run": tenths,
+            "rss_mib_by_tenth_main_process": sampler.by_tenth(sampler.own),
             # the acceptance figure: how much the RSS grows after the first tenth (a minute of a 10-minute clip)
             "rss_growth_after_first_tenth_mib": round(max(tenths[1:], default=tenths[0]) - tenths[0], 1)}
 
@@ -291,13 +292,16 @@ class _RssSampler:
     def __init__(self):
         import threading
 
-        self.samples: list[float] = []
+        self.samples: list[float] = []  # the process and its children
+        self.own: list[float] = []  # the process alone (the rest is the audit's workers)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self.stop.wait(0.5):
-            self.samples.append(sum(_rss_mib(pid) for pid in _family(os.getpid())))
+            own, *children = (_rss_mib(pid) for pid in _family(os.getpid()))
+            self.samples.append(own + sum(children))
+            self.own.append(own)
 
     def __enter__(self):
         self.thread.start()
@@ -307,9 +311,10 @@ class _RssSampler:
         self.stop.set()
         self.thread.join()
 
-    def by_tenth(self) -> list[float]:
+    def by_tenth(self, samples: list[float] | None = None) -> list[float]:
         """The highest RSS (MiB) in each tenth of the run: flat when memory does not grow with length."""
-        parts = np.array_split(np.array(self.samples), 10) if len(self.samples) >= 10 else [np.array(self.samples)]
+        samples = self.samples if samples is None else samples
+        parts = np.array_split(np.array(samples), 10) if len(samples) >= 10 else [np.array(samples)]
         return [round(float(p.max()), 1) for p in parts if len(p)]
 
 
