@@ -102,8 +102,8 @@ class FaceEngine(Protocol):
     name: str  # one of ENGINES, for the records
 
     def __call__(self, group: Sequence[tuple[Frame, list[Face]]], outputs: list[np.ndarray]) -> None:
-        """group: frames (source pixels, [H, W, 3] uint8 RGB) with their tracked faces; outputs: one image per frame
-        (the frame's own image or a copy of it), changed in place."""
+        """group: frames (source pixels, [H, W, 3] uint8 RGB) with their tracked faces; outputs: one C-contiguous
+        image per frame (the frame's own image or a copy of it), changed in place."""
 
 
 class Identities:

@@ -49,7 +49,7 @@ import numpy as np
 
 from deid.atomic import atomic_output
 from deid.faces.orientation import same_face
-from deid.evaluation.hog import half_turn_box, hog_detector, pad_to_cells
+from deid.evaluation.hog import hog_detector, pad_to_cells
 from deid.evaluation.recognizers import DLIB_SAME_PERSON_DISTANCE, DlibFaceAnalyzer
 
 FAIL_SAFES = ("blur", "pixelate", "black", "none")
@@ -380,7 +380,7 @@ class FaceAuditor:
         threshold = min(self.config.hog_threshold, self.config.expected_threshold)
         found = []
         for turn in turns:
-            if turn >= 2 and turn - 2 in turns:
+            if turn - 2 in turns:
                 continue  # searched with its half turn, on one feature pyramid
             view = np.ascontiguousarray(np.rot90(gray, turn))
             both = turn + 2 in turns
@@ -388,8 +388,8 @@ class FaceAuditor:
                 hits = self.hog.run(view, threshold, half_turn_too=both)
             for hit in hits:
                 upright_turn, in_view = turn, hit.box
-                if hit.half_turned:  # a face upright in the view's half turn: record it there
-                    upright_turn, in_view = turn + 2, half_turn_box(hit.box, (view.shape[1], view.shape[0]))
+                if hit.half_turned:  # upright in the view's half turn: record it there (a half turn undoes itself)
+                    upright_turn, in_view = turn + 2, _unturn_box(hit.box, 2, (view.shape[1], view.shape[0]))
                 box = geometry.to_frame(_unturn_box(in_view, upright_turn, size), copies.image.shape)
                 if hit.score >= self.config.hog_threshold or (hit.score >= self.config.expected_threshold and _inside(box, expected).any()):
                     found.append(_Found(box, upright_turn, in_view, hit.score, geometry))

@@ -89,13 +89,6 @@ def pad_to_cells(image: np.ndarray) -> np.ndarray:
     return cv2.copyMakeBorder(image, 0, bottom, 0, right, border)
 
 
-def half_turn_box(box: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A box [4] (x0, y0, x1, y1; exclusive ends) in a view of size (width, height) -> the same box in the view
-    turned by 180 degrees."""
-    width, height = size
-    return np.array([width - box[2], height - box[3], width - box[0], height - box[1]], np.float64)
-
-
 # ------------------------------------------------------------------------------------------ dlib's detector files
 
 
