@@ -28,7 +28,7 @@ from deid.pipelines.cluster import ModelOptions, RayOptions, import_ray, run_ano
 from deid.pipelines.evaluate import PairsJob, VideoAuditJob, run_pairs, run_video_audit
 from deid.pipelines.figures import InterpolateJob, MixJob, run_interpolate, run_mix
 from deid.pipelines.reenact import ReenactJob, run_reenact
-from deid.devices import resolve_device
+from deid.devices import MODEL_PRECISIONS, resolve_device
 from deid.distributed import rank_device
 from deid.stylegan.loading import convert_generator
 from deid.train.config import Schedule, TrainConfig, Validation
@@ -72,9 +72,9 @@ def model_options(func):
     """`--model`, `--device` and `--precision`: declared once, used by every command that runs a trained model."""
     func = click.option(
         "--precision",
-        type=click.Choice(["fp32", "bf16", "fp16"]),
-        default="fp32",
-        help="Numeric precision of the networks (fp16 needs a GPU).",
+        type=click.Choice(list(MODEL_PRECISIONS)),
+        default="auto",
+        help="Numeric precision of the networks: auto is fp32, with the generator in bf16 on a CPU with native bf16 (AVX512-BF16 or AMX); fp16 needs a GPU.",
     )(func)
     func = device_option(func)
     func = click.option(
@@ -86,7 +86,7 @@ def model_options(func):
 
 
 def load_model_from_options(model: str, device: str, precision: str):
-    """The `model_options` trio -> (trained model on its device, the device, the dtype to run it in); see
+    """The `model_options` trio -> (trained model on its device, the device, the Precision to run it in); see
     ModelOptions.load (under torchrun, `--device auto` is the rank's own GPU)."""
     return ModelOptions(model, device, precision).load()
 
@@ -550,8 +550,8 @@ def evaluate_pairs(images, dataset, n, max_items, seed, batch_size, reconstructi
                    reconstruction=reconstruction, fid=fid, fid_weights=fid_weights, fid_dims=int(fid_dims), samples=samples,
                    overwrite=overwrite, resume=resume)
     job.check()  # bad paths and options fail before the model loads
-    loaded, _, dtype = load_model_from_options(model, device, precision)
-    run_pairs(job, loaded, model_source=model, dtype=dtype)
+    loaded, _, precision = load_model_from_options(model, device, precision)
+    run_pairs(job, loaded, model_source=model, precision=precision)
 
 
 @evaluate_group.command("video")

@@ -3,6 +3,7 @@
 Prints one JSON object per measurement. Models have random weights (speed and memory do not depend on them).
 
     python bench/video_pipeline.py stages   [--seconds 10] [--model tiny|256] [--frames N] [--crowd --fps 5]
+                                            [--precision auto|fp32|bf16]
                                             (incl. roll-robust detection and the privacy audit; the pipeline with
                                             and without it; carphone, or the crowd clip)
     python bench/video_pipeline.py memory   [--minutes 10] [--fps 5] [--size 1280x720]   # the crowd clip (0-4 faces
@@ -85,11 +86,13 @@ def _timed(fn, count: int) -> dict:
 AUDIT_FRAMES = 60  # the audit stage keeps a copy of this many source frames (memory), and is timed on them
 
 
-def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8, device="cpu") -> dict:
-    """Each stage alone on the same frames (networks and detection on `device`), then the whole threaded pipeline
-    with and without the audit."""
+def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8, device="cpu",
+               precision_name: str = "auto") -> dict:
+    """Each stage alone on the same frames (networks and detection on `device`, the model in `precision_name` as
+    `deid anonymize --precision` takes it), then the whole threaded pipeline with and without the audit."""
     import torch
 
+    from deid.devices import resolve_precision
     from deid.errors import DeidError
     from deid.evaluation.audit import FaceAuditor, SourceFaces
     from deid.evaluation.audit_pool import AuditItem, audit_workers
@@ -107,10 +110,11 @@ def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8, 
     info = probe(clip)
     count = min(frames or info.frame_count, info.frame_count)
     model = _model(model_kind).to(device)
-    synth = HeadSynthesizer(model, device)
+    precision = resolve_precision(precision_name, torch.device(device))
+    synth = HeadSynthesizer(model, device, precision)
     size = synth.resolution
     result = {"bench": "stages", "clip": f"{info.width}x{info.height}", "frames": count, "model": model_kind,
-              "resolution": size, "torch_threads": torch.get_num_threads(), "stages": {}}
+              "resolution": size, "precision": precision.name, "torch_threads": torch.get_num_threads(), "stages": {}}
     stages = result["stages"]
     decoded = []
     stages["decode"] = _timed(lambda: decoded.extend(f for f, _ in zip(read_frames(clip), range(count))), count)
@@ -177,7 +181,7 @@ def run_stages(clip: Path, model_kind: str, frames: int | None, batch: int = 8, 
                 continue
             start = time.perf_counter()
             job = AnonymizeJob(inputs=(clip,), output=full, engine=engine, batch_size=batch, overwrite=True, audit=audit)
-            (report,) = run_anonymize(job, model if engine == "generate" else None, device)
+            (report,) = run_anonymize(job, model if engine == "generate" else None, device, precision)
             seconds = time.perf_counter() - start
             result[name] = {"frames": report.frames, "faces": report.faces, "seconds": round(seconds, 3),
                             "fps": round(report.frames / seconds, 2)}
@@ -244,15 +248,18 @@ def run_memory(clip: Path) -> dict:
     """The whole pipeline on one clip; the peak RSS of this process is the figure."""
     import torch
 
+    from deid.devices import resolve_precision
     from deid.media.video import probe
     from deid.pipelines.anonymize import AnonymizeJob, run_anonymize
 
     info = probe(clip)
     model = _model("tiny")
+    cpu = torch.device("cpu")
     sampler = _RssSampler()
     with tempfile.TemporaryDirectory() as tmp, sampler:
         start = time.perf_counter()
-        (report,) = run_anonymize(AnonymizeJob(inputs=(clip,), output=Path(tmp) / "out.mp4"), model)
+        job = AnonymizeJob(inputs=(clip,), output=Path(tmp) / "out.mp4")
+        (report,) = run_anonymize(job, model, cpu, resolve_precision("auto", cpu))  # as `deid anonymize` runs it
         seconds = time.perf_counter() - start
     tenths = sampler.by_tenth()
     return {"bench": "memory", "clip": f"{clip.name} {info.width}x{info.height}", "duration_s": round(info.duration, 1),
@@ -425,6 +432,8 @@ def main() -> None:
     parser.add_argument("--size", default="1280x720", help="stages, memory: clip size WxH")
     parser.add_argument("--model", choices=["tiny", "256"], default="tiny", help="stages: random-weight model size")
     parser.add_argument("--frames", type=int, default=None, help="stages: only the first N frames")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="stages: the model's precision, as `deid anonymize --precision` takes it")
     parser.add_argument("--crowd", action="store_true",
                         help="stages: the crowd clip (0-4 real faces per frame, at --fps) instead of carphone")
     parser.add_argument("--minutes", type=float, default=10.0, help="memory: clip length")
@@ -459,7 +468,7 @@ def main() -> None:
             clip = _crowd_clip(args.cache, args.seconds / 60, args.fps, args.size)
         else:
             clip = _make_clip(args.cache / f"carphone_{args.size}_{args.seconds:g}s.mp4", args.seconds, args.size)
-        result = run_stages(clip, args.model, args.frames)
+        result = run_stages(clip, args.model, args.frames, precision_name=args.precision)
     elif args.what == "deface":
         clip = _make_clip(args.cache / f"carphone_{args.size}_{args.seconds:g}s.mp4", args.seconds, args.size)
         result = run_versus_deface(clip, args.deface, args.rounds)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
 from deid.errors import DeidError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+MODEL_PRECISIONS = ("auto",) + PRECISIONS  # what the commands that run a trained model accept
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -56,3 +58,47 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): where bf16 is faster than fp32, not an
+    emulation slower than it."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(probe is not None and probe() for probe in probes)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The float types a trained model's networks run in, under autocast (weights stay fp32).
+
+    encoders: E_id, E_attr, E_lnd and the mapping M; generator: G's synthesis, most of the work.
+    """
+
+    encoders: torch.dtype = torch.float32
+    generator: torch.dtype = torch.float32
+
+    @property
+    def name(self) -> str:
+        """For the records: `fp32`, `bf16`, or `fp32, generator bf16`."""
+        encoders, generator = (_NAMES[d] for d in (self.encoders, self.generator))
+        return encoders if encoders == generator else f"{encoders}, generator {generator}"
+
+
+_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def resolve_precision(precision: str, device: torch.device) -> Precision:
+    """`auto|fp32|bf16|fp16` -> the Precision a trained model runs in on `device`.
+
+    `auto` is fp32, except G's synthesis in bf16 on a CPU with native bf16: there it is 1.5x faster and its
+    images stay above 40 dB PSNR of fp32's on the test faces. The encoders stay fp32 because E_attr in bf16 moves
+    the attribute code by 3 % and the image to about 30 dB (bench/README.md, "Precision on the CPU"). On GPUs
+    `auto` is fp32 until the bench suite's synthesis rows have measured bf16 there.
+    """
+    if precision not in MODEL_PRECISIONS:
+        raise DeidError(f"--precision {precision!r} is not known. Use one of {', '.join(MODEL_PRECISIONS)}.")
+    if precision == "auto":
+        fast_bf16 = device.type == "cpu" and native_bf16_cpu()
+        return Precision(torch.float32, torch.bfloat16 if fast_bf16 else torch.float32)
+    dtype = resolve_dtype(precision, device)
+    return Precision(dtype, dtype)

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from deid.atomic import atomic_output, check_not_input, check_output_path, check_writable_folder, remove_stale_partials
 from deid.console import console, debugging, info, progress, warn
+from deid.devices import Precision
 from deid.errors import DeidError, MediaError
 from deid.faces.alignment import AlignConfig, align_photo_file
 from deid.evaluation.audit import AuditConfig, AuditLog, AuditTotals, FaceAuditor, audit_path
@@ -123,7 +124,7 @@ class FileReport:
 
 
 def run_anonymize(job: AnonymizeJob, model=None, device: torch.device | str | None = None,
-                  dtype: torch.dtype = torch.float32) -> list[FileReport]:
+                  precision: Precision = Precision()) -> list[FileReport]:
     """Anonymize every input of the job (this shard's share); returns one report per input file. `model` (a trained
     Disentangler) is what the generate engine runs; the other engines take none."""
     index, shards = parse_shard(job.shard)
@@ -131,7 +132,7 @@ def run_anonymize(job: AnonymizeJob, model=None, device: torch.device | str | No
     if job.engine in _REVERSIBLE:
         warn(f"--engine {job.engine} hides faces from people, not from machines: recognisers trained on "
              f"{_COVERED[job.engine]} faces can re-identify them (--engine mask cannot be undone).")
-    anonymizer = Anonymizer(job, model, device, dtype)
+    anonymizer = Anonymizer(job, model, device, precision)
     with progress(FramesPerSecond()) as bar:
         reports = [anonymizer.run(task, bar, batch=len(tasks) > 1, shared_tree=shards > 1) for task in tasks]
     print_summary(reports, job)
@@ -147,14 +148,14 @@ class Anonymizer:
     (then `device` is where the detector runs, default the CPU)."""
 
     def __init__(self, job: AnonymizeJob, model=None, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 precision: Precision = Precision()):
         self.job = job
         self.synth = None
         self.identity = None
         if job.engine == "generate":
             if model is None:
                 raise ValueError("the generate engine needs a trained model")
-            self.synth = HeadSynthesizer(model, device, dtype)
+            self.synth = HeadSynthesizer(model, device, precision)
             device = self.synth.device
         self.detector = RollRobustDetector(FaceDetector(job.detect, torch.device(device or "cpu")), job.orientation)
         self.auditor = FaceAuditor(job.audit) if job.audit is not None else None

@@ -22,7 +22,7 @@ import os
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -31,10 +31,10 @@ import torch
 from PIL import Image
 
 from deid.atomic import is_partial, remove_stale_partials
-from deid.console import info, progress, set_quiet, warn
-from deid.devices import resolve_device, resolve_dtype
+from deid.console import progress, set_quiet, warn
+from deid.devices import Precision, resolve_device, resolve_precision
 from deid.distributed import rank_device
-from deid.errors import DeidError, MediaError
+from deid.errors import DeidError
 from deid.evaluation.audit import audit_path
 from deid.media.video import probe
 from deid.nets.model import load_model
@@ -66,14 +66,14 @@ class ModelOptions:
 
     model: str
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
 
-    def load(self, engine: str = "generate") -> tuple[torch.nn.Module | None, torch.device, torch.dtype]:
-        """(model, device, dtype): the one way a command gets its trained model (the CLI's and each Ray actor's). Under
+    def load(self, engine: str = "generate") -> tuple[torch.nn.Module | None, torch.device, Precision]:
+        """(model, device, precision): the one way a command gets its trained model (the CLI's and each Ray actor's). Under
         torchrun `auto` is the rank's own GPU; the covering engines run no model, so none is loaded for them."""
         device = resolve_device(rank_device(self.device))
         model = load_model(self.model, device=device) if engine == "generate" else None
-        return model, device, resolve_dtype(self.precision, device)
+        return model, device, resolve_precision(self.precision, device)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from deid.buckets import FACE_BUCKETS, bucket_parts
-from deid.devices import autocast
+from deid.devices import Precision, autocast
 from deid.evaluation.audit import AuditConfig, cover_region
 from deid.faces.alignment import ffhq_affine, warp_crop
 from deid.faces.cover import HeadRegionConfig, fill_region, head_corners, region_mask
@@ -43,19 +43,22 @@ class HeadSynthesizer:
     `.generator` with `.mapping`/`z_dim` for random identities). Crops and heads are [N, R, R, 3] uint8 RGB.
     """
 
-    def __init__(self, model, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, model, device: torch.device | str | None = None, precision: Precision = Precision()):
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.dtype = dtype
+        self.precision = precision
         self.resolution = int(model.resolution)
 
-    def _autocast(self):
-        return autocast(self.device, self.dtype)
+    def _encoding(self):
+        return autocast(self.device, self.precision.encoders)
+
+    def _generating(self):
+        return autocast(self.device, self.precision.generator)
 
     @torch.inference_mode()
     def identity_of(self, crop: torch.Tensor) -> torch.Tensor:
         """crop: [3, R, R] in [-1, 1] (an aligned head) -> identity code [512] (float32, on the device)."""
-        with self._autocast():
+        with self._encoding():
             return self.model.encode_identity(crop[None].to(self.device)).float()[0]
 
     @torch.inference_mode()
@@ -76,9 +79,10 @@ class HeadSynthesizer:
         generator = self.model.generator
         z = torch.randn(1, generator.z_dim, generator=rng).to(self.device)
         w = generator.mapping(z, truncation_psi=0.7)  # float32: a cheap MLP, and its truncation lerp wants one dtype
-        with self._autocast():
-            image = self.model.generate(w)
-            return self.model.encode_identity(image.float().clamp(-1, 1)).float()[0]
+        with self._generating():
+            image = self.model.generate(w).float()
+        with self._encoding():
+            return self.model.encode_identity(image.clamp(-1, 1)).float()[0]
 
     @torch.inference_mode()
     def __call__(self, crops: np.ndarray, identities: torch.Tensor) -> np.ndarray:
@@ -89,9 +93,10 @@ class HeadSynthesizer:
         # parts of FACE_BUCKETS sizes: the number of faces per batch changes with every frame, the shapes the
         # networks see do not (see deid.buckets)
         for part in bucket_parts(len(crops), FACE_BUCKETS):
-            with self._autocast():
+            with self._encoding():
                 attributes = self.model.encode_attributes(to_tensor(crops[part], self.device))
                 w = self.model.map(identities[part].to(self.device), attributes)
+            with self._generating():
                 heads.append(to_uint8(self.model.generate(w)))
         return np.concatenate(heads)
 

@@ -64,7 +64,7 @@ from deid.pipelines.report import (
     write_metrics,
 )
 from deid.runs import complete_lines, read_records
-from deid.devices import autocast
+from deid.devices import Precision, autocast
 from deid.weights import resolve
 
 # Detection and dlib's landmarks need faces of roughly 80+ pixels; smaller crops (tiny test models) are
@@ -453,20 +453,23 @@ def _pairs_report(work: Path, job: PairsJob, passes: dict[str, tuple[dict, dict]
 
 
 class _InPrecision(torch.nn.Module):
-    """`model`'s forward(I_id, I_attr) under autocast in `dtype`, weights staying fp32, as the media commands run it."""
+    """`model`'s forward(I_id, I_attr) in `precision` (autocast, weights staying fp32), as the media commands run it."""
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+    def __init__(self, model: torch.nn.Module, precision: Precision):
         super().__init__()
-        self.model, self.dtype = model, dtype
+        self.model, self.precision = model, precision
 
     def forward(self, I_id: torch.Tensor, I_attr: torch.Tensor) -> torch.Tensor:  # noqa: N803 - the paper's names
-        with autocast(I_id.device, self.dtype):
-            return self.model(I_id, I_attr).float()
+        with autocast(I_id.device, self.precision.encoders):
+            w = self.model.map(self.model.encode_identity(I_id), self.model.encode_attributes(I_attr))
+        with autocast(I_id.device, self.precision.generator):
+            return self.model.generate(w).float()
 
 
-def run_pairs(job: PairsJob, model, model_source: str | None = None, dtype: torch.dtype = torch.float32) -> dict:
-    """Evaluate `model` (a Disentangler, or any module with forward(I_id, I_attr) and `.resolution`) on its
-    device, its networks in `dtype`; write the report to job.output and return metrics.json's content."""
+def run_pairs(job: PairsJob, model, model_source: str | None = None, precision: Precision = Precision()) -> dict:
+    """Evaluate `model` (a Disentangler, or any module with encode_identity, encode_attributes, map, generate and
+    `.resolution`) on its device, its networks in `precision`; write the report to job.output and return
+    metrics.json's content."""
     device = next(model.parameters()).device
     # Everything that can refuse the run (missing FID weights, no dlib) comes before the report folder exists.
     job.check()
@@ -475,9 +478,9 @@ def run_pairs(job: PairsJob, model, model_source: str | None = None, dtype: torc
     source = FaceSource(job, int(model.resolution))
     work = _work_dir(job.output, job.overwrite, job.resume)
     identity = {"job": {k: str(v) for k, v in asdict(job).items() if k not in ("output", "overwrite", "resume", "samples")},
-                "model": _model_identity(model, model_source), "precision": str(dtype).removeprefix("torch.")}
+                "model": _model_identity(model, model_source), "precision": precision.name}
     _check_resume(work, identity)
-    runner = _InPrecision(model, dtype)
+    runner = _InPrecision(model, precision)
     measurer = _Measurer(meter, source)
     rng = np.random.default_rng(job.seed)
     pair_indices = np.stack([rng.choice(len(source), size=2, replace=False) for _ in range(job.n)])

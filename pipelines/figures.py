@@ -23,7 +23,7 @@ from deid.grid import GRID_GAP, grid_image, to_cells
 from deid.media.images import load_image, save_image
 from deid.media.video import EncodeOptions, VideoInfo, VideoWriter
 from deid.nets.model import mix_grid
-from deid.devices import autocast
+from deid.devices import Precision, autocast
 
 CPU = torch.device("cpu")
 
@@ -128,14 +128,13 @@ def interpolation_codes(model, vary: str, space: str, start: torch.Tensor, end: 
     return model.map(blended, fixed_code) if vary == "identity" else model.map(fixed_code, blended)
 
 
-def run_mix(job: MixJob, model, device: torch.device = CPU, dtype: torch.dtype = torch.float32) -> Path:
+def run_mix(job: MixJob, model, device: torch.device = CPU, precision: Precision = Precision()) -> Path:
     """Write the identity x attribute grid of `job` and return its path. `model` lives on `device`; its
-    networks run in `dtype` (autocast)."""
+    networks run in `precision` (autocast)."""
     job.check()
     ids = aligned_heads(job.identities, model.resolution)
     attrs = aligned_heads(job.attributes, model.resolution)
-    with autocast(device, dtype):
-        cells = mix_grid(model, ids.to(device), attrs.to(device)).float()
+    cells = mix_grid(model, ids.to(device), attrs.to(device), precision).float()
     grid = grid_image(cells, ids, attrs, job.cell_size,
                       [p.stem for p in job.identities] if job.labels else None,
                       [p.stem for p in job.attributes] if job.labels else None)
@@ -143,26 +142,30 @@ def run_mix(job: MixJob, model, device: torch.device = CPU, dtype: torch.dtype =
     return job.output
 
 
-def run_interpolate(job: InterpolateJob, model, device: torch.device = CPU, dtype: torch.dtype = torch.float32) -> Path:
+def run_interpolate(job: InterpolateJob, model, device: torch.device = CPU, precision: Precision = Precision()) -> Path:
     """Write the interpolation of `job`: a strip (.png/.jpg), or a smooth eased video (.mp4/.gif).
-    `model` lives on `device`; its networks run in `dtype` (autocast)."""
+    `model` lives on `device`; its networks run in `precision` (autocast)."""
     job.check()
     suffix = job.output.suffix.lower()
     start, end, fixed = aligned_heads([job.start, job.end, job.fixed], model.resolution).to(device)
     size = job.cell_size or model.resolution
     if suffix in STRIP_SUFFIXES:
         t = interpolation_weights(job.steps)
-        with torch.no_grad(), autocast(device, dtype):
-            images = to_cells(model.generate(interpolation_codes(model, job.vary, job.space, start, end, fixed, t)), size)
+        with torch.no_grad():
+            with autocast(device, precision.encoders):
+                w = interpolation_codes(model, job.vary, job.space, start, end, fixed, t)
+            with autocast(device, precision.generator):
+                images = to_cells(model.generate(w), size)
         strip = np.concatenate([np.pad(im, ((0, 0), (0, GRID_GAP), (0, 0)), constant_values=255) for im in images], axis=1)
         save_image(strip[:, :-GRID_GAP], job.output, job.overwrite)
         return job.output
     frames = max(2, round(job.fps * job.seconds))
     t = interpolation_weights(frames, ease=True)
-    with torch.no_grad(), autocast(device, dtype):
+    with torch.no_grad(), autocast(device, precision.encoders):
         path_w = interpolation_codes(model, job.vary, job.space, start, end, fixed, t)
-        options = EncodeOptions(codec="gif", pix_fmt="rgb8") if suffix == ".gif" else EncodeOptions()
-        clip = VideoInfo.for_frames(size, size, Fraction(job.fps).limit_denominator(1001))
+    options = EncodeOptions(codec="gif", pix_fmt="rgb8") if suffix == ".gif" else EncodeOptions()
+    clip = VideoInfo.for_frames(size, size, Fraction(job.fps).limit_denominator(1001))
+    with torch.no_grad(), autocast(device, precision.generator):
         with atomic_output(job.output, job.overwrite) as tmp, VideoWriter(tmp, clip, options) as writer:
             for index, w in enumerate(path_w):
                 writer.write(to_cells(model.generate(w[None]), size)[0], pts=index)

@@ -16,6 +16,7 @@ import torch
 
 from deid.atomic import check_not_input, check_output_path
 from deid.console import console, info, progress
+from deid.devices import Precision
 from deid.errors import MediaError
 from deid.faces.alignment import AlignConfig, align_photo_file, ffhq_affine, warp_crop
 from deid.faces.detection import DetectConfig, FaceDetector
@@ -89,10 +90,10 @@ class _MainFace:
 
 
 def run_reenact(job: ReenactJob, model, device: torch.device | str | None = None,
-                dtype: torch.dtype = torch.float32) -> ReenactReport:
+                precision: Precision = Precision()) -> ReenactReport:
     job.check()
     start = time.perf_counter()
-    synth = HeadSynthesizer(model, device, dtype)
+    synth = HeadSynthesizer(model, device, precision)
     size, scale = synth.resolution, job.align.scale
     detector = RollRobustDetector(FaceDetector(job.detect, synth.device), job.orientation)
     aligned = align_photo_file(job.portrait, size, detector=detector, scale=scale)

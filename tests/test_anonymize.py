@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from deid import cli
+from deid.devices import Precision
 from deid.errors import DeidError, MediaError, NoFaceError
 from deid.evaluation.audit import audit_path
 from deid.faces.detection import FaceDetector
@@ -184,7 +185,7 @@ def test_random_identities_differ_across_the_files_of_a_batch_unless_shared(tmp_
 @pytest.mark.slow
 def test_bf16_precision(tmp_path, astronaut_png, tiny_model):
     out = tmp_path / "bf16.png"
-    run_anonymize(AnonymizeJob(inputs=(astronaut_png,), output=out), tiny_model, dtype=torch.bfloat16)
+    run_anonymize(AnonymizeJob(inputs=(astronaut_png,), output=out), tiny_model, precision=Precision(torch.bfloat16, torch.bfloat16))
     image = load_image(astronaut_png)
     inner, far = _face_and_far_masks(image)
     result = load_image(out).astype(int)

@@ -29,11 +29,21 @@ class Passthrough(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the pipeline a device and dtype
         self.calls, self.fail_after_calls = 0, fail_after_calls
 
-    def forward(self, I_id, I_attr):  # noqa: N803 - the paper's names
+    # the Disentangler's four steps, evaluate's way in: the "code" of I_attr is I_attr itself, and w is that code
+    def encode_identity(self, I_id):  # noqa: N803 - the paper's names
+        return I_id
+
+    def encode_attributes(self, I_attr):  # noqa: N803
+        return I_attr
+
+    def map(self, identity, attributes):
+        return attributes
+
+    def generate(self, w):
         self.calls += 1
         if self.fail_after_calls is not None and self.calls > self.fail_after_calls:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-run
-        return I_attr
+        return w
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from deid.checkpoints import read_safetensors, write_safetensors
+from deid.devices import Precision, autocast
 from deid.errors import WeightsError
 from deid.nets.encoders import (
     AttributeEncoder,
@@ -311,15 +312,19 @@ __all__ = [
 
 
 @torch.no_grad()
-def mix_grid(model, identity_heads: torch.Tensor, attribute_heads: torch.Tensor) -> torch.Tensor:
-    """Every (attribute source, identity) pair through the model.
+def mix_grid(model, identity_heads: torch.Tensor, attribute_heads: torch.Tensor,
+             precision: Precision = Precision()) -> torch.Tensor:
+    """Every (attribute source, identity) pair through the model, its networks in `precision`.
 
     identity_heads: [C, 3, R, R], attribute_heads: [Rows, 3, R, R], both in [-1, 1].
     Returns [Rows, C, 3, R, R]: cell (r, c) has identity c and the attributes of row r.
     """
-    id_codes = model.encode_identity(identity_heads)
-    attr_codes = model.encode_attributes(attribute_heads)
-    rows, cols = attr_codes.shape[0], id_codes.shape[0]
-    w = model.map(id_codes.repeat(rows, 1), attr_codes.repeat_interleave(cols, dim=0))
-    images = model.generate(w)
+    device = identity_heads.device
+    with autocast(device, precision.encoders):
+        id_codes = model.encode_identity(identity_heads)
+        attr_codes = model.encode_attributes(attribute_heads)
+        rows, cols = attr_codes.shape[0], id_codes.shape[0]
+        w = model.map(id_codes.repeat(rows, 1), attr_codes.repeat_interleave(cols, dim=0))
+    with autocast(device, precision.generator):
+        images = model.generate(w)
     return images.reshape(rows, cols, *images.shape[1:])
