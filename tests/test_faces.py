@@ -10,6 +10,7 @@ import torch
 from deid.errors import MediaError, NoFaceError
 from deid.faces.alignment import align_photo, align_photo_file, crop_box, ffhq_affine, warp_crop
 from deid.faces.detection import DetectConfig, Detections, FaceDetector
+from deid.faces.orientation import RollRobustDetector, view_affine
 from deid.faces.paste import face_mask, match_colour, paste_head
 from deid.faces.tracking import FaceTracker, TrackConfig, track
 from deid.media.images import load_image, to_tensor, to_uint8
@@ -21,6 +22,25 @@ def astronaut() -> np.ndarray:
     import skimage.data
 
     return skimage.data.astronaut()
+
+
+def test_held_views_take_few_sizes_each_at_least_as_large_as_its_faces_need():
+    """A held view's scale is the first rung of an eighth-octave ladder at or above what its smallest face needs:
+    every face keeps the resolution it needs, and the views take 9 sizes, not one per face size (each new image
+    size leaves buffers of its own size in the heap)."""
+    config = DetectConfig()
+    roll = RollRobustDetector(FaceDetector(config))
+    size = (1280, 720)
+    scales = {}
+    for side in np.linspace(5, 900, 2000):
+        for angle in (45, 90):
+            _, view = view_affine(size, angle)
+            need = 2 * config.min_face_size / (side * min(1.0, config.max_side / max(view)))
+            scale = roll.scale_for(side, angle, size)
+            assert min(max(need, 0.5), 1.0) <= scale + 1e-9 <= max(need * 2 ** (1 / 8), 0.5) + 1e-9
+            scales.setdefault(angle, set()).add(round(scale, 9))
+    ladder = {round(2 ** (-k / 8), 9) for k in range(9)}  # 0.5 ... 1.0
+    assert scales[45] == scales[90] == ladder
 
 
 @pytest.fixture(scope="session")
