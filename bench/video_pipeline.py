@@ -9,6 +9,7 @@ Prints one JSON object per measurement. Models have random weights (speed and me
     python bench/video_pipeline.py memory   [--minutes 10] [--fps 5] [--size 1280x720]   # the crowd clip (0-4 faces
                                             per frame) scaled to --size, the audit on
     python bench/video_pipeline.py jitter
+    python bench/video_pipeline.py heap     [--sizes 200]   # MTCNN's RSS growth against the variety of image sizes
     python bench/video_pipeline.py deface   --deface PATH [--rounds 2] [--seconds 10]  # `deid anonymize --engine
                                             mask` (with and without the audit) against deface, interleaved
     python bench/video_pipeline.py all      # everything above with the defaults (a 720p 10 s clip)
@@ -370,6 +371,34 @@ def run_jitter() -> dict:
             "after": jitter([fs[0].landmarks for _, fs in tracked if fs])}
 
 
+# ------------------------------------------------------------------------------------------- heap
+
+
+def run_heap(sizes: int) -> dict:
+    """RSS growth of MTCNN alone against the variety of image sizes: `sizes` random sizes in turn, the same sizes
+    again, then 8 sizes in turn as often (what the held-view scale ladder is for). Run it under
+    `env MALLOC_MMAP_THRESHOLD_=...` to see what glibc's settings change."""
+    import cv2
+
+    from deid.faces.detection import FaceDetector
+    from deid.media.samples import carphone_file
+    from deid.media.video import read_frames
+
+    image = next(iter(read_frames(carphone_file()))).image
+    detector = FaceDetector()
+    detector([image])
+    rng = np.random.default_rng(0)
+    varied = [(int(w), int(h)) for w, h in zip(rng.integers(120, 900, sizes), rng.integers(120, 700, sizes))]
+    result = {"bench": "heap", "sizes": sizes}
+    for name, plan in (("varied", varied), ("varied_again", varied), ("eight_in_turn", varied[:8] * (sizes // 8))):
+        before, start = _rss_mib(os.getpid()), time.perf_counter()
+        for size in plan:
+            detector([cv2.resize(image, size)])
+        result[name] = {"rss_growth_mib": round(_rss_mib(os.getpid()) - before, 1),
+                        "seconds": round(time.perf_counter() - start, 1)}
+    return result
+
+
 # ------------------------------------------------------------------------------------------- versus deface
 
 
@@ -427,7 +456,8 @@ def _subprocess(args: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["stages", "memory", "jitter", "deface", "all"])
+    parser.add_argument("what", choices=["stages", "memory", "jitter", "deface", "heap", "all"])
+    parser.add_argument("--sizes", type=int, default=200, help="heap: image sizes MTCNN is run on in turn")
     parser.add_argument("--seconds", type=float, default=10.0, help="stages: clip length")
     parser.add_argument("--size", default="1280x720", help="stages, memory: clip size WxH")
     parser.add_argument("--model", choices=["tiny", "256"], default="tiny", help="stages: random-weight model size")
@@ -463,6 +493,8 @@ def main() -> None:
         return
     if args.what == "jitter":
         result = run_jitter()
+    elif args.what == "heap":
+        result = run_heap(args.sizes)
     elif args.what == "stages":
         if args.crowd:
             clip = _crowd_clip(args.cache, args.seconds / 60, args.fps, args.size)

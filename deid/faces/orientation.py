@@ -45,8 +45,8 @@ class OrientationConfig:
     # at full size (small rolled faces are found there), the rotation between sweeps at `discovery_scale`.
     held_min_scale: float = 0.5
     # A held view's scale is rounded up to a power of 2 ** (1 / scale_steps_per_octave): a few view sizes per video,
-    # not one per face size. Every new image size leaves buffers of its own size in the heap (MTCNN on 200 sizes
-    # in turn grew by 290 MiB, on 8 sizes in turn it stayed flat), and repeated sizes reuse oneDNN's kernels.
+    # not one per face size. Every new image size leaves buffers of its own size in the heap (`bench/video_pipeline.py
+    # heap`: MTCNN grew by 255 MiB over two passes of 200 sizes, by 0.1 on 8 sizes in turn).
     # Rounding up costs at most 19 % more pixels with 8 steps.
     scale_steps_per_octave: int = 8
     discovery_scale: float = 0.4
