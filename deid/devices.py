@@ -9,7 +9,8 @@ import torch
 
 from deid.errors import DeidError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = tuple(DTYPES)
 MODEL_PRECISIONS = ("auto",) + PRECISIONS  # what the commands that run a trained model accept
 
 
@@ -50,7 +51,7 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
         raise DeidError(f"--precision {precision!r} is not known. Use one of {', '.join(PRECISIONS)}.")
     if precision == "fp16" and device.type == "cpu":
         raise DeidError("--precision fp16 needs a GPU. Use --precision bf16 or fp32 on the CPU.")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return DTYPES[precision]
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -80,11 +81,9 @@ class Precision:
     @property
     def name(self) -> str:
         """For the records: `fp32`, `bf16`, or `fp32, generator bf16`."""
-        encoders, generator = (_NAMES[d] for d in (self.encoders, self.generator))
+        names = {dtype: name for name, dtype in DTYPES.items()}
+        encoders, generator = names[self.encoders], names[self.generator]
         return encoders if encoders == generator else f"{encoders}, generator {generator}"
-
-
-_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def resolve_precision(precision: str, device: torch.device) -> Precision:
