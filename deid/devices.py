@@ -78,6 +78,14 @@ class Precision:
     encoders: torch.dtype = torch.float32
     generator: torch.dtype = torch.float32
 
+    def encoding(self, device: torch.device):
+        """The autocast the encoders and M run under on `device`."""
+        return autocast(device, self.encoders)
+
+    def generating(self, device: torch.device):
+        """The autocast G's synthesis runs under on `device`."""
+        return autocast(device, self.generator)
+
     @property
     def name(self) -> str:
         """For the records: `fp32`, `bf16`, or `fp32, generator bf16`."""

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from deid.buckets import FACE_BUCKETS, bucket_parts
-from deid.devices import Precision, autocast
+from deid.devices import Precision
 from deid.evaluation.audit import AuditConfig, cover_region
 from deid.faces.alignment import ffhq_affine, warp_crop
 from deid.faces.cover import HeadRegionConfig, fill_region, head_corners, region_mask
@@ -49,16 +49,10 @@ class HeadSynthesizer:
         self.precision = precision
         self.resolution = int(model.resolution)
 
-    def _encoding(self):
-        return autocast(self.device, self.precision.encoders)
-
-    def _generating(self):
-        return autocast(self.device, self.precision.generator)
-
     @torch.inference_mode()
     def identity_of(self, crop: torch.Tensor) -> torch.Tensor:
         """crop: [3, R, R] in [-1, 1] (an aligned head) -> identity code [512] (float32, on the device)."""
-        with self._encoding():
+        with self.precision.encoding(self.device):
             return self.model.encode_identity(crop[None].to(self.device)).float()[0]
 
     @torch.inference_mode()
@@ -79,9 +73,9 @@ class HeadSynthesizer:
         generator = self.model.generator
         z = torch.randn(1, generator.z_dim, generator=rng).to(self.device)
         w = generator.mapping(z, truncation_psi=0.7)  # float32: a cheap MLP, and its truncation lerp wants one dtype
-        with self._generating():
+        with self.precision.generating(self.device):
             image = self.model.generate(w).float()
-        with self._encoding():
+        with self.precision.encoding(self.device):
             return self.model.encode_identity(image.clamp(-1, 1)).float()[0]
 
     @torch.inference_mode()
@@ -93,10 +87,10 @@ class HeadSynthesizer:
         # parts of FACE_BUCKETS sizes: the number of faces per batch changes with every frame, the shapes the
         # networks see do not (see deid.buckets)
         for part in bucket_parts(len(crops), FACE_BUCKETS):
-            with self._encoding():
+            with self.precision.encoding(self.device):
                 attributes = self.model.encode_attributes(to_tensor(crops[part], self.device))
                 w = self.model.map(identities[part].to(self.device), attributes)
-            with self._generating():
+            with self.precision.generating(self.device):
                 heads.append(to_uint8(self.model.generate(w)))
         return np.concatenate(heads)
 

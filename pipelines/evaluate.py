@@ -64,7 +64,7 @@ from deid.pipelines.report import (
     write_metrics,
 )
 from deid.runs import complete_lines, read_records
-from deid.devices import Precision, autocast
+from deid.devices import Precision
 from deid.weights import resolve
 
 # Detection and dlib's landmarks need faces of roughly 80+ pixels; smaller crops (tiny test models) are
@@ -460,9 +460,9 @@ class _InPrecision(torch.nn.Module):
         self.model, self.precision = model, precision
 
     def forward(self, I_id: torch.Tensor, I_attr: torch.Tensor) -> torch.Tensor:  # noqa: N803 - the paper's names
-        with autocast(I_id.device, self.precision.encoders):
+        with self.precision.encoding(I_id.device):
             w = self.model.map(self.model.encode_identity(I_id), self.model.encode_attributes(I_attr))
-        with autocast(I_id.device, self.precision.generator):
+        with self.precision.generating(I_id.device):
             return self.model.generate(w).float()
 
 

@@ -23,7 +23,7 @@ from deid.grid import GRID_GAP, grid_image, to_cells
 from deid.media.images import load_image, save_image
 from deid.media.video import EncodeOptions, VideoInfo, VideoWriter
 from deid.nets.model import mix_grid
-from deid.devices import Precision, autocast
+from deid.devices import Precision
 
 CPU = torch.device("cpu")
 
@@ -152,20 +152,20 @@ def run_interpolate(job: InterpolateJob, model, device: torch.device = CPU, prec
     if suffix in STRIP_SUFFIXES:
         t = interpolation_weights(job.steps)
         with torch.no_grad():
-            with autocast(device, precision.encoders):
+            with precision.encoding(device):
                 w = interpolation_codes(model, job.vary, job.space, start, end, fixed, t)
-            with autocast(device, precision.generator):
+            with precision.generating(device):
                 images = to_cells(model.generate(w), size)
         strip = np.concatenate([np.pad(im, ((0, 0), (0, GRID_GAP), (0, 0)), constant_values=255) for im in images], axis=1)
         save_image(strip[:, :-GRID_GAP], job.output, job.overwrite)
         return job.output
     frames = max(2, round(job.fps * job.seconds))
     t = interpolation_weights(frames, ease=True)
-    with torch.no_grad(), autocast(device, precision.encoders):
+    with torch.no_grad(), precision.encoding(device):
         path_w = interpolation_codes(model, job.vary, job.space, start, end, fixed, t)
     options = EncodeOptions(codec="gif", pix_fmt="rgb8") if suffix == ".gif" else EncodeOptions()
     clip = VideoInfo.for_frames(size, size, Fraction(job.fps).limit_denominator(1001))
-    with torch.no_grad(), autocast(device, precision.generator):
+    with torch.no_grad(), precision.generating(device):
         with atomic_output(job.output, job.overwrite) as tmp, VideoWriter(tmp, clip, options) as writer:
             for index, w in enumerate(path_w):
                 writer.write(to_cells(model.generate(w[None]), size)[0], pts=index)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from deid.checkpoints import read_safetensors, write_safetensors
-from deid.devices import Precision, autocast
+from deid.devices import Precision
 from deid.errors import WeightsError
 from deid.nets.encoders import (
     AttributeEncoder,
@@ -320,11 +320,11 @@ def mix_grid(model, identity_heads: torch.Tensor, attribute_heads: torch.Tensor,
     Returns [Rows, C, 3, R, R]: cell (r, c) has identity c and the attributes of row r.
     """
     device = identity_heads.device
-    with autocast(device, precision.encoders):
+    with precision.encoding(device):
         id_codes = model.encode_identity(identity_heads)
         attr_codes = model.encode_attributes(attribute_heads)
         rows, cols = attr_codes.shape[0], id_codes.shape[0]
         w = model.map(id_codes.repeat(rows, 1), attr_codes.repeat_interleave(cols, dim=0))
-    with autocast(device, precision.generator):
+    with precision.generating(device):
         images = model.generate(w)
     return images.reshape(rows, cols, *images.shape[1:])
