@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import deid  # noqa: F401 - before torch: deid sets torch's OpenMP spin as the CLI runs it (deid/__init__.py)
 import torch
 
 from deid.console import set_quiet

@@ -12,6 +12,7 @@ import json
 import platform
 import time
 
+import deid  # noqa: F401 - before torch: deid sets torch's OpenMP spin as the CLI runs it (deid/__init__.py)
 import torch
 
 from deid.devices import resolve_device, resolve_dtype

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import deid  # noqa: F401 - before torch: deid sets torch's OpenMP spin as the CLI runs it (deid/__init__.py)
 import torch
 
 from deid.console import set_quiet

@@ -108,3 +108,15 @@ def test_device_resolution():
     with pytest.raises(DeidError, match="needs a GPU"):
         resolve_dtype("fp16", torch.device("cpu"))
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.parametrize("given, expected", [(None, "10000"), ("500", "500")])
+def test_openmp_spin_is_short_before_torch_loads_and_a_users_setting_stays(given, expected):
+    # Measured: with libgomp's default spin torch's idle threads take the audit workers' cores (deid/__init__.py).
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if given is not None:
+        env["GOMP_SPINCOUNT"] = given
+    probe = "import sys, os, deid; assert 'torch' not in sys.modules; import deid.cli; print(os.environ['GOMP_SPINCOUNT'])"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
