@@ -271,6 +271,9 @@ def run_memory(clip: Path) -> dict:
             "peak_rss_with_audit_workers_mib": round(max(sampler.samples, default=0.0), 1),
             "rss_mib_by_tenth_of_run": tenths,
             "rss_mib_by_tenth_main_process": sampler.by_tenth(sampler.own),
+            # the main process's malloc heap: what its allocations hold, and what the allocator keeps free (glibc)
+            "heap_in_use_mib_by_tenth": sampler.by_tenth([used for used, _ in sampler.heap]) if sampler.heap else None,
+            "heap_free_mib_by_tenth": sampler.by_tenth([free for _, free in sampler.heap]) if sampler.heap else None,
             # the acceptance figure: how much the RSS grows after the first tenth (a minute of a 10-minute clip)
             "rss_growth_after_first_tenth_mib": round(max(tenths[1:], default=tenths[0]) - tenths[0], 1)}
 
@@ -293,6 +296,24 @@ def _rss_mib(pid: int) -> float:
         return 0.0  # it ended meanwhile
 
 
+def _malloc_heap_mib() -> tuple[float, float] | None:
+    """(in use, free) MiB of this process's malloc heap, all arenas (glibc's mallinfo2), or None elsewhere. RSS that
+    grows while `in use` stays flat is the allocator's free space, fragmented, not objects that are kept."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                           "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = MallInfo2
+    info = mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20, info.fordblks / 2**20
+
+
 class _RssSampler:
     """Samples the resident memory of this process and its children (the audit's workers) twice a second while the
     block runs."""
@@ -302,6 +323,7 @@ class _RssSampler:
 
         self.samples: list[float] = []  # the process and its children
         self.own: list[float] = []  # the process alone (the rest is the audit's workers)
+        self.heap: list[tuple[float, float]] = []  # the process's malloc heap (glibc): bytes in use, bytes free (MiB)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -310,6 +332,9 @@ class _RssSampler:
             own, *children = (_rss_mib(pid) for pid in _family(os.getpid()))
             self.samples.append(own + sum(children))
             self.own.append(own)
+            heap = _malloc_heap_mib()
+            if heap is not None:
+                self.heap.append(heap)
 
     def __enter__(self):
         self.thread.start()
