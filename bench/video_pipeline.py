@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import functools
 import json
 import os
 import resource
@@ -296,20 +298,30 @@ def _rss_mib(pid: int) -> float:
         return 0.0  # it ended meanwhile
 
 
+class _MallInfo2(ctypes.Structure):
+    """glibc's `struct mallinfo2` (sizes in bytes)."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.lru_cache(maxsize=1)
+def _mallinfo2():
+    """glibc's mallinfo2 function, looked up once; None on other C libraries."""
+    try:
+        function = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
 def _malloc_heap_mib() -> tuple[float, float] | None:
     """(in use, free) MiB of this process's malloc heap, all arenas (glibc's mallinfo2), or None elsewhere. RSS that
     grows while `in use` stays flat is the allocator's free space, fragmented, not objects that are kept."""
-    import ctypes
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                           "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-    try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
         return None
-    mallinfo2.restype = MallInfo2
     info = mallinfo2()
     return (info.uordblks + info.hblkhd) / 2**20, info.fordblks / 2**20
 
